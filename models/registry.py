@@ -1,0 +1,342 @@
+"""The model registry: versioned, checksummed artifacts with aliases and atomic publish.
+
+Layout under the registry root (a local directory or any fsspec URL)::
+
+    <name>/versions/<N>/manifest.json   # written last: a version exists once this exists
+    <name>/versions/<N>/<files...>
+    <name>/aliases.json                 # {"stable": 3, ...}; "latest" is derived
+    <name>/.staging/<token>/            # work area of a publish in progress
+
+``publish`` copies into a staging directory, verifies every checksum, then moves the
+directory into place with one rename on a local disk (atomic: readers never see a
+half-written version, also when interrupted). On object stores, where no rename is
+atomic, the manifest is copied last and is what makes the version visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import secrets
+import time
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from models.manifest import MANIFEST_FILE, FileEntry, Manifest, validate_alias, validate_name
+from models.refs import LATEST, ModelRef
+
+_CHUNK = 1 << 20
+STAGING_MAX_AGE_S = 24 * 3600
+
+
+class RegistryError(Exception):
+    """Base class of registry errors."""
+
+
+class ModelNotFound(RegistryError, LookupError):
+    """The name, version or alias does not exist."""
+
+
+class ChecksumMismatch(RegistryError):
+    """A file's bytes do not match its manifest."""
+
+
+def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _iter_source_files(src: Path) -> Iterable[Path]:
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_FILE and ".staging" not in p.parts:
+            yield p
+
+
+class Registry:
+    """A model registry rooted at a local directory or an fsspec URL."""
+
+    def __init__(self, root: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> None:
+        root_str = os.fspath(root)
+        self.fs, path = fsspec.core.url_to_fs(root_str)
+        self.root = path.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            self.root = str(Path(self.root).resolve())
+            os.makedirs(self.root, exist_ok=True)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.url = root_str
+
+    # ---- paths -------------------------------------------------------------------------
+    def _model_dir(self, name: str) -> str:
+        return posixpath.join(self.root, validate_name(name))
+
+    def _version_dir(self, name: str, version: int) -> str:
+        return posixpath.join(self._model_dir(name), "versions", str(version))
+
+    def _aliases_path(self, name: str) -> str:
+        return posixpath.join(self._model_dir(name), "aliases.json")
+
+    # ---- reading -----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """All model names that have at least one published version."""
+        found: set[str] = set()
+        pattern = posixpath.join(self.root, "**", "versions", "*", MANIFEST_FILE)
+        for p in self.fs.glob(pattern):
+            rel = posixpath.relpath(p, self.root)
+            name = rel.split("/versions/")[0]
+            if ".staging" not in name:
+                found.add(name)
+        return sorted(found)
+
+    def versions(self, name: str) -> list[int]:
+        """Published version numbers of ``name``, ascending."""
+        vdir = posixpath.join(self._model_dir(name), "versions")
+        out = []
+        for p in self.fs.glob(posixpath.join(vdir, "*", MANIFEST_FILE)):
+            v = posixpath.basename(posixpath.dirname(p))
+            if v.isdigit():
+                out.append(int(v))
+        return sorted(out)
+
+    def manifest(self, name: str, version: int) -> Manifest:
+        path = posixpath.join(self._version_dir(name, version), MANIFEST_FILE)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return Manifest.model_validate_json(f.read())
+        except FileNotFoundError:
+            raise ModelNotFound(f"model {name}@{version} not found") from None
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Aliases of ``name``, including the derived ``latest``."""
+        out: dict[str, int] = {}
+        try:
+            with self.fs.open(self._aliases_path(name), "rb") as f:
+                out = {str(k): int(v) for k, v in json.loads(f.read()).items()}
+        except FileNotFoundError:
+            pass
+        versions = self.versions(name)
+        if versions:
+            out[LATEST] = versions[-1]
+        return out
+
+    def resolve(self, ref: str | ModelRef) -> Manifest:
+        """Resolve ``name``, ``name@3`` or ``name@alias`` to a manifest."""
+        r = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        if r.version is not None:
+            return self.manifest(r.name, r.version)
+        aliases = self.aliases(r.name)
+        if not aliases:
+            raise ModelNotFound(f"model {r.name!r} not found")
+        assert r.alias is not None
+        if r.alias not in aliases:
+            raise ModelNotFound(f"model {r.name!r} has no alias {r.alias!r}")
+        return self.manifest(r.name, aliases[r.alias])
+
+    def list(self) -> list[Manifest]:
+        """Every published version of every model."""
+        return [self.manifest(n, v) for n in self.names() for v in self.versions(n)]
+
+    def version_path(self, manifest: Manifest) -> str:
+        """Where the files of ``manifest`` live (a path on the registry's filesystem)."""
+        return self._version_dir(manifest.name, manifest.version)
+
+    def local_path(self, ref: str | ModelRef | Manifest, verify: bool = False) -> Path:
+        """A local directory holding the version's files (downloaded to the cache if remote)."""
+        m = ref if isinstance(ref, Manifest) else self.resolve(ref)
+        src = self.version_path(m)
+        if self.is_local:
+            if verify:
+                self.verify(m)
+            return Path(src)
+        if self.cache_dir is None:
+            raise RegistryError("a remote registry needs a cache_dir to materialise versions")
+        dest = self.cache_dir / m.name / str(m.version)
+        if (dest / MANIFEST_FILE).exists():
+            return dest
+        tmp = self.cache_dir / ".tmp" / secrets.token_hex(8)
+        tmp.mkdir(parents=True)
+        local = LocalFileSystem()
+        for entry in m.files:
+            target = tmp / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(posixpath.join(src, entry.path), str(target))
+            digest, size = sha256_file(local, str(target))
+            if digest != entry.sha256 or size != entry.size:
+                raise ChecksumMismatch(f"{m.ref}: {entry.path} does not match its manifest")
+        (tmp / MANIFEST_FILE).write_text(m.model_dump_json(indent=2))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process materialised it first
+            pass
+        return dest
+
+    def verify(self, manifest: Manifest) -> None:
+        """Re-hash every file of a version; raise ChecksumMismatch on any difference."""
+        base = self.version_path(manifest)
+        for entry in manifest.files:
+            try:
+                digest, size = sha256_file(self.fs, posixpath.join(base, entry.path))
+            except FileNotFoundError:
+                raise ChecksumMismatch(f"{manifest.ref}: {entry.path} is missing") from None
+            if digest != entry.sha256 or size != entry.size:
+                raise ChecksumMismatch(f"{manifest.ref}: {entry.path} does not match its manifest")
+
+    # ---- writing -----------------------------------------------------------------------
+    def publish(
+        self,
+        name: str,
+        source: str | os.PathLike[str],
+        *,
+        format: str = "hf",
+        quantization: str | None = None,
+        base_model: str | None = None,
+        metrics: dict[str, float] | None = None,
+        metadata: dict[str, Any] | None = None,
+        aliases: Iterable[str] = (),
+    ) -> Manifest:
+        """Publish the files of local directory ``source`` as the next version of ``name``."""
+        validate_name(name)
+        for a in aliases:
+            validate_alias(a)
+        src = Path(source)
+        if not src.is_dir():
+            raise RegistryError(f"{src} is not a directory")
+        files = list(_iter_source_files(src))
+        if not files:
+            raise RegistryError(f"{src} holds no files")
+        model_dir = self._model_dir(name)
+        staging = posixpath.join(model_dir, ".staging", f"{int(time.time())}-{secrets.token_hex(6)}")
+        self.fs.makedirs(staging, exist_ok=True)
+        try:
+            entries = self._stage_files(src, files, staging)
+            draft = Manifest(
+                name=name,
+                version=1,
+                format=format,
+                quantization=quantization,
+                base_model=base_model,
+                files=entries,
+                metrics=metrics or {},
+                metadata=metadata or {},
+            )
+            manifest = self._commit(draft, staging)
+        except BaseException:
+            self._remove(staging)
+            raise
+        for a in aliases:
+            self.set_alias(name, a, manifest.version)
+        return manifest
+
+    def _stage_files(self, src: Path, files: list[Path], staging: str) -> list[FileEntry]:
+        local = LocalFileSystem()
+        entries = []
+        for p in files:
+            rel = p.relative_to(src).as_posix()
+            digest, size = sha256_file(local, str(p))
+            dest = posixpath.join(staging, rel)
+            self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+            self.fs.put_file(str(p), dest)
+            entries.append(FileEntry(path=rel, sha256=digest, size=size))
+        # Verify what landed in staging, not what we meant to write.
+        for e in entries:
+            digest, size = sha256_file(self.fs, posixpath.join(staging, e.path))
+            if digest != e.sha256 or size != e.size:
+                raise ChecksumMismatch(f"staged copy of {e.path} does not match its source")
+        return entries
+
+    def _commit(self, draft: Manifest, staging: str) -> Manifest:
+        versions_dir = posixpath.join(self._model_dir(draft.name), "versions")
+        self.fs.makedirs(versions_dir, exist_ok=True)
+        for _ in range(100):
+            existing = self.versions(draft.name)
+            version = (existing[-1] + 1) if existing else 1
+            manifest = draft.model_copy(update={"version": version, "created": datetime.now(timezone.utc)})
+            target = posixpath.join(versions_dir, str(version))
+            if self.is_local:
+                with open(posixpath.join(staging, MANIFEST_FILE), "w") as f:
+                    f.write(manifest.model_dump_json(indent=2))
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.rename(staging, target)  # atomic; fails if the version exists
+                except OSError:
+                    if os.path.exists(target):
+                        continue  # a concurrent publish took this number
+                    raise
+                self._remove_if_empty(posixpath.dirname(staging))
+                return manifest
+            if self.fs.exists(target):
+                continue
+            for e in manifest.files:
+                self.fs.copy(posixpath.join(staging, e.path), posixpath.join(target, e.path))
+            with self.fs.open(posixpath.join(target, MANIFEST_FILE), "wb") as f:
+                f.write(manifest.model_dump_json(indent=2).encode())
+            self._remove(staging)
+            return manifest
+        raise RegistryError(f"could not allocate a version for {draft.name}")
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point ``alias`` at ``version`` (atomically replaces the alias file)."""
+        validate_alias(alias)
+        if alias == LATEST:
+            raise RegistryError("'latest' is derived from the newest version and cannot be set")
+        if version not in self.versions(name):
+            raise ModelNotFound(f"model {name}@{version} not found")
+        current = {k: v for k, v in self.aliases(name).items() if k != LATEST}
+        current[alias] = version
+        self._write_json_atomic(self._aliases_path(name), current)
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        current = {k: v for k, v in self.aliases(name).items() if k != LATEST}
+        if current.pop(alias, None) is None:
+            raise ModelNotFound(f"model {name!r} has no alias {alias!r}")
+        self._write_json_atomic(self._aliases_path(name), current)
+
+    def gc_staging(self, max_age_s: float = STAGING_MAX_AGE_S) -> int:
+        """Remove staging directories left by interrupted publishes; returns how many."""
+        removed = 0
+        now = time.time()
+        for d in self.fs.glob(posixpath.join(self.root, "**", ".staging", "*")):
+            stamp = posixpath.basename(d).split("-")[0]
+            if stamp.isdigit() and now - int(stamp) > max_age_s:
+                self._remove(d)
+                removed += 1
+        return removed
+
+    def _write_json_atomic(self, path: str, data: dict[str, Any]) -> None:
+        payload = json.dumps(data, indent=2, sort_keys=True).encode()
+        if self.is_local:
+            tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with self.fs.open(path, "wb") as f:
+                f.write(payload)
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def _remove_if_empty(self, path: str) -> None:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass

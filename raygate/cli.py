@@ -1,0 +1,173 @@
+"""`raygate` subcommands: up, status, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from raygate import home as home_mod
+
+
+def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
+    """What `raygate up` serves without a config file: the default model, co-located."""
+    return {
+        "gateway": {"settings": {"home": str(home), "api_keys_file": str(home / "dev-key")}},
+        "serve": {
+            "registry": str(home / "registry"),
+            "models": [{"model": "raygate/tiny-chat@stable", "engine": engine, "max_model_len": 2048}],
+        },
+    }
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from gateway.config import AppConfig
+    from raygate.stack import Stack, token_hint
+
+    home = home_mod.home_dir(args.home)
+    reg = home_mod.registry(home)
+    manifest = home_mod.ensure_default_model(reg)
+    key_path, key = home_mod.ensure_dev_key(home)
+    if args.config:
+        cfg = AppConfig.load(args.config)
+        settings = cfg.gateway.settings
+        settings.setdefault("home", str(home))
+        settings.setdefault("api_keys_file", str(key_path))
+    else:
+        cfg = AppConfig.load(default_app_config(home, args.engine))
+    stack = Stack(cfg, host=args.host, port=args.port, dashboard_port=args.dashboard_port)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    print(f"raygate: starting Ray and deploying {manifest.ref} (engine start takes up to a minute)...", flush=True)
+    try:
+        stack.start()
+        models = ", ".join(m.served_name or m.model for m in cfg.serve.models)
+        print(
+            "\nraygate is up\n"
+            f"  base URL   {stack.base_url}/v1\n"
+            f"  model      {models}  (serving {manifest.ref})\n"
+            f"  API key    {key}\n"
+            f"             (also in {key_path})\n"
+            f"  dashboard  {stack.dashboard_url}  ({token_hint()})\n"
+            "  try:       curl -s {0}/v1/chat/completions -H \"Authorization: Bearer $(cat {1})\" "
+            "-H 'Content-Type: application/json' -d '{{\"model\": \"{2}\", \"messages\": "
+            "[{{\"role\": \"user\", \"content\": \"hello\"}}], \"max_tokens\": 16}}'\n"
+            "Ctrl-C stops everything.".format(stack.base_url, key_path, cfg.serve.models[0].served_name
+                                             or manifest.name),
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("raygate: shutting down...", flush=True)
+        stack.stop()
+    print("raygate: stopped.", flush=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from raygate.stack import token_hint
+
+    try:
+        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:
+        print(f"raygate: no running Ray cluster found ({exc})", file=sys.stderr)
+        return 1
+    try:
+        status = serve.status()
+        print(f"dashboard: http://127.0.0.1:{args.dashboard_port}  ({token_hint()})")
+        if not status.applications:
+            print("no Serve applications")
+        for app_name, app in status.applications.items():
+            print(f"application {app_name}: {app.status}")
+            for dep_name, dep in app.deployments.items():
+                replicas = ", ".join(f"{state}={n}" for state, n in dep.replica_states.items())
+                print(f"  deployment {dep_name}: {dep.status}  replicas: {replicas or 'none'}")
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    home = home_mod.home_dir(args.home)
+    reg = home_mod.registry(home)
+    if args.models_cmd == "list":
+        rows = reg.list()
+        if not rows:
+            print("registry is empty")
+        for m in rows:
+            aliases = [a for a, v in reg.aliases(m.name).items() if v == m.version]
+            print(f"{m.ref:40s} {m.format:6s} {m.total_size / 1e6:8.1f} MB  {m.created:%Y-%m-%d %H:%M}  "
+                  f"{','.join(sorted(aliases))}")
+    elif args.models_cmd == "add":
+        manifest = reg.publish(args.name, args.path, metadata={"source": str(Path(args.path).resolve())},
+                               aliases=args.alias or [])
+        print(f"published {manifest.ref} ({len(manifest.files)} files, {manifest.total_size / 1e6:.1f} MB)")
+    elif args.models_cmd == "show":
+        print(json.dumps(reg.resolve(args.ref).model_dump(mode="json"), indent=2))
+    elif args.models_cmd == "alias":
+        reg.set_alias(args.name, args.alias, args.version)
+        print(f"{args.name}@{args.alias} -> {args.version}")
+    elif args.models_cmd == "build-default":
+        print(f"default model: {home_mod.ensure_default_model(reg).ref}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raygate", description="OpenAI-compatible LLM serving gateway on Ray.")
+    p.add_argument("--home", default=None, help="State directory (default $RAYGATE_HOME or ~/.raygate).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="Start Ray, deploy the models and serve the gateway (foreground).")
+    up.add_argument("--config", help="AppConfig YAML (default: the default model).")
+    up.add_argument("--engine", choices=["vllm", "fake"], default="vllm", help="Engine for the default config.")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--dashboard-port", type=int, default=8265)
+    up.set_defaults(func=cmd_up)
+
+    st = sub.add_parser("status", help="Deployments, replicas and the dashboard of the running stack.")
+    st.add_argument("--dashboard-port", type=int, default=8265)
+    st.set_defaults(func=cmd_status)
+
+    models = sub.add_parser("models", help="The model registry.")
+    msub = models.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="Every version with its aliases.")
+    add = msub.add_parser("add", help="Publish a Hugging Face checkpoint directory as a new version.")
+    add.add_argument("name")
+    add.add_argument("path")
+    add.add_argument("--alias", action="append", help="Alias to point at the new version (repeatable).")
+    show = msub.add_parser("show", help="The manifest of a reference (name, name@3, name@stable).")
+    show.add_argument("ref")
+    alias = msub.add_parser("alias", help="Point an alias at a version.")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", type=int)
+    msub.add_parser("build-default", help="Build and publish the default model if missing.")
+    models.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, LookupError) as exc:
+        print(f"raygate: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

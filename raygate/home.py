@@ -1,0 +1,57 @@
+"""`$RAYGATE_HOME`: the registry, the dev key, and the default model built on first use."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from models.manifest import Manifest
+from models.registry import ModelNotFound, Registry
+
+
+def home_dir(explicit: str | Path | None = None) -> Path:
+    home = Path(explicit or os.environ.get("RAYGATE_HOME") or "~/.raygate").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def registry(home: Path) -> Registry:
+    return Registry(home / "registry", cache_dir=home / "cache")
+
+
+def ensure_dev_key(home: Path) -> tuple[Path, str]:
+    """The dev key file (created with mode 0600 on first use) and its key."""
+    path = home / "dev-key"
+    if path.exists():
+        key = path.read_text().strip()
+        if key:
+            return path, key
+    key = "rg-dev-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return path, key
+
+
+def ensure_default_model(reg: Registry) -> Manifest:
+    """Publish the default model as version 1 unless the registry already has it."""
+    from training.default_model import DEFAULT_MODEL_NAME, build_default_model
+
+    try:
+        return reg.resolve(f"{DEFAULT_MODEL_NAME}@stable")
+    except ModelNotFound:
+        pass
+    if reg.versions(DEFAULT_MODEL_NAME):
+        manifest = reg.resolve(DEFAULT_MODEL_NAME)
+        reg.set_alias(DEFAULT_MODEL_NAME, "stable", manifest.version)
+        return manifest
+    with tempfile.TemporaryDirectory(prefix="raygate-tiny-") as tmp:
+        build_default_model(tmp)
+        return reg.publish(
+            DEFAULT_MODEL_NAME,
+            tmp,
+            metadata={"source": "training.default_model", "description": "tiny Llama built locally"},
+            aliases=["stable"],
+        )

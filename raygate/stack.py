@@ -1,0 +1,109 @@
+"""Start and stop a local raygate stack: Ray, Serve's HTTP ingress, the gateway app."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.config import AppConfig
+
+logger = logging.getLogger(__name__)
+
+# Read at import time by every Ray process: set before `import ray` starts the cluster.
+SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC handles, user code on the replica loop
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",  # bundled HAProxy instead of the Python HTTP proxy
+    "RAY_SERVE_HAPROXY_STATS_BIND_ADDRESS": "127.0.0.1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class Stack:
+    """A local Ray cluster running the raygate Serve application."""
+
+    config: AppConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dashboard_port: int = 8265
+    num_cpus: int | None = None
+    env: dict[str, str] = field(default_factory=lambda: dict(SERVE_ENV))
+    started: bool = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, ready_timeout_s: float = 600.0) -> None:
+        for key, value in self.env.items():
+            os.environ.setdefault(key, value)
+        import ray
+        from ray import serve
+
+        from gateway.builder import build_app
+
+        ray.init(
+            num_cpus=self.num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=self.dashboard_port,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+        self.started = True
+        serve.start(
+            http_options={"host": self.host, "port": self.port},
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
+        serve.run(
+            build_app(self.config),
+            name=self.config.app_name,
+            route_prefix=self.config.route_prefix,
+            blocking=False,
+        )
+        self.wait_ready(ready_timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"{self.base_url}/ready"
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}"
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(1.0)
+        raise TimeoutError(f"raygate was not ready at {url} after {timeout_s:.0f}s ({last})")
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            self.started = False
+
+
+def token_hint() -> str:
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    return f"token auth on; the token is in {path} (or run: ray get-auth-token)"

@@ -1,0 +1,103 @@
+"""Typed configuration of model deployments (YAML, dict or object)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class FakeEngineConfig(BaseModel):
+    """Knobs of the deterministic fake engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_ms: float = Field(default=0.0, ge=0, description="Delay before the first token, in ms.")
+    itl_ms: float = Field(default=0.0, ge=0, description="Delay between tokens, in ms.")
+    default_max_tokens: int = Field(default=16, ge=1, description="Tokens generated when max_tokens is not set.")
+    max_model_len: int = Field(default=2048, ge=16, description="Context length the fake enforces.")
+    fail_rate: float = Field(default=0.0, ge=0, le=1, description="Share of requests that fail (seeded, deterministic).")
+    fail_after_tokens: int | None = Field(
+        default=None, ge=0, description="If set, failing requests fail after this many streamed tokens."
+    )
+    max_running: int = Field(default=10_000, ge=1, description="Concurrent requests before it answers overloaded.")
+
+
+class ModelDeploymentConfig(BaseModel):
+    """One model version served by one Ray Serve deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Registry reference (`name`, `name@3`, `name@stable`) or a checkpoint directory.")
+    served_name: str | None = Field(
+        default=None, description="Model id clients use; defaults to the registry name (or the directory name)."
+    )
+    engine: Literal["vllm", "fake"] = Field(default="vllm", description="Engine implementation.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM engine arguments (as on vLLM's command line, snake_case)."
+    )
+    fake: FakeEngineConfig = Field(default_factory=FakeEngineConfig, description="Fake engine knobs.")
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length; None takes the model's.")
+    kv_cache_gib: int = Field(default=1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica splitting each layer.")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages per replica.")
+    num_replicas: int = Field(default=1, ge=1, description="Replicas of the deployment.")
+    num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for each replica's actor.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
+    max_ongoing_requests: int = Field(
+        default=512, ge=1, description="Requests Serve sends to one replica at once (well above client concurrency)."
+    )
+    max_queued_requests: int = Field(
+        default=1024, ge=-1, description="Requests waiting for a replica before Serve answers overloaded; -1: no cap."
+    )
+    max_num_seqs: int = Field(default=256, ge=1, description="Sequences vLLM batches at once.")
+    colocate: bool = Field(
+        default=True,
+        description="Run the engine inside the gateway replica (no handle hop for tokens) instead of its own deployment.",
+    )
+    stream_batch_ms: float = Field(
+        default=25.0, ge=0, description="Coalesce streamed output for up to this long per handle message (remote only)."
+    )
+    cpu_affinity: list[int] | None = Field(
+        default=None, description="CPU cores for the engine's worker process; None keeps vLLM's default binding."
+    )
+
+    @model_validator(mode="after")
+    def _parallel(self) -> ModelDeploymentConfig:
+        gpus_needed = self.tensor_parallel_size * self.pipeline_parallel_size
+        if gpus_needed > 1 and self.num_gpus == 0:
+            raise ValueError("tensor/pipeline parallelism needs num_gpus > 0 (GPU workers in a placement group)")
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        """Serve deployment name, `<model>@<version>` once resolved (set by the builder)."""
+        return self.served_name or self.model
+
+
+class ServeConfig(BaseModel):
+    """The models a Serve application runs, plus where their artifacts live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str | None = Field(default=None, description="Registry root (directory or fsspec URL); default $RAYGATE_HOME/registry.")
+    models: list[ModelDeploymentConfig] = Field(min_length=1, description="Model deployments.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServeConfig:
+        names = [m.served_name for m in self.models if m.served_name]
+        if len(names) != len(set(names)):
+            raise ValueError("served_name values must be unique")
+        return self
+
+    @classmethod
+    def load(cls, source: str | Path | dict[str, Any] | ServeConfig) -> ServeConfig:
+        """Accept a YAML path, a dict or an object."""
+        if isinstance(source, ServeConfig):
+            return source
+        if isinstance(source, dict):
+            return cls.model_validate(source)
+        data = yaml.safe_load(Path(source).read_text())
+        return cls.model_validate(data.get("serve", data) if isinstance(data, dict) else data)

@@ -1,0 +1,76 @@
+"""Engine-side error types. The gateway maps each type to an HTTP status."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class: something an engine refused or failed to do."""
+
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+
+class InvalidRequest(EngineError):
+    """The request is malformed or out of range (400)."""
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus max_tokens exceed the model's context (400)."""
+
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFound(EngineError):
+    """No deployment serves the requested model (404)."""
+
+    default_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class EngineOverloaded(EngineError):
+    """The engine's queue is full; retry later (503 with Retry-After)."""
+
+    default_code = "engine_overloaded"
+
+    def __init__(self, message: str = "The engine is overloaded; retry later.", retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+class EngineUnavailable(EngineError):
+    """The engine is starting, stopped or unhealthy (503)."""
+
+    default_code = "engine_unavailable"
+
+
+class EngineFailure(EngineError):
+    """The engine failed while generating (500; not the client's fault)."""
+
+    default_code = "engine_error"
+
+
+def param_from_validation_error(exc: object) -> str | None:
+    """The offending parameter of a pydantic ValidationError, as a dotted path."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return None
+    try:
+        first = errors()[0]
+    except (IndexError, TypeError):
+        return None
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # pydantic puts the union member or validator name last for some errors
+    loc = [p for p in loc if not p.startswith("function-") and p not in ("str", "int", "list[str]", "list[int]")]
+    if not loc:
+        return None
+    out = loc[0]
+    for part in loc[1:]:
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out

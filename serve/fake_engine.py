@@ -1,0 +1,185 @@
+"""A deterministic fake engine for tests and benchmarks.
+
+Token ``i`` of choice ``c`` is the word ``tok{(seed + c + i) % 997}``; the prompt's
+token count is its whitespace word count. Time to first token, inter-token latency,
+overload and failure injection are configurable. It speaks the same OpenAI shapes as
+the vLLM engine so that the gateway cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from serve.config import FakeEngineConfig
+from serve.engine import Endpoint, Engine, EngineResult, EngineStats, ModelCard
+from serve.errors import ContextLengthExceeded, EngineFailure, EngineOverloaded
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _words(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.split()) or 1
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return len(value)
+        return sum(_words(v) for v in value)
+    if isinstance(value, dict):
+        return _words(value.get("content") or value.get("text") or "")
+    return 0
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class FakeEngine(Engine):
+    """Deterministic engine; see the module docstring."""
+
+    def __init__(self, model_id: str, cfg: FakeEngineConfig | None = None, root: str | None = None) -> None:
+        self.cfg = cfg or FakeEngineConfig()
+        self._card = ModelCard(
+            id=model_id, created=int(time.time()), root=root or model_id, max_model_len=self.cfg.max_model_len, engine="fake"
+        )
+        self._running = 0
+        self._count = 0
+
+    @property
+    def card(self) -> ModelCard:
+        return self._card
+
+    async def start(self) -> None:
+        return None
+
+    async def check_health(self) -> None:
+        return None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self._running)
+
+    def _should_fail(self, request_id: str) -> bool:
+        if self.cfg.fail_rate <= 0:
+            return False
+        return (zlib.crc32(request_id.encode()) % 10_000) < self.cfg.fail_rate * 10_000
+
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
+        if self._running >= self.cfg.max_running:
+            raise EngineOverloaded()
+        prompt = body.get("messages") if endpoint == "chat" else body.get("prompt")
+        prompt_tokens = _words(prompt)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
+        if prompt_tokens + max_tokens > self.cfg.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.cfg.max_model_len} tokens; the request asks for "
+                f"{prompt_tokens} prompt + {max_tokens} completion tokens.",
+                param="max_tokens" if endpoint == "chat" else "prompt",
+            )
+        fail = self._should_fail(request_id)
+        if fail and self.cfg.fail_after_tokens is None:
+            raise EngineFailure("injected failure")
+        seed = int(body.get("seed") or 0)
+        n = int(body.get("n") or 1)
+        stops = body.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        choices = [self._tokens(seed, c, max_tokens, stops) for c in range(n)]
+        meta = {
+            "id": ("chatcmpl-" if endpoint == "chat" else "cmpl-") + request_id,
+            "created": int(time.time()),
+            "model": self._card.id,
+        }
+        if body.get("stream"):
+            return self._stream(endpoint, body, meta, choices, prompt_tokens, fail)
+        self._running += 1
+        try:
+            total = sum(len(t) for t, _ in choices)
+            await asyncio.sleep((self.cfg.ttft_ms + self.cfg.itl_ms * max(0, total // n - 1)) / 1000)
+        finally:
+            self._running -= 1
+        return orjson.dumps(self._full(endpoint, meta, choices, prompt_tokens))
+
+    @staticmethod
+    def _tokens(seed: int, choice: int, max_tokens: int, stops: list[str]) -> tuple[list[str], str]:
+        toks: list[str] = []
+        text = ""
+        for i in range(max_tokens):
+            tok = f"tok{(seed + choice * 31 + i) % 997} "
+            candidate = text + tok
+            hit = next((s for s in stops if s and s in candidate), None)
+            if hit is not None:
+                cut = candidate[: candidate.index(hit)]
+                if len(cut) > len(text):
+                    toks.append(cut[len(text) :])
+                return toks, "stop"
+            toks.append(tok)
+            text = candidate
+        return toks, "length"
+
+    def _full(self, endpoint: Endpoint, meta: dict[str, Any], choices: list[tuple[list[str], str]], ptoks: int) -> dict:
+        completion_tokens = sum(len(t) for t, _ in choices)
+        usage = {"prompt_tokens": ptoks, "completion_tokens": completion_tokens, "total_tokens": ptoks + completion_tokens}
+        if endpoint == "chat":
+            out = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(t)},
+                    "logprobs": None,
+                    "finish_reason": fr,
+                }
+                for i, (t, fr) in enumerate(choices)
+            ]
+            return {**meta, "object": "chat.completion", "choices": out, "usage": usage}
+        out = [
+            {"index": i, "text": "".join(t), "logprobs": None, "finish_reason": fr} for i, (t, fr) in enumerate(choices)
+        ]
+        return {**meta, "object": "text_completion", "choices": out, "usage": usage}
+
+    async def _stream(
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        meta: dict[str, Any],
+        choices: list[tuple[list[str], str]],
+        ptoks: int,
+        fail: bool,
+    ) -> AsyncIterator[bytes]:
+        chat = endpoint == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self._running += 1
+        try:
+            await asyncio.sleep(self.cfg.ttft_ms / 1000)
+            if chat:
+                for i in range(len(choices)):
+                    yield _sse({**meta, "object": obj, "choices": [
+                        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    ]})
+            longest = max(len(t) for t, _ in choices)
+            for step in range(longest):
+                if step and self.cfg.itl_ms:
+                    await asyncio.sleep(self.cfg.itl_ms / 1000)
+                if fail and step >= (self.cfg.fail_after_tokens or 0):
+                    raise EngineFailure("injected failure after the stream started")
+                for i, (toks, _) in enumerate(choices):
+                    if step < len(toks):
+                        part = {"delta": {"content": toks[step]}} if chat else {"text": toks[step]}
+                        yield _sse({**meta, "object": obj, "choices": [
+                            {"index": i, **part, "logprobs": None, "finish_reason": None}
+                        ]})
+            for i, (toks, finish) in enumerate(choices):
+                part = {"delta": {}} if chat else {"text": ""}
+                yield _sse({**meta, "object": obj, "choices": [
+                    {"index": i, **part, "logprobs": None, "finish_reason": finish}
+                ]})
+            if include_usage:
+                ct = sum(len(t) for t, _ in choices)
+                usage = {"prompt_tokens": ptoks, "completion_tokens": ct, "total_tokens": ptoks + ct}
+                yield _sse({**meta, "object": obj, "choices": [], "usage": usage})
+            yield DONE
+        finally:
+            self._running -= 1

@@ -1,0 +1,216 @@
+"""The vLLM engine: `AsyncLLM` driven through vLLM's own OpenAI serving classes.
+
+Chat templating, sampling parameters, stop strings, `n`, logprobs and usage come from
+vLLM's `OpenAIServingChat` / `OpenAIServingCompletion` (built by vLLM's
+`init_app_state` from vLLM's own argument parser, so defaults match `vllm serve`).
+This module only adapts their results to the engine interface and normalises errors.
+vLLM is imported inside methods: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from serve.config import ModelDeploymentConfig
+from serve.engine import Endpoint, Engine, EngineResult, EngineStats, ModelCard
+from serve.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineFailure,
+    EngineOverloaded,
+    EngineUnavailable,
+    InvalidRequest,
+    param_from_validation_error,
+)
+
+logger = logging.getLogger(__name__)
+
+_ERROR_PREFIX = 'data: {"error"'
+
+
+def engine_cli_args(cfg: ModelDeploymentConfig, model_path: str, served_name: str) -> list[str]:
+    """vLLM command-line arguments for a deployment (what `vllm serve` would get)."""
+    args = [
+        "--model", model_path,
+        "--served-model-name", served_name,
+        "--max-num-seqs", str(cfg.max_num_seqs),
+        "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+        "--pipeline-parallel-size", str(cfg.pipeline_parallel_size),
+        "--generation-config", "vllm",
+    ]
+    if cfg.max_model_len:
+        args += ["--max-model-len", str(cfg.max_model_len)]
+    if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
+        args += ["--distributed-executor-backend", "ray"]
+    for key, value in cfg.engine_kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (dict, list)):
+            args += [flag, json.dumps(value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+_CONTEXT_PARAMS = {"input_tokens", "max_tokens", "max_completion_tokens"}
+
+
+def _error_from_vllm(status: int, message: str, param: str | None, prompt_param: str = "messages") -> EngineError:
+    """Map vLLM's (status, param) to our error types; vLLM names the prompt `input_tokens`."""
+    if status in (400, 422, 501):
+        if param in _CONTEXT_PARAMS:
+            return ContextLengthExceeded(message, param=prompt_param if param == "input_tokens" else param)
+        return InvalidRequest(message, param=param)
+    if status == 503:
+        return EngineUnavailable(message)
+    if status == 429:
+        return EngineOverloaded(message)
+    return EngineFailure(message)
+
+
+class VLLMEngine(Engine):
+    """`AsyncLLM` plus vLLM's OpenAI serving objects, in this process."""
+
+    def __init__(self, cfg: ModelDeploymentConfig, model_path: str, served_name: str, root: str, created: int) -> None:
+        self.cfg = cfg
+        self.model_path = model_path
+        self.served_name = served_name
+        self._card = ModelCard(id=served_name, created=created, root=root, engine="vllm")
+        self._engine: Any = None
+        self._chat: Any = None
+        self._completion: Any = None
+        self._chat_request_cls: Any = None
+        self._completion_request_cls: Any = None
+        self._max_running = cfg.max_num_seqs + max(cfg.max_queued_requests, 0)
+
+    @property
+    def card(self) -> ModelCard:
+        return self._card
+
+    async def start(self) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        argv = engine_cli_args(self.cfg, self.model_path, self.served_name)
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        self._engine = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            enable_log_requests=False,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+        state = State()
+        tasks = await self._engine.get_supported_tasks()
+        await init_app_state(self._engine, state, args, tasks)
+        self._chat = state.openai_serving_chat
+        self._completion = state.openai_serving_completion
+        self._chat_request_cls = ChatCompletionRequest
+        self._completion_request_cls = CompletionRequest
+        self._card = self._card.model_copy(update={"max_model_len": vllm_config.model_config.max_model_len})
+        if self.cfg.cpu_affinity:
+            self._pin_engine_processes(self.cfg.cpu_affinity)
+        logger.info("vLLM engine ready: %s (%s)", self.served_name, self.model_path)
+
+    @staticmethod
+    def _pin_engine_processes(cores: list[int]) -> None:
+        """Pin vLLM's engine-core child processes (the compute) to `cores`."""
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.cpu_affinity(cores)
+            except (psutil.Error, OSError):  # pragma: no cover - best effort
+                logger.warning("could not pin pid %s to %s", child.pid, cores)
+
+    async def check_health(self) -> None:
+        if self._engine is None:
+            raise EngineUnavailable("engine is starting")
+        try:
+            await self._engine.check_health()
+        except Exception as exc:  # EngineDeadError and friends
+            raise EngineUnavailable(f"engine unhealthy: {exc}") from exc
+
+    def stats(self) -> EngineStats:
+        if self._engine is None:
+            return EngineStats(running=0, healthy=False)
+        running = self._engine.output_processor.get_num_unfinished_requests()
+        return EngineStats(running=running, healthy=not self._engine.errored)
+
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
+        if self._engine is None:
+            raise EngineUnavailable("engine is starting")
+        if self.stats().running >= self._max_running:
+            raise EngineOverloaded()
+        from pydantic import ValidationError
+
+        body = {**body, "model": self.served_name, "request_id": request_id}
+        prompt_param = "messages" if endpoint == "chat" else "prompt"
+        serving = self._chat if endpoint == "chat" else self._completion
+        try:
+            if endpoint == "chat":
+                request = self._chat_request_cls.model_validate(body)
+                result = await self._chat.create_chat_completion(request, None)
+            else:
+                request = self._completion_request_cls.model_validate(body)
+                result = await self._completion.create_completion(request, None)
+        except ValidationError as exc:
+            raise InvalidRequest(_first_message(exc), param=param_from_validation_error(exc)) from None
+        except EngineError:
+            raise
+        except Exception as exc:
+            # vLLM's own exception -> status mapping (VLLMValidationError -> 400 with parameter, ...)
+            result = serving.create_error_response(exc)
+        error = getattr(result, "error", None)
+        if error is not None:
+            raise _error_from_vllm(int(error.code), error.message, error.param, prompt_param)
+        if hasattr(result, "__aiter__"):
+            return self._stream(result, prompt_param)
+        return result.model_dump_json().encode()
+
+    async def _stream(self, gen: AsyncIterator[str], prompt_param: str) -> AsyncIterator[bytes]:
+        try:
+            async for item in gen:
+                if item.startswith(_ERROR_PREFIX):
+                    err = orjson.loads(item[6:])["error"]
+                    raise _error_from_vllm(int(err.get("code") or 500), err.get("message", ""), err.get("param"), prompt_param)
+                yield item.encode()
+        finally:
+            await gen.aclose()
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _first_message(exc: Any) -> str:
+    errs = exc.errors()
+    return errs[0].get("msg", str(exc)) if errs else str(exc)
+
+
+def created_time(path: str) -> int:
+    try:
+        return int(Path(path).stat().st_mtime)
+    except OSError:
+        return int(time.time())

@@ -1,0 +1,57 @@
+"""Typed configs: YAML in, validation errors out, Serve options derived."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from gateway.builder import deployment_options
+from gateway.config import AppConfig
+from serve.config import ModelDeploymentConfig, ServeConfig
+from serve.vllm_engine import engine_cli_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_field_has_a_description() -> None:
+    for cls in (ModelDeploymentConfig, ServeConfig, AppConfig):
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no description"
+
+
+def test_deploy_serve_config_builds() -> None:
+    data = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    app = data["applications"][0]
+    assert app["import_path"] == "gateway.builder:build_app"
+    cfg = AppConfig.load(app["args"]["config"])
+    opts = deployment_options(cfg)
+    assert opts["max_ongoing_requests"] >= 256
+    assert opts["ray_actor_options"]["num_cpus"] > 0
+
+
+def test_parallelism_needs_gpus() -> None:
+    with pytest.raises(ValidationError):
+        ModelDeploymentConfig(model="m", tensor_parallel_size=2)
+    cfg = ModelDeploymentConfig(model="m", tensor_parallel_size=2, num_gpus=1)
+    app = AppConfig(serve=ServeConfig(models=[cfg]))
+    opts = deployment_options(app)
+    assert opts["placement_group_bundles"][1:] == [{"GPU": 1}, {"GPU": 1}]
+    assert "--distributed-executor-backend" in engine_cli_args(cfg, "/p", "m")
+
+
+def test_engine_args_pass_through() -> None:
+    cfg = ModelDeploymentConfig(model="m", max_model_len=512, engine_kwargs={"enforce_eager": True, "dtype": "bfloat16"})
+    args = engine_cli_args(cfg, "/ckpt", "org/m")
+    assert args[:4] == ["--model", "/ckpt", "--served-model-name", "org/m"]
+    assert "--enforce-eager" in args and "--max-model-len" in args
+    assert args[args.index("--dtype") + 1] == "bfloat16"
+
+
+def test_unknown_fields_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        ServeConfig.load({"models": [{"model": "m", "colour": "red"}]})
+    with pytest.raises(ValidationError):
+        ServeConfig.load({"models": []})
