@@ -64,3 +64,60 @@ class Engine(abc.ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""
+
+
+class InflightLimiter:
+    """Exact admission: counts requests from acceptance to the end of their response.
+
+    Checked and incremented synchronously, so concurrent arrivals cannot all pass a
+    check before any of them is counted (the engine itself registers requests later).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def acquire(self) -> None:
+        from serve.errors import EngineOverloaded
+
+        if self.count >= self.limit:
+            raise EngineOverloaded()
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+
+    def track(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Release when the stream ends, is closed, or is dropped unstarted."""
+        return _TrackedStream(stream, self.release)
+
+
+class _TrackedStream:
+    def __init__(self, inner: AsyncIterator[bytes], on_done: Any) -> None:
+        self._inner = inner
+        self._on_done = on_done
+        self._done = False
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._on_done()
+
+    def __aiter__(self) -> _TrackedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._inner.__anext__()
+        except BaseException:
+            self._finish()
+            raise
+
+    async def aclose(self) -> None:
+        self._finish()
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def __del__(self) -> None:
+        self._finish()

@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 
 from serve.config import FakeEngineConfig
-from serve.engine import Endpoint, Engine, EngineResult, EngineStats, ModelCard
-from serve.errors import ContextLengthExceeded, EngineFailure, EngineOverloaded
+from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
+from serve.errors import ContextLengthExceeded, EngineFailure
 
 DONE = b"data: [DONE]\n\n"
 
@@ -47,8 +47,7 @@ class FakeEngine(Engine):
         self._card = ModelCard(
             id=model_id, created=int(time.time()), root=root or model_id, max_model_len=self.cfg.max_model_len, engine="fake"
         )
-        self._running = 0
-        self._count = 0
+        self._admission = InflightLimiter(self.cfg.max_running)
 
     @property
     def card(self) -> ModelCard:
@@ -61,7 +60,7 @@ class FakeEngine(Engine):
         return None
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=self._running)
+        return EngineStats(running=self._admission.count)
 
     def _should_fail(self, request_id: str) -> bool:
         if self.cfg.fail_rate <= 0:
@@ -69,8 +68,19 @@ class FakeEngine(Engine):
         return (zlib.crc32(request_id.encode()) % 10_000) < self.cfg.fail_rate * 10_000
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
-        if self._running >= self.cfg.max_running:
-            raise EngineOverloaded()
+        self._admission.limit = self.cfg.max_running
+        self._admission.acquire()
+        try:
+            result = await self._generate(endpoint, body, request_id)
+        except BaseException:
+            self._admission.release()
+            raise
+        if isinstance(result, bytes):
+            self._admission.release()
+            return result
+        return self._admission.track(result)
+
+    async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         prompt = body.get("messages") if endpoint == "chat" else body.get("prompt")
         prompt_tokens = _words(prompt)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
@@ -95,12 +105,8 @@ class FakeEngine(Engine):
         }
         if body.get("stream"):
             return self._stream(endpoint, body, meta, choices, prompt_tokens, fail)
-        self._running += 1
-        try:
-            total = sum(len(t) for t, _ in choices)
-            await asyncio.sleep((self.cfg.ttft_ms + self.cfg.itl_ms * max(0, total // n - 1)) / 1000)
-        finally:
-            self._running -= 1
+        total = sum(len(t) for t, _ in choices)
+        await asyncio.sleep((self.cfg.ttft_ms + self.cfg.itl_ms * max(0, total // n - 1)) / 1000)
         return orjson.dumps(self._full(endpoint, meta, choices, prompt_tokens))
 
     @staticmethod
@@ -151,35 +157,31 @@ class FakeEngine(Engine):
         chat = endpoint == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self._running += 1
-        try:
-            await asyncio.sleep(self.cfg.ttft_ms / 1000)
-            if chat:
-                for i in range(len(choices)):
-                    yield _sse({**meta, "object": obj, "choices": [
-                        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                    ]})
-            longest = max(len(t) for t, _ in choices)
-            for step in range(longest):
-                if step and self.cfg.itl_ms:
-                    await asyncio.sleep(self.cfg.itl_ms / 1000)
-                if fail and step >= (self.cfg.fail_after_tokens or 0):
-                    raise EngineFailure("injected failure after the stream started")
-                for i, (toks, _) in enumerate(choices):
-                    if step < len(toks):
-                        part = {"delta": {"content": toks[step]}} if chat else {"text": toks[step]}
-                        yield _sse({**meta, "object": obj, "choices": [
-                            {"index": i, **part, "logprobs": None, "finish_reason": None}
-                        ]})
-            for i, (toks, finish) in enumerate(choices):
-                part = {"delta": {}} if chat else {"text": ""}
+        await asyncio.sleep(self.cfg.ttft_ms / 1000)
+        if chat:
+            for i in range(len(choices)):
                 yield _sse({**meta, "object": obj, "choices": [
-                    {"index": i, **part, "logprobs": None, "finish_reason": finish}
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 ]})
-            if include_usage:
-                ct = sum(len(t) for t, _ in choices)
-                usage = {"prompt_tokens": ptoks, "completion_tokens": ct, "total_tokens": ptoks + ct}
-                yield _sse({**meta, "object": obj, "choices": [], "usage": usage})
-            yield DONE
-        finally:
-            self._running -= 1
+        longest = max(len(t) for t, _ in choices)
+        for step in range(longest):
+            if step and self.cfg.itl_ms:
+                await asyncio.sleep(self.cfg.itl_ms / 1000)
+            if fail and step >= (self.cfg.fail_after_tokens or 0):
+                raise EngineFailure("injected failure after the stream started")
+            for i, (toks, _) in enumerate(choices):
+                if step < len(toks):
+                    part = {"delta": {"content": toks[step]}} if chat else {"text": toks[step]}
+                    yield _sse({**meta, "object": obj, "choices": [
+                        {"index": i, **part, "logprobs": None, "finish_reason": None}
+                    ]})
+        for i, (toks, finish) in enumerate(choices):
+            part = {"delta": {}} if chat else {"text": ""}
+            yield _sse({**meta, "object": obj, "choices": [
+                {"index": i, **part, "logprobs": None, "finish_reason": finish}
+            ]})
+        if include_usage:
+            ct = sum(len(t) for t, _ in choices)
+            usage = {"prompt_tokens": ptoks, "completion_tokens": ct, "total_tokens": ptoks + ct}
+            yield _sse({**meta, "object": obj, "choices": [], "usage": usage})
+        yield DONE

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from serve.config import ModelDeploymentConfig
-from serve.engine import Endpoint, Engine, EngineResult, EngineStats, ModelCard
+from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
 from serve.errors import (
     ContextLengthExceeded,
     EngineError,
@@ -92,7 +92,8 @@ class VLLMEngine(Engine):
         self._completion: Any = None
         self._chat_request_cls: Any = None
         self._completion_request_cls: Any = None
-        self._max_running = cfg.max_num_seqs + max(cfg.max_queued_requests, 0)
+        limit = cfg.max_num_seqs + cfg.max_queued_requests if cfg.max_queued_requests >= 0 else 1 << 30
+        self._admission = InflightLimiter(limit)
 
     @property
     def card(self) -> ModelCard:
@@ -160,8 +161,18 @@ class VLLMEngine(Engine):
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         if self._engine is None:
             raise EngineUnavailable("engine is starting")
-        if self.stats().running >= self._max_running:
-            raise EngineOverloaded()
+        self._admission.acquire()
+        try:
+            result = await self._generate(endpoint, body, request_id)
+        except BaseException:
+            self._admission.release()
+            raise
+        if isinstance(result, bytes):
+            self._admission.release()
+            return result
+        return self._admission.track(result)
+
+    async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         from pydantic import ValidationError
 
         body = {**body, "model": self.served_name, "request_id": request_id}
@@ -186,7 +197,7 @@ class VLLMEngine(Engine):
             raise _error_from_vllm(int(error.code), error.message, error.param, prompt_param)
         if hasattr(result, "__aiter__"):
             return self._stream(result, prompt_param)
-        return result.model_dump_json().encode()
+        return orjson.dumps(spec_clean(result.model_dump()))
 
     async def _stream(self, gen: AsyncIterator[str], prompt_param: str) -> AsyncIterator[bytes]:
         try:
@@ -202,6 +213,27 @@ class VLLMEngine(Engine):
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+
+
+# Fields vLLM sets to null where OpenAI's spec allows only an object/array or absence.
+_NON_NULLABLE_MESSAGE = ("annotations", "function_call", "audio", "tool_calls")
+_NON_NULLABLE_USAGE = ("prompt_tokens_details", "completion_tokens_details")
+
+
+def spec_clean(body: dict[str, Any]) -> dict[str, Any]:
+    """Drop the null fields that OpenAI's schema does not allow (non-streaming bodies)."""
+    for choice in body.get("choices") or ():
+        message = choice.get("message")
+        if isinstance(message, dict):
+            for key in _NON_NULLABLE_MESSAGE:
+                if message.get(key, 0) is None or message.get(key) == []:
+                    message.pop(key, None)
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        for key in _NON_NULLABLE_USAGE:
+            if usage.get(key, 0) is None:
+                usage.pop(key)
+    return body
 
 
 def _first_message(exc: Any) -> str:

@@ -1,0 +1,49 @@
+"""One real stack per test session: local Ray, Serve, the gateway, vLLM on the tiny model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PORT = int(os.environ.get("RAYGATE_TEST_PORT", "18000"))
+DASHBOARD_PORT = int(os.environ.get("RAYGATE_TEST_DASHBOARD_PORT", "18265"))
+
+
+@dataclass
+class LiveStack:
+    base_url: str
+    key: str
+    model: str
+    home: Path
+
+    def engine_stats(self) -> dict:
+        from ray import serve
+
+        handle = serve.get_deployment_handle("gateway", app_name="raygate")
+        return handle.engine_stats.remote().result(timeout_s=30)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    from gateway.config import AppConfig
+    from raygate import home as home_mod
+    from raygate.cli import default_app_config
+    from raygate.stack import Stack
+
+    home = tmp_path_factory.mktemp("raygate-home")
+    reg = home_mod.registry(home)
+    manifest = home_mod.ensure_default_model(reg)
+    _, key = home_mod.ensure_dev_key(home)
+    raw = default_app_config(home, "vllm")
+    # Small limits so saturation is reachable from a test: 4 running + 2 queued.
+    raw["serve"]["models"][0].update({"max_num_seqs": 4, "max_queued_requests": 2, "max_model_len": 1024})
+    stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT)
+    try:
+        stack.start(ready_timeout_s=420)
+        yield LiveStack(base_url=stack.base_url, key=key, model=manifest.name, home=home)
+    finally:
+        stack.stop()
