@@ -10,7 +10,7 @@ Cancelling the awaiting task (or closing the iterator) aborts the request in the
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -86,6 +86,19 @@ class InflightLimiter:
 
     def release(self) -> None:
         self.count -= 1
+
+    async def admit(self, work: Callable[[], Awaitable[EngineResult]]) -> EngineResult:
+        """Run `work` if there is room; hold the slot until its response has ended."""
+        self.acquire()
+        try:
+            result = await work()
+        except BaseException:
+            self.release()
+            raise
+        if isinstance(result, bytes):
+            self.release()
+            return result
+        return self.track(result)
 
     def track(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Release when the stream ends, is closed, or is dropped unstarted."""

@@ -69,16 +69,7 @@ class FakeEngine(Engine):
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         self._admission.limit = self.cfg.max_running
-        self._admission.acquire()
-        try:
-            result = await self._generate(endpoint, body, request_id)
-        except BaseException:
-            self._admission.release()
-            raise
-        if isinstance(result, bytes):
-            self._admission.release()
-            return result
-        return self._admission.track(result)
+        return await self._admission.admit(lambda: self._generate(endpoint, body, request_id))
 
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         prompt = body.get("messages") if endpoint == "chat" else body.get("prompt")

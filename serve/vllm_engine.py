@@ -161,16 +161,7 @@ class VLLMEngine(Engine):
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         if self._engine is None:
             raise EngineUnavailable("engine is starting")
-        self._admission.acquire()
-        try:
-            result = await self._generate(endpoint, body, request_id)
-        except BaseException:
-            self._admission.release()
-            raise
-        if isinstance(result, bytes):
-            self._admission.release()
-            return result
-        return self._admission.track(result)
+        return await self._admission.admit(lambda: self._generate(endpoint, body, request_id))
 
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         from pydantic import ValidationError
