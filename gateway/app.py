@@ -56,8 +56,12 @@ def create_app(settings: GatewaySettings, backend: ModelBackend) -> FastAPI:
 
     auth_dep = [Depends(authenticate)]
 
+    def _error(request: Request, exc: Exception) -> Response:
+        rid = _request_id(request)
+        return error_response(exc, rid, _id_headers(request, rid))
+
     async def _known_error(request: Request, exc: Exception) -> Response:
-        return error_response(exc, _request_id(request), _id_headers(request, _request_id(request)))
+        return _error(request, exc)
 
     app.add_exception_handler(GatewayError, _known_error)
     app.add_exception_handler(EngineError, _known_error)
@@ -71,12 +75,11 @@ def create_app(settings: GatewaySettings, backend: ModelBackend) -> FastAPI:
             err = NotFound(f"Unknown path {request.url.path}.")
         else:
             err = InvalidRequest(str(exc.detail))
-        return error_response(err, _request_id(request), _id_headers(request, _request_id(request)))
+        return _error(request, err)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        rid = _request_id(request)
-        return error_response(InvalidRequest(str(exc.errors()[0].get("msg"))), rid, _id_headers(request, rid))
+        return _error(request, InvalidRequest(str(exc.errors()[0].get("msg"))))
 
     @app.get("/health", include_in_schema=True)
     async def health() -> Response:

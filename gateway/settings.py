@@ -26,7 +26,6 @@ class GatewaySettings(BaseSettings):
     )
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a non-streaming request may take.")
-    sse_keepalive_s: float = Field(default=0.0, ge=0, description="Reserved: SSE keep-alive comment interval (0 = off).")
 
     def accepted_keys(self) -> list[str]:
         """Every accepted key: `api_keys` plus the lines of `api_keys_file`."""

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,13 @@ def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
             "models": [{"model": "raygate/tiny-chat@stable", "engine": engine, "max_model_len": 2048}],
         },
     }
+
+
+def served_models(base_url: str, key: str) -> list[dict[str, Any]]:
+    """What clients can send as `model`, as the running gateway reports it."""
+    req = urllib.request.Request(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return list(json.loads(resp.read())["data"])
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -47,22 +55,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    print(f"raygate: starting Ray and deploying {manifest.ref} (engine start takes up to a minute)...", flush=True)
+    wanted = ", ".join(m.model for m in cfg.serve.models)
+    print(f"raygate: starting Ray and deploying {wanted} (engine start takes up to a minute)...", flush=True)
     try:
         stack.start()
-        models = ", ".join(m.served_name or m.model for m in cfg.serve.models)
+        models = served_models(stack.base_url, key)
         print(
             "\nraygate is up\n"
             f"  base URL   {stack.base_url}/v1\n"
-            f"  model      {models}  (serving {manifest.ref})\n"
+            f"  model      {', '.join(m['id'] + ' (' + m.get('root', '') + ')' for m in models)}\n"
             f"  API key    {key}\n"
             f"             (also in {key_path})\n"
             f"  dashboard  {stack.dashboard_url}  ({token_hint()})\n"
             "  try:       curl -s {0}/v1/chat/completions -H \"Authorization: Bearer $(cat {1})\" "
             "-H 'Content-Type: application/json' -d '{{\"model\": \"{2}\", \"messages\": "
             "[{{\"role\": \"user\", \"content\": \"hello\"}}], \"max_tokens\": 16}}'\n"
-            "Ctrl-C stops everything.".format(stack.base_url, key_path, cfg.serve.models[0].served_name
-                                             or manifest.name),
+            "Ctrl-C stops everything.".format(stack.base_url, key_path, models[0]["id"]),
             flush=True,
         )
         while not stop.wait(1.0):

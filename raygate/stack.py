@@ -18,7 +18,6 @@ logger = logging.getLogger(__name__)
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC handles, user code on the replica loop
     "RAY_SERVE_ENABLE_HA_PROXY": "1",  # bundled HAProxy instead of the Python HTTP proxy
-    "RAY_SERVE_HAPROXY_STATS_BIND_ADDRESS": "127.0.0.1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "VLLM_NO_USAGE_STATS": "1",
     "VLLM_DO_NOT_TRACK": "1",

@@ -26,7 +26,7 @@ class FakeEngineConfig(BaseModel):
 
 
 class ModelDeploymentConfig(BaseModel):
-    """One model version served by one Ray Serve deployment."""
+    """One model version; its engine runs inside each gateway replica (co-located, no handle hop)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -43,23 +43,12 @@ class ModelDeploymentConfig(BaseModel):
     kv_cache_gib: int = Field(default=1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica splitting each layer.")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages per replica.")
-    num_replicas: int = Field(default=1, ge=1, description="Replicas of the deployment.")
-    num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for each replica's actor.")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
-    max_ongoing_requests: int = Field(
-        default=512, ge=1, description="Requests Serve sends to one replica at once (well above client concurrency)."
-    )
+    num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for this engine (added to the gateway replica's).")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs for this engine (0 on CPU machines).")
     max_queued_requests: int = Field(
-        default=1024, ge=-1, description="Requests waiting for a replica before Serve answers overloaded; -1: no cap."
+        default=1024, ge=-1, description="Requests admitted beyond max_num_seqs before the engine answers 503; -1: no cap."
     )
     max_num_seqs: int = Field(default=256, ge=1, description="Sequences vLLM batches at once.")
-    colocate: bool = Field(
-        default=True,
-        description="Run the engine inside the gateway replica (no handle hop for tokens) instead of its own deployment.",
-    )
-    stream_batch_ms: float = Field(
-        default=25.0, ge=0, description="Coalesce streamed output for up to this long per handle message (remote only)."
-    )
     cpu_affinity: list[int] | None = Field(
         default=None, description="CPU cores for the engine's worker process; None keeps vLLM's default binding."
     )
@@ -70,11 +59,6 @@ class ModelDeploymentConfig(BaseModel):
         if gpus_needed > 1 and self.num_gpus == 0:
             raise ValueError("tensor/pipeline parallelism needs num_gpus > 0 (GPU workers in a placement group)")
         return self
-
-    @property
-    def deployment_name(self) -> str:
-        """Serve deployment name, `<model>@<version>` once resolved (set by the builder)."""
-        return self.served_name or self.model
 
 
 class ServeConfig(BaseModel):

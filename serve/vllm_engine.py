@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -231,9 +229,3 @@ def _first_message(exc: Any) -> str:
     errs = exc.errors()
     return errs[0].get("msg", str(exc)) if errs else str(exc)
 
-
-def created_time(path: str) -> int:
-    try:
-        return int(Path(path).stat().st_mtime)
-    except OSError:
-        return int(time.time())

@@ -43,7 +43,7 @@ def test_chat_and_completion(client, http, stack) -> None:
     raw = http.post("/v1/chat/completions", json={"model": stack.model, "messages": MSG, "max_tokens": 8}).json()
     assert_valid("CreateChatCompletionResponse", raw)
     comp = client.completions.create(model=stack.model, prompt="import os\n", max_tokens=8, temperature=0)
-    assert comp.choices[0].text and comp.usage.completion_tokens == len(comp.choices[0].text) * 0 + comp.usage.completion_tokens
+    assert comp.choices[0].text and 0 < comp.usage.completion_tokens <= 8
     raw = http.post("/v1/completions", json={"model": stack.model, "prompt": "import os", "max_tokens": 4}).json()
     assert_valid("CreateCompletionResponse", raw)
 
