@@ -1,8 +1,10 @@
 """vLLM's own OpenAI server vs raygate's full stack on the same model, in one run.
 
-Each target is started as its own process (`python -m vllm.entrypoints.openai.api_server`
-and `raygate up`), measured at every concurrency, and stopped before the next starts,
-so the two never share the 2 cores. Prints the ratio table and writes JSON + Markdown.
+Each target runs as its own process (`raygate up`, then
+`python -m vllm.entrypoints.openai.api_server`), is measured at every concurrency, and is
+stopped before the next starts, so the two never share the 2 cores. raygate goes first: the
+dtype its engine picked for this hardware (read from `/v1/models`) is given to vLLM's server.
+Prints the ratio table and writes JSON + Markdown.
 
     python -m benchmarks.compare_vllm --home ~/.raygate --concurrency 16 64 --duration 20
 """
@@ -76,11 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
     results: dict[str, Any] = {}
 
+    # raygate first: the dtype its engine chose for this hardware is then given to vLLM's server.
+    print("raygate ...", flush=True)
+    rg = subprocess.Popen([str(bin_dir / "raygate"), "--home", str(home), "up"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready("http://127.0.0.1:8000/ready", 400, rg)
+        key = (home / "dev-key").read_text().strip()
+        req = urllib.request.Request("http://127.0.0.1:8000/v1/models", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            dtype = json.loads(resp.read())["data"][0].get("dtype") or "auto"
+        print(f"  engine dtype: {dtype}", flush=True)
+        results["raygate"] = measure("http://127.0.0.1:8000/v1", key, a.concurrency, a.max_tokens, a.duration)
+    finally:
+        stop(rg)
+
     print("vLLM server ...", flush=True)
     vllm = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
          "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", "8100", "--max-model-len", "2048",
-         "--max-num-seqs", "256", "--generation-config", "vllm"],
+         "--max-num-seqs", "256", "--generation-config", "vllm", "--dtype", dtype],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -88,18 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         results["vllm"] = measure("http://127.0.0.1:8100/v1", "", a.concurrency, a.max_tokens, a.duration)
     finally:
         stop(vllm)
+    results["dtype"] = dtype
 
-    print("raygate ...", flush=True)
-    rg = subprocess.Popen([str(bin_dir / "raygate"), "--home", str(home), "up"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready("http://127.0.0.1:8000/ready", 400, rg)
-        key = (home / "dev-key").read_text().strip()
-        results["raygate"] = measure("http://127.0.0.1:8000/v1", key, a.concurrency, a.max_tokens, a.duration)
-    finally:
-        stop(rg)
-
-    rows = ["| streams | vLLM tok/s | raygate tok/s | ratio | vLLM TTFT p50 (ms) | raygate TTFT p50 (ms) | TTFT ratio |",
+    rows = [f"dtype: {dtype}", "", "| streams | vLLM tok/s | raygate tok/s | ratio | vLLM TTFT p50 (ms) | raygate TTFT p50 (ms) | TTFT ratio |",
             "|---|---|---|---|---|---|---|"]
     for v, r in zip(results["vllm"], results["raygate"]):
         vt, rt = v["ttft_s"]["p50"] or 0, r["ttft_s"]["p50"] or 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +55,8 @@ class Stack:
 
         from gateway.builder import build_app
 
+        # ray.init installs its own SIGTERM handler (it aborts the process); keep the caller's.
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         ray.init(
             num_cpus=self.num_cpus,
             include_dashboard=True,
@@ -62,6 +66,10 @@ class Stack:
             configure_logging=True,
         )
         self.started = True
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
         serve.start(
             http_options={"host": self.host, "port": self.port},
             logging_config={"enable_access_log": False, "log_level": "WARNING"},

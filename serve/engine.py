@@ -29,6 +29,7 @@ class ModelCard(BaseModel):
     root: str | None = Field(default=None, description="Registry reference `name@version` actually served.")
     max_model_len: int | None = Field(default=None, description="Context length in tokens.")
     engine: str | None = Field(default=None, description="Engine implementation (vllm, fake, remote).")
+    dtype: str | None = Field(default=None, description="Compute dtype the engine runs the weights in.")
 
 
 class EngineStats(BaseModel):

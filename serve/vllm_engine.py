@@ -28,6 +28,7 @@ from serve.errors import (
     InvalidRequest,
     param_from_validation_error,
 )
+from serve.hardware import cpu_supports_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ def engine_cli_args(cfg: ModelDeploymentConfig, model_path: str, served_name: st
     ]
     if cfg.max_model_len:
         args += ["--max-model-len", str(cfg.max_model_len)]
+    if cfg.num_gpus == 0 and "dtype" not in cfg.engine_kwargs and not cpu_supports_bf16():
+        # vLLM's `auto` takes the checkpoint's bf16, which this CPU only emulates.
+        args += ["--dtype", "float32"]
     if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         args += ["--distributed-executor-backend", "ray"]
     for key, value in cfg.engine_kwargs.items():
@@ -126,7 +130,10 @@ class VLLMEngine(Engine):
         self._completion = state.openai_serving_completion
         self._chat_request_cls = ChatCompletionRequest
         self._completion_request_cls = CompletionRequest
-        self._card = self._card.model_copy(update={"max_model_len": vllm_config.model_config.max_model_len})
+        model_config = vllm_config.model_config
+        self._card = self._card.model_copy(
+            update={"max_model_len": model_config.max_model_len, "dtype": str(model_config.dtype).removeprefix("torch.")}
+        )
         if self.cfg.cpu_affinity:
             self._pin_engine_processes(self.cfg.cpu_affinity)
         logger.info("vLLM engine ready: %s (%s)", self.served_name, self.model_path)

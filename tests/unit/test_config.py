@@ -50,6 +50,23 @@ def test_engine_args_pass_through() -> None:
     assert args[args.index("--dtype") + 1] == "bfloat16"
 
 
+def test_cpu_dtype_follows_the_hardware(monkeypatch) -> None:
+    import serve.vllm_engine as ve
+
+    from serve.hardware import cpu_flags, cpu_supports_bf16
+
+    assert cpu_flags("processor: 0\nflags\t: fpu avx2 avx512_bf16\n") == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_supports_bf16({"avx2", "amx_bf16"}) and not cpu_supports_bf16({"avx2"})
+    monkeypatch.setattr(ve, "cpu_supports_bf16", lambda: False)
+    args = engine_cli_args(ModelDeploymentConfig(model="m"), "/p", "m")
+    assert args[args.index("--dtype") + 1] == "float32"
+    explicit = engine_cli_args(ModelDeploymentConfig(model="m", engine_kwargs={"dtype": "bfloat16"}), "/p", "m")
+    assert explicit[explicit.index("--dtype") + 1] == "bfloat16" and explicit.count("--dtype") == 1
+    assert "--dtype" not in engine_cli_args(ModelDeploymentConfig(model="m", num_gpus=1), "/p", "m")
+    monkeypatch.setattr(ve, "cpu_supports_bf16", lambda: True)
+    assert "--dtype" not in engine_cli_args(ModelDeploymentConfig(model="m"), "/p", "m")
+
+
 def test_unknown_fields_are_refused() -> None:
     with pytest.raises(ValidationError):
         ServeConfig.load({"models": [{"model": "m", "colour": "red"}]})

@@ -1,0 +1,70 @@
+"""`raygate up` as a user runs it: prints a working key, serves, and SIGTERM leaves no Ray process.
+
+Runs before the session stack starts (file order): two local Serve instances on one
+machine would contend for HAProxy's fixed stats/metrics ports.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+PORT, DASHBOARD_PORT = 18100, 18365
+
+
+def _ray_processes() -> set[int]:
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "raylet" in cmd or "gcs_server" in cmd or cmd.startswith("ray::"):
+            out.add(p.pid)
+    return out
+
+
+def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    before = _ray_processes()
+    exe = Path(sys.executable).with_name("raygate")
+    proc = subprocess.Popen(
+        [str(exe), "--home", str(tmp_path), "up", "--engine", "fake", "--port", str(PORT),
+         "--dashboard-port", str(DASHBOARD_PORT)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C stops everything"):
+                break
+        text = "".join(lines)
+        assert "raygate is up" in text, text
+        key = re.search(r"API key\s+(\S+)", text).group(1)
+        assert key == (tmp_path / "dev-key").read_text().strip()
+        assert f"http://127.0.0.1:{PORT}/v1" in text and "raygate/tiny-chat (raygate/tiny-chat@1)" in text
+        client = openai.OpenAI(api_key=key, base_url=f"http://127.0.0.1:{PORT}/v1", max_retries=0)
+        resp = client.chat.completions.create(model="raygate/tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=3)
+        assert resp.usage.completion_tokens == 3
+        listing = subprocess.run([str(exe), "--home", str(tmp_path), "models", "list"], capture_output=True, text=True)
+        assert "raygate/tiny-chat@1" in listing.stdout and "stable" in listing.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    assert rc == 0, "".join(lines) + (proc.stdout.read() if proc.stdout else "")
+    deadline = time.monotonic() + 30
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not (_ray_processes() - before), "Ray processes left behind"
