@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from gateway import service
-from gateway.auth import KeyAuthenticator
+from gateway.admin import admin_router
 from gateway.backend import ModelBackend
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_body, error_response
+from gateway.governance.gate import Governance, Outcome
+from gateway.governance.records import KeyRecord
+from gateway.governance.routing import plan, priority_for
 from gateway.settings import GatewaySettings
 from serve.engine import Endpoint
 from serve.errors import EngineError, InvalidRequest
@@ -25,7 +32,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, desc in {
         400: "Invalid request",
         401: "Missing or wrong API key",
+        403: "The key may not use this model",
         404: "Unknown model",
+        429: "Rate limit or budget exceeded (Retry-After, x-ratelimit-*)",
         503: "Engine overloaded or unavailable (Retry-After)",
     }.items()
 }
@@ -44,16 +53,26 @@ def _id_headers(request: Request, rid: str) -> dict[str, str]:
     return {} if "x-request-id" in request.headers else {"x-request-id": rid}
 
 
-def create_app(settings: GatewaySettings, backend: ModelBackend) -> FastAPI:
+def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Governance | None = None) -> FastAPI:
     """Build the gateway; all state lives on `app.state`, nothing at module level."""
-    app = FastAPI(title="raygate", version="0.1.0", docs_url="/docs", redoc_url=None)
+    gov = governance or Governance.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await gov.close()  # flushes the usage ledger
+
+    app = FastAPI(title="raygate", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.settings = settings
     app.state.backend = backend
-    authenticator = KeyAuthenticator(settings.accepted_keys())
+    app.state.governance = gov
 
-    async def authenticate(request: Request) -> None:  # async: no thread-pool hop per request
-        authenticator.authenticate(request)
+    async def authenticate(request: Request) -> KeyRecord:  # async: no thread-pool hop per request
+        return await gov.authenticate(request)
 
+    caller_dep = Depends(authenticate)
     auth_dep = [Depends(authenticate)]
 
     def _error(request: Request, exc: Exception) -> Response:
@@ -102,30 +121,71 @@ def create_app(settings: GatewaySettings, backend: ModelBackend) -> FastAPI:
         return Response(orjson.dumps(backend.resolve(model_id).card.model_dump(exclude_none=True)),
                         media_type="application/json")
 
-    async def run(endpoint: Endpoint, request: Request) -> Response:
+    def targets(model: str) -> list[str]:
+        route = settings.routes.get(model)
+        if route is None:
+            return [model]
+        return plan(route, random.random(), settings.max_route_attempts)
+
+    async def run(endpoint: Endpoint, request: Request, caller: KeyRecord) -> Response:
+        started = time.perf_counter()
         rid = _request_id(request)
         body = await service.read_json(request, settings.max_request_bytes)
         service.validate(endpoint, body)
+        requested = body["model"]
+        chosen = targets(requested)
+        card = backend.resolve(chosen[0]).card  # 404 for an unknown model, before any quota
+        gov.authorize(caller, requested, card.id)
+        if card.scheduling == "priority":
+            body["priority"] = priority_for(caller.tier, settings.tier_priority)
+        adm = await gov.admit(caller, body, card.max_model_len)
+        outcome = Outcome(model=requested)
+        headers = {**_id_headers(request, rid), **adm.headers}
+        streaming = bool(body.get("stream"))
+        client_wants_usage = service.want_usage(body) if streaming else True
         try:
-            result = await service.generate(backend, endpoint, body, rid, request, settings.request_timeout_s)
-        except service.ClientDisconnected:
-            return Response(status_code=499)
-        headers = _id_headers(request, rid)
+            result, engine, _fallbacks = await service.generate(
+                backend, chosen, endpoint, body, rid, request, settings.request_timeout_s
+            )
+        except BaseException as exc:
+            outcome.status = 499 if isinstance(exc, service.ClientDisconnected) else error_body(exc)[0]
+            await gov.finish(caller, adm, outcome, rid, time.perf_counter() - started)
+            if isinstance(exc, service.ClientDisconnected):
+                return Response(status_code=499)
+            if isinstance(exc, GatewayError | EngineError):
+                exc.headers = {**adm.headers, **getattr(exc, "headers", {})}  # type: ignore[union-attr]
+            raise
+        outcome.version = engine.card.root
         if isinstance(result, bytes):
-            return Response(result, media_type="application/json", headers=headers)
-        stream: AsyncIterator[bytes] = service.sse(result, rid)
+            service.read_usage(result, outcome)
+            # Settle after the body is on its way: the client does not wait for the quota store.
+            settle = BackgroundTask(gov.finish, caller, adm, outcome, rid, time.perf_counter() - started)
+            return Response(result, media_type="application/json", headers=headers, background=settle)
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in service.sse(service.tap(result, outcome, client_wants_usage), rid):
+                    yield chunk
+            except BaseException:
+                outcome.status = 499  # the client went away mid-stream
+                raise
+            finally:
+                await gov.finish(caller, adm, outcome, rid, time.perf_counter() - started)
+
         return StreamingResponse(
-            stream, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
+            events(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
         )
 
     stream_ok: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
-    @app.post("/v1/chat/completions", dependencies=auth_dep, responses={**stream_ok, **ERROR_RESPONSES})
-    async def chat_completions(request: Request) -> Response:
-        return await run("chat", request)
+    @app.post("/v1/chat/completions", responses={**stream_ok, **ERROR_RESPONSES})
+    async def chat_completions(request: Request, caller: KeyRecord = caller_dep) -> Response:
+        return await run("chat", request, caller)
 
-    @app.post("/v1/completions", dependencies=auth_dep, responses={**stream_ok, **ERROR_RESPONSES})
-    async def completions(request: Request) -> Response:
-        return await run("completion", request)
+    @app.post("/v1/completions", responses={**stream_ok, **ERROR_RESPONSES})
+    async def completions(request: Request, caller: KeyRecord = caller_dep) -> Response:
+        return await run("completion", request, caller)
+
+    app.include_router(admin_router(gov))
 
     return app

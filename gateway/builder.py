@@ -14,6 +14,7 @@ from ray.serve import Application
 
 from gateway.config import AppConfig
 from gateway.deployment import GatewayIngress
+from gateway.settings import GatewaySettings
 
 
 def deployment_options(cfg: AppConfig) -> dict[str, Any]:
@@ -41,9 +42,20 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
     return opts
 
 
+def check_shared_state(cfg: AppConfig) -> None:
+    """Refuse several gateway replicas whose quotas could not be shared (no Redis)."""
+    settings = GatewaySettings(**cfg.gateway.settings)
+    if cfg.gateway.num_replicas > 1 and not settings.redis_url:
+        raise ValueError(
+            f"{cfg.gateway.num_replicas} gateway replicas need a shared quota store: set redis_url "
+            "(RAYGATE_REDIS_URL); in-process quotas are exact for one replica only"
+        )
+
+
 def build_app(args: dict[str, Any] | AppConfig | str | Path) -> Application:
     """Serve entry point: `serve run gateway.builder:build_app config=raygate.yaml`."""
     if isinstance(args, dict) and "config" in args and len(args) == 1:
         args = args["config"]
     cfg = AppConfig.load(args)
+    check_shared_state(cfg)
     return serve.deployment(GatewayIngress).options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))

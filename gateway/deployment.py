@@ -15,6 +15,7 @@ from ray import serve
 from gateway.app import create_app
 from gateway.backend import ModelBackend
 from gateway.config import AppConfig
+from gateway.governance.gate import Governance
 from gateway.settings import GatewaySettings
 from models.registry import Registry
 from serve.errors import EngineUnavailable
@@ -44,9 +45,10 @@ class GatewayIngress:
             await engine.start()
             engines[engine.card.id] = engine
         self.backend = ModelBackend(engines)
+        self.governance = Governance.build(self.settings)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.settings, self.backend)
+        return create_app(self.settings, self.backend, self.governance)
 
     async def check_health(self) -> None:
         states = await self.backend.readiness()
@@ -59,6 +61,10 @@ class GatewayIngress:
         return {name: e.stats().model_dump() for name, e in self.backend.engines.items()}
 
     async def __del__(self) -> None:
+        try:
+            await self.governance.close()  # writes the pending usage rows
+        except Exception:  # pragma: no cover - best effort at teardown
+            logger.exception("governance shutdown failed")
         for engine in self.backend.engines.values():
             try:
                 await engine.shutdown()

@@ -57,6 +57,38 @@ class RequestTimeout(GatewayError):
     default_code = "timeout"
 
 
+class ServiceDisabled(GatewayError):
+    default_code = "not_enabled"
+
+
+class QuotaExceeded(GatewayError):
+    """A rate limit or concurrency cap: retry after `retry_after_s`."""
+
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+
+
+class TokenRateExceeded(QuotaExceeded):
+    pass
+
+
+class BudgetExhausted(QuotaExceeded):
+    """A daily or monthly token budget is spent: retrying now will not help."""
+
+    default_code = "insufficient_quota"
+
+
+class QuotaUnavailable(GatewayError):
+    """The quota store cannot be reached and the policy is fail_closed."""
+
+    default_code = "quota_unavailable"
+    retry_after_s = 1
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     status: int
@@ -73,6 +105,11 @@ ERROR_SPECS: dict[type[BaseException], ErrorSpec] = {
     MethodNotAllowed: ErrorSpec(405, "invalid_request_error"),
     PayloadTooLarge: ErrorSpec(413, "invalid_request_error"),
     RequestTimeout: ErrorSpec(504, "server_error"),
+    QuotaExceeded: ErrorSpec(429, "requests"),
+    TokenRateExceeded: ErrorSpec(429, "tokens"),
+    BudgetExhausted: ErrorSpec(429, "insufficient_quota"),
+    QuotaUnavailable: ErrorSpec(503, "server_error"),
+    ServiceDisabled: ErrorSpec(404, "invalid_request_error"),
     EngineOverloaded: ErrorSpec(503, "server_error"),
     EngineUnavailable: ErrorSpec(503, "server_error"),
     EngineFailure: ErrorSpec(500, "server_error"),
@@ -97,10 +134,12 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
     else:
         logger.exception("unhandled error", exc_info=exc)
         message, param, code = "The server had an error while processing your request.", None, "internal_error"
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = dict(getattr(exc, "headers", None) or {})
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers["retry-after"] = str(max(1, int(retry_after)))
+    if isinstance(exc, BudgetExhausted):
+        headers["x-should-retry"] = "false"
     envelope = {"error": {"message": message, "type": spec.type, "param": param, "code": code}}
     return spec.status, envelope, headers
 

@@ -13,9 +13,10 @@ from starlette.requests import Request
 
 from gateway.backend import ModelBackend
 from gateway.errors import PayloadTooLarge, RequestTimeout, sse_error_event
+from gateway.governance.gate import Outcome
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from serve.engine import Endpoint, EngineResult
-from serve.errors import InvalidRequest, param_from_validation_error
+from serve.engine import Endpoint, Engine, EngineResult
+from serve.errors import EngineFailure, EngineOverloaded, EngineUnavailable, InvalidRequest, param_from_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,69 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+# Worth trying the next target: the chosen one is saturated, down or broke before any output.
+RETRYABLE = (EngineOverloaded, EngineUnavailable, EngineFailure)
+
+
+async def _first(engine: Engine, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
+    """Start a request; for a stream, wait for its first event so a failure can still fall back."""
+    result = await engine.generate(endpoint, body, request_id)
+    if isinstance(result, bytes):
+        return result
+    try:
+        head = await result.__anext__()
+    except StopAsyncIteration:
+        return _chain(b"", result)
+    except BaseException:
+        aclose = getattr(result, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        raise
+    return _chain(head, result)
+
+
+async def _chain(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        if head:
+            yield head
+        async for chunk in rest:
+            yield chunk
+    finally:
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def dispatch(
+    backend: ModelBackend, targets: list[str], endpoint: Endpoint, body: dict[str, Any], request_id: str
+) -> tuple[EngineResult, Engine, int]:
+    """Try `targets` in order until one starts; returns (result, engine, fallbacks taken)."""
+    last: Exception | None = None
+    for attempt, target in enumerate(targets):
+        engine = backend.resolve(target)
+        try:
+            return await _first(engine, endpoint, body, request_id), engine, attempt
+        except RETRYABLE as exc:
+            logger.info("request %s: %s failed before output (%s); %s", request_id, target, type(exc).__name__,
+                        "trying the next target" if attempt + 1 < len(targets) else "no target left")
+            last = exc
+    assert last is not None
+    raise last
+
+
 async def generate(
-    backend: ModelBackend, endpoint: Endpoint, body: dict[str, Any], request_id: str, request: Request, timeout_s: float
-) -> EngineResult:
-    """Dispatch to the engine; for a full response, abort it if the client disconnects."""
-    engine = backend.resolve(body["model"])
+    backend: ModelBackend,
+    targets: list[str],
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    request_id: str,
+    request: Request,
+    timeout_s: float,
+) -> tuple[EngineResult, Engine, int]:
+    """Dispatch; for a full response, abort it if the client disconnects or it times out."""
     if body.get("stream"):
-        return await engine.generate(endpoint, body, request_id)
-    work = asyncio.ensure_future(engine.generate(endpoint, body, request_id))
+        return await dispatch(backend, targets, endpoint, body, request_id)
+    work = asyncio.ensure_future(dispatch(backend, targets, endpoint, body, request_id))
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
         done, _ = await asyncio.wait({work, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -83,6 +139,63 @@ async def generate(
     if watch in done:
         raise ClientDisconnected()
     raise RequestTimeout(f"The request did not finish within {timeout_s:g} s.")
+
+
+def read_usage(payload: bytes, outcome: Outcome) -> None:
+    """Fill `outcome` from a full response body (usage and the first choice's finish reason)."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return
+    usage = doc.get("usage") or {}
+    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+    choices = doc.get("choices") or []
+    if choices:
+        outcome.finish_reason = choices[0].get("finish_reason")
+
+
+def want_usage(body: dict[str, Any]) -> bool:
+    """Ask a stream for its usage chunk (to settle quotas); True if the client asked for it itself."""
+    opts = body.get("stream_options")
+    if isinstance(opts, dict) and opts.get("include_usage"):
+        return True
+    body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    return False
+
+
+async def tap(
+    stream: AsyncIterator[bytes], outcome: Outcome, client_wants_usage: bool
+) -> AsyncIterator[bytes]:
+    """Watch a stream for usage and finish reasons; drop the usage chunk the client did not ask for."""
+    async for chunk in stream:
+        if b'"finish_reason":"' in chunk and outcome.finish_reason is None:
+            for event in chunk.split(b"\n\n"):
+                if b'"finish_reason":"' in event and event.startswith(b"data: {"):
+                    try:
+                        choices = orjson.loads(event[6:]).get("choices") or []
+                    except orjson.JSONDecodeError:
+                        continue
+                    outcome.finish_reason = next((c.get("finish_reason") for c in choices if c.get("finish_reason")), None)
+                    break
+        if b'"usage":{' in chunk:
+            kept = []
+            for event in chunk.split(b"\n\n"):
+                if b'"usage":{' in event and event.startswith(b"data: {"):
+                    try:
+                        doc = orjson.loads(event[6:])
+                    except orjson.JSONDecodeError:
+                        doc = {}
+                    usage = doc.get("usage") or {}
+                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    if not client_wants_usage and not doc.get("choices"):
+                        continue
+                if event:
+                    kept.append(event)
+            chunk = b"\n\n".join(kept) + b"\n\n" if kept else b""
+        if chunk:
+            yield chunk
 
 
 async def sse(stream: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:

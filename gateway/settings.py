@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.governance.routing import RouteConfig
 
 
 def default_home() -> Path:
@@ -19,32 +24,96 @@ class GatewaySettings(BaseSettings):
 
     home: Path = Field(default_factory=default_home, description="State directory (registry, dev key).")
     api_keys: list[SecretStr] = Field(
-        default_factory=list, description="Keys accepted as `Authorization: Bearer <key>` (the dev key for now)."
+        default_factory=list, description="Bootstrap keys accepted without the key store (no limits)."
     )
     api_keys_file: Path | None = Field(
-        default=None, description="File with one accepted key per line (the dev key file); read at start."
+        default=None, description="File with one bootstrap key per line; read at start."
+    )
+    admin_key: SecretStr | None = Field(
+        default=None, description="Key for /admin/*; user keys never pass there. None: admin API off."
+    )
+    admin_key_file: Path | None = Field(default=None, description="File holding the admin key (alternative to admin_key).")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of keys and usage; None: SQLite in `home`. PostgreSQL: postgresql+psycopg://..."
+    )
+    key_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC secret keys are hashed with. None: read or create `home`/secret (SQLite only; "
+        "a shared database needs the same secret everywhere, so it must be set).",
+    )
+    key_cache_ttl_s: float = Field(
+        default=0.5, gt=0, le=1.0, description="How long a key lookup is cached; a revocation reaches every process within it."
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis for quotas shared by gateway processes; None: in-process (one process only)."
+    )
+    quota_failure_mode: Literal["fail_closed", "fail_open"] = Field(
+        default="fail_closed", description="Redis unreachable: refuse with 503 (fail_closed) or admit and count (fail_open)."
+    )
+    quota_timeout_s: float = Field(default=0.25, gt=0, description="Longest a quota call to Redis may take.")
+    rate_window_s: float = Field(default=60.0, gt=0, description="Window of the per-minute limits (rpm, tpm).")
+    concurrency_lease_s: float = Field(
+        default=900.0, gt=0, description="A concurrency slot a crashed process never released frees itself after this."
+    )
+    ledger_flush_interval_s: float = Field(default=1.0, gt=0, description="How often usage rows are written.")
+    routes: dict[str, RouteConfig] = Field(
+        default_factory=dict, description="Names clients may send as `model` that split or fall back across models."
+    )
+    max_route_attempts: int = Field(default=2, ge=1, description="Targets tried per request before giving up.")
+    tier_priority: dict[str, int] = Field(
+        default_factory=lambda: {"premium": -10, "default": 0, "batch": 10},
+        description="Key tier -> vLLM request priority (lower first); used where the engine schedules by priority.",
     )
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a non-streaming request may take.")
 
     def accepted_keys(self) -> list[str]:
-        """Every accepted key: `api_keys` plus the lines of `api_keys_file`."""
+        """The bootstrap keys: `api_keys` plus the lines of `api_keys_file`."""
         keys = [k.get_secret_value() for k in self.api_keys]
         if self.api_keys_file is not None:
             keys += [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()]
-        if not keys:
-            raise ValueError("no API keys configured: set api_keys or api_keys_file")
         return keys
 
-    @field_validator("home", "api_keys_file", mode="after")
+    def admin_secret(self) -> str | None:
+        if self.admin_key is not None:
+            return self.admin_key.get_secret_value()
+        if self.admin_key_file is not None:
+            return self.admin_key_file.read_text().strip() or None
+        return None
+
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'raygate.db'}"
+
+    def hmac_secret(self) -> bytes:
+        """The key-hashing secret: set, or kept in `home`/secret (created once, mode 0600)."""
+        if self.key_secret is not None:
+            return self.key_secret.get_secret_value().encode()
+        path = self.home / "secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip().encode()
+
+    @model_validator(mode="after")
+    def _shared_db_needs_secret(self) -> GatewaySettings:
+        if self.database_url and not self.database_url.startswith("sqlite") and self.key_secret is None:
+            raise ValueError("a shared database_url needs key_secret (RAYGATE_KEY_SECRET), the same on every gateway")
+        for name, route in self.routes.items():
+            if any(t.model == name for t in route.targets):
+                raise ValueError(f"route {name!r} points at itself")
+        return self
+
+    @field_validator("home", "api_keys_file", "admin_key_file", mode="after")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_key")
     @classmethod
-    def _nonempty(cls, v: list[SecretStr]) -> list[SecretStr]:
-        for key in v:
+    def _nonempty(cls, v: list[SecretStr] | SecretStr | None) -> list[SecretStr] | SecretStr | None:
+        for key in v if isinstance(v, list) else [v] if v is not None else []:
             if len(key.get_secret_value()) < 16:
                 raise ValueError("API keys must be at least 16 characters")
         return v

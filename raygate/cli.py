@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from raygate import home as home_mod
+from raygate import keys_cli
 
 
 def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
     """What `raygate up` serves without a config file: the default model, co-located."""
     return {
-        "gateway": {"settings": {"home": str(home), "api_keys_file": str(home / "dev-key")}},
+        "gateway": {
+            "settings": {
+                "home": str(home), "api_keys_file": str(home / "dev-key"), "admin_key_file": str(home / "admin-key"),
+            }
+        },
         "serve": {
             "registry": str(home / "registry"),
             "models": [{"model": "raygate/tiny-chat@stable", "engine": engine, "max_model_len": 2048}],
@@ -40,14 +45,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     reg = home_mod.registry(home)
     manifest = home_mod.ensure_default_model(reg)
     key_path, key = home_mod.ensure_dev_key(home)
+    admin_path, _ = home_mod.ensure_admin_key(home)
     if args.config:
         cfg = AppConfig.load(args.config)
         settings = cfg.gateway.settings
         settings.setdefault("home", str(home))
         settings.setdefault("api_keys_file", str(key_path))
+        settings.setdefault("admin_key_file", str(admin_path))
     else:
         cfg = AppConfig.load(default_app_config(home, args.engine))
-    stack = Stack(cfg, host=args.host, port=args.port, dashboard_port=args.dashboard_port)
+    stack = Stack(
+        cfg, host=args.host, port=args.port, dashboard_port=args.dashboard_port, split_cores=args.core_split
+    )
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -66,6 +75,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  model      {', '.join(m['id'] + ' (' + m.get('root', '') + ')' for m in models)}\n"
             f"  API key    {key}\n"
             f"             (also in {key_path})\n"
+            f"  admin key  in {admin_path}  (/admin/keys, or `raygate keys ...`)\n"
             f"  dashboard  {stack.dashboard_url}  ({token_hint()})\n"
             "  try:       curl -s {0}/v1/chat/completions -H \"Authorization: Bearer $(cat {1})\" "
             "-H 'Content-Type: application/json' -d '{{\"model\": \"{2}\", \"messages\": "
@@ -133,6 +143,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """One gateway process on uvicorn (tests, benchmarks, several processes sharing Redis)."""
+    import asyncio
+
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.backend import ModelBackend
+    from gateway.config import AppConfig
+    from gateway.deployment import registry_for
+    from gateway.settings import GatewaySettings
+    from serve.factory import create_engine
+
+    cfg = AppConfig.load(args.config)
+    settings = GatewaySettings(**cfg.gateway.settings)
+    registry = registry_for(cfg, settings)
+
+    async def serve_forever() -> None:
+        engines = {}
+        for model_cfg in cfg.serve.models:
+            engine = create_engine(model_cfg, registry)
+            await engine.start()
+            engines[engine.card.id] = engine
+        app = create_app(settings, ModelBackend(engines))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning", lifespan="on")
+        )
+        try:
+            await server.serve()
+        finally:
+            for engine in engines.values():
+                await engine.shutdown()
+
+    asyncio.run(serve_forever())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raygate", description="OpenAI-compatible LLM serving gateway on Ray.")
     p.add_argument("--home", default=None, help="State directory (default $RAYGATE_HOME or ~/.raygate).")
@@ -144,11 +191,23 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--dashboard-port", type=int, default=8265)
+    up.add_argument(
+        "--core-split", action="store_true",
+        help="give CPU vLLM workers cores of their own, Ray the rest: more tok/s, slower first token "
+        "(benchmarks/results/core_split)",
+    )
     up.set_defaults(func=cmd_up)
 
     st = sub.add_parser("status", help="Deployments, replicas and the dashboard of the running stack.")
     st.add_argument("--dashboard-port", type=int, default=8265)
     st.set_defaults(func=cmd_status)
+
+    keys_cli.add_parser(sub)
+    gw = sub.add_parser("gateway", help="Run the gateway and its engines in one uvicorn process, without Ray.")
+    gw.add_argument("--config", required=True, help="AppConfig YAML.")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.set_defaults(func=cmd_gateway)
 
     models = sub.add_parser("models", help="The model registry.")
     msub = models.add_subparsers(dest="models_cmd", required=True)
@@ -171,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.cmd == "keys":
+            return keys_cli.cmd_keys(args, home_mod.home_dir(args.home))
         return int(args.func(args))
     except (ValueError, LookupError) as exc:
         print(f"raygate: {exc}", file=sys.stderr)

@@ -23,12 +23,20 @@ def registry(home: Path) -> Registry:
 
 def ensure_dev_key(home: Path) -> tuple[Path, str]:
     """The dev key file (created with mode 0600 on first use) and its key."""
-    path = home / "dev-key"
+    return ensure_key_file(home / "dev-key", "rg-dev-")
+
+
+def ensure_admin_key(home: Path) -> tuple[Path, str]:
+    """The admin key for `/admin/*` (mode 0600), separate from every user key."""
+    return ensure_key_file(home / "admin-key", "rg-admin-")
+
+
+def ensure_key_file(path: Path, prefix: str) -> tuple[Path, str]:
     if path.exists():
         key = path.read_text().strip()
         if key:
             return path, key
-    key = "rg-dev-" + secrets.token_urlsafe(32)
+    key = prefix + secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")

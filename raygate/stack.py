@@ -37,7 +37,9 @@ class Stack:
     dashboard_port: int = 8265
     num_cpus: int | None = None
     env: dict[str, str] = field(default_factory=lambda: dict(SERVE_ENV))
+    split_cores: bool = False
     started: bool = False
+    _saved_cores: set[int] | None = None
 
     @property
     def base_url(self) -> str:
@@ -55,6 +57,13 @@ class Stack:
 
         from gateway.builder import build_app
 
+        if self.split_cores:
+            ray_cores = apply_core_split(self.config)
+            if ray_cores:
+                # Every Ray process (raylet, GCS, controller, HAProxy, replicas) inherits this mask.
+                self._saved_cores = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, ray_cores)
+                logger.info("Ray on cores %s; vLLM CPU workers on the rest", ray_cores)
         # ray.init installs its own SIGTERM handler (it aborts the process); keep the caller's.
         saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         ray.init(
@@ -109,6 +118,26 @@ class Stack:
         finally:
             ray.shutdown()
             self.started = False
+            if self._saved_cores:
+                os.sched_setaffinity(0, self._saved_cores)
+
+
+def apply_core_split(config: AppConfig) -> list[int] | None:
+    """Give CPU vLLM engines cores of their own; return the cores left for Ray, or None.
+
+    Only where every engine is vLLM on the CPU and none names its cores already.
+    """
+    from serve.hardware import available_cores, split_cores
+
+    models = config.serve.models
+    if not models or any(m.engine != "vllm" or m.num_gpus > 0 or m.cpu_affinity for m in models):
+        return None
+    ray_cores, engine_cores = split_cores(available_cores())
+    if ray_cores == engine_cores:
+        return None
+    for m in models:
+        m.cpu_affinity = engine_cores
+    return ray_cores
 
 
 def token_hint() -> str:

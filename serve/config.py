@@ -49,6 +49,9 @@ class ModelDeploymentConfig(BaseModel):
         default=1024, ge=-1, description="Requests admitted beyond max_num_seqs before the engine answers 503; -1: no cap."
     )
     max_num_seqs: int = Field(default=256, ge=1, description="Sequences vLLM batches at once.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="priority", description="vLLM scheduling: `priority` lets key tiers order requests (lower first)."
+    )
     cpu_affinity: list[int] | None = Field(
         default=None, description="CPU cores for the engine's worker process; None keeps vLLM's default binding."
     )

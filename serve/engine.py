@@ -30,6 +30,9 @@ class ModelCard(BaseModel):
     max_model_len: int | None = Field(default=None, description="Context length in tokens.")
     engine: str | None = Field(default=None, description="Engine implementation (vllm, fake, remote).")
     dtype: str | None = Field(default=None, description="Compute dtype the engine runs the weights in.")
+    scheduling: str | None = Field(
+        default=None, description="Request scheduling (`priority`: the gateway maps key tiers to priorities)."
+    )
 
 
 class EngineStats(BaseModel):

@@ -9,10 +9,11 @@ vLLM is imported inside methods: importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
@@ -44,6 +45,7 @@ def engine_cli_args(cfg: ModelDeploymentConfig, model_path: str, served_name: st
         "--tensor-parallel-size", str(cfg.tensor_parallel_size),
         "--pipeline-parallel-size", str(cfg.pipeline_parallel_size),
         "--generation-config", "vllm",
+        "--scheduling-policy", cfg.scheduling_policy,
     ]
     if cfg.max_model_len:
         args += ["--max-model-len", str(cfg.max_model_len)]
@@ -88,7 +90,9 @@ class VLLMEngine(Engine):
         self.cfg = cfg
         self.model_path = model_path
         self.served_name = served_name
-        self._card = ModelCard(id=served_name, created=created, root=root, engine="vllm")
+        self._card = ModelCard(
+            id=served_name, created=created, root=root, engine="vllm", scheduling=cfg.scheduling_policy
+        )
         self._engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
@@ -117,12 +121,15 @@ class VLLMEngine(Engine):
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        self._engine = AsyncLLM.from_vllm_config(
-            vllm_config=vllm_config,
-            usage_context=UsageContext.OPENAI_API_SERVER,
-            enable_log_requests=False,
-            disable_log_stats=engine_args.disable_log_stats,
-        )
+        # The engine-core process inherits the mask of the thread that spawns it; vLLM's own
+        # `auto` OpenMP binding then stays inside it. Everything else in this process keeps its own.
+        with _thread_affinity(self.cfg.cpu_affinity):
+            self._engine = AsyncLLM.from_vllm_config(
+                vllm_config=vllm_config,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                enable_log_requests=False,
+                disable_log_stats=engine_args.disable_log_stats,
+            )
         state = State()
         tasks = await self._engine.get_supported_tasks()
         await init_app_state(self._engine, state, args, tasks)
@@ -134,20 +141,7 @@ class VLLMEngine(Engine):
         self._card = self._card.model_copy(
             update={"max_model_len": model_config.max_model_len, "dtype": str(model_config.dtype).removeprefix("torch.")}
         )
-        if self.cfg.cpu_affinity:
-            self._pin_engine_processes(self.cfg.cpu_affinity)
-        logger.info("vLLM engine ready: %s (%s)", self.served_name, self.model_path)
-
-    @staticmethod
-    def _pin_engine_processes(cores: list[int]) -> None:
-        """Pin vLLM's engine-core child processes (the compute) to `cores`."""
-        import psutil
-
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.cpu_affinity(cores)
-            except (psutil.Error, OSError):  # pragma: no cover - best effort
-                logger.warning("could not pin pid %s to %s", child.pid, cores)
+        logger.info("vLLM engine ready: %s (%s) on cores %s", self.served_name, self.model_path, self.cfg.cpu_affinity or "all")
 
     async def check_health(self) -> None:
         if self._engine is None:
@@ -236,3 +230,16 @@ def _first_message(exc: Any) -> str:
     errs = exc.errors()
     return errs[0].get("msg", str(exc)) if errs else str(exc)
 
+
+@contextlib.contextmanager
+def _thread_affinity(cores: list[int] | None) -> Iterator[None]:
+    """Run the body with the calling thread pinned to `cores` (processes it spawns inherit them)."""
+    if not cores:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 PORT = int(os.environ.get("RAYGATE_TEST_PORT", "18000"))
+REDIS_URL = "redis://127.0.0.1:6379/14"  # this stack's own Redis DB number
 DASHBOARD_PORT = int(os.environ.get("RAYGATE_TEST_DASHBOARD_PORT", "18265"))
 
 
@@ -19,6 +20,7 @@ class LiveStack:
     key: str
     model: str
     home: Path
+    admin_key: str
 
     def engine_stats(self) -> dict:
         from ray import serve
@@ -38,12 +40,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     reg = home_mod.registry(home)
     manifest = home_mod.ensure_default_model(reg)
     _, key = home_mod.ensure_dev_key(home)
+    _, admin_key = home_mod.ensure_admin_key(home)
     raw = default_app_config(home, "vllm")
+    # Quotas shared through the machine's Redis (a DB number of our own), a route with a fallback.
+    raw["gateway"]["settings"].update({
+        "redis_url": REDIS_URL,
+        "routes": {"chat": {"targets": [{"model": manifest.name}], "fallbacks": []}},
+    })
     # Small limits so saturation is reachable from a test: 4 running + 2 queued.
     raw["serve"]["models"][0].update({"max_num_seqs": 4, "max_queued_requests": 2, "max_model_len": 1024})
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT)
     try:
         stack.start(ready_timeout_s=420)
-        yield LiveStack(base_url=stack.base_url, key=key, model=manifest.name, home=home)
+        yield LiveStack(base_url=stack.base_url, key=key, model=manifest.name, home=home, admin_key=admin_key)
     finally:
         stack.stop()
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).flushdb()

@@ -24,8 +24,8 @@ def engines() -> dict[str, FakeEngine]:
 
 
 @pytest.fixture
-def http(engines) -> httpx.AsyncClient:
-    app = create_app(GatewaySettings(api_keys=[KEY]), ModelBackend(engines, aliases={"chat": "fake"}))
+def http(engines, tmp_path) -> httpx.AsyncClient:
+    app = create_app(GatewaySettings(api_keys=[KEY], home=tmp_path), ModelBackend(engines, aliases={"chat": "fake"}))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
 
 

@@ -1,0 +1,1 @@
+"""Multi-tenant governance: API keys, quotas, routing and the usage ledger."""

@@ -1,0 +1,162 @@
+"""The governance a request passes through: who is calling, may they, is there quota, and the ledger.
+
+Built once per gateway process by `Governance.build(settings)`; routes use it through
+`authenticate`, `authorize`, `admit` and `finish`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.governance.keycache import KeyCache
+from gateway.governance.keys import hash_key, key_prefix
+from gateway.governance.ledger import UsageLedger
+from gateway.governance.quota import LocalQuota, QuotaLimiter
+from gateway.governance.quota_policy import Admission, Subject, reservation
+from gateway.governance.records import KeyRecord, UsageRow
+from gateway.governance.store import KeyStore
+from gateway.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+_URL_KEY_PARAMS = ("api_key", "api-key", "key", "access_token")
+_INVALID = "Incorrect API key provided."
+
+
+def bearer_token(request: Request) -> str:
+    """The `Authorization: Bearer` token; keys in the URL are refused outright."""
+    if request.url.query and any(p in request.query_params for p in _URL_KEY_PARAMS):
+        raise AuthenticationFailed("API keys must be sent in the Authorization header, never in the URL.")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
+        )
+    return token
+
+
+@dataclass
+class Outcome:
+    """How a request ended, for the quota settlement and the ledger."""
+
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    version: str | None = None
+    model: str | None = None
+
+
+class Governance:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        store: KeyStore | None,
+        limiter: QuotaLimiter,
+        ledger: UsageLedger | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.limiter = limiter
+        self.ledger = ledger
+        secret = store._secret if store is not None else settings.hmac_secret()
+        self._secret = secret
+        static = {}
+        for key in settings.accepted_keys():
+            h = hash_key(secret, key)
+            static[h] = KeyRecord(id=f"static:{key_prefix(key)}", name="bootstrap", prefix=key_prefix(key))
+        self.keys = KeyCache(store, self.hash, static=static, ttl_s=settings.key_cache_ttl_s)
+        admin = settings.admin_secret()
+        self._admin_hash = hash_key(secret, admin) if admin else None
+
+    @classmethod
+    def build(cls, settings: GatewaySettings, *, with_store: bool = True) -> Governance:
+        """The governance for `settings`: SQL store + ledger, Redis or in-process quotas."""
+        store = None
+        if with_store:
+            store = KeyStore(settings.db_url(), settings.hmac_secret())
+            store.migrate()
+        limiter: QuotaLimiter
+        if settings.redis_url:
+            from gateway.governance.quota_redis import RedisQuota
+
+            limiter = RedisQuota(
+                settings.redis_url, failure_mode=settings.quota_failure_mode, timeout_s=settings.quota_timeout_s,
+                window_s=settings.rate_window_s, lease_s=settings.concurrency_lease_s,
+            )
+        else:
+            limiter = LocalQuota(window_s=settings.rate_window_s, lease_s=settings.concurrency_lease_s)
+        ledger = UsageLedger(store, flush_interval_s=settings.ledger_flush_interval_s) if store else None
+        return cls(settings, store=store, limiter=limiter, ledger=ledger)
+
+    def hash(self, key: str) -> str:
+        return hash_key(self._secret, key)
+
+    async def close(self) -> None:
+        if self.ledger is not None:
+            await self.ledger.close()
+        await self.limiter.close()
+        if self.store is not None:
+            self.store.close()
+
+    # -- who ------------------------------------------------------------------
+    async def authenticate(self, request: Request) -> KeyRecord:
+        key_hash = self.hash(bearer_token(request))
+        record = await self.keys.get(key_hash)
+        if record is None or not record.usable():
+            raise AuthenticationFailed(_INVALID)  # unknown, revoked and expired look the same
+        return record
+
+    def authenticate_admin(self, request: Request) -> None:
+        token = bearer_token(request)
+        if self._admin_hash is None or not hmac.compare_digest(self.hash(token), self._admin_hash):
+            raise AuthenticationFailed(_INVALID)
+
+    @staticmethod
+    def authorize(record: KeyRecord, requested: str, target: str) -> None:
+        if not record.may_use(requested, target):
+            raise PermissionDenied(
+                f"The API key {record.prefix}... may not use the model '{requested}'.", param="model"
+            )
+
+    # -- how much -------------------------------------------------------------
+    @staticmethod
+    def subjects(record: KeyRecord) -> list[Subject]:
+        out = []
+        if not record.limits.is_unlimited():
+            out.append(Subject(f"key:{record.id}", record.limits))
+        if record.team and record.team_limits is not None and not record.team_limits.is_unlimited():
+            out.append(Subject(f"team:{record.team}", record.team_limits))
+        return out
+
+    async def admit(self, record: KeyRecord, body: dict[str, Any], max_model_len: int | None) -> Admission:
+        subjects = self.subjects(record)
+        reserve = reservation(body, max_model_len) if subjects else 0
+        return await self.limiter.admit(subjects, reserve)
+
+    async def finish(
+        self, record: KeyRecord, adm: Admission | None, outcome: Outcome, request_id: str, latency_s: float
+    ) -> None:
+        """Settle the reservation to real usage and queue the ledger row. Never raises."""
+        try:
+            if adm is not None:
+                await self.limiter.settle(adm, outcome.prompt_tokens + outcome.completion_tokens)
+        except Exception:  # noqa: BLE001 - a settle failure must not fail the response
+            logger.exception("quota settle failed for %s", request_id)
+        if self.ledger is not None and outcome.model is not None:
+            self.ledger.record(
+                UsageRow(
+                    request_id=request_id, key_id=record.id, team=record.team, model=outcome.model,
+                    version=outcome.version, prompt_tokens=outcome.prompt_tokens,
+                    completion_tokens=outcome.completion_tokens, latency_ms=latency_s * 1000.0,
+                    status=outcome.status, finish_reason=outcome.finish_reason,
+                )
+            )

@@ -1,0 +1,140 @@
+"""Quota limiters: reserve at admission, settle to real usage at the end.
+
+`LocalQuota` is exact within one process (check and increment run with no await between
+them). `RedisQuota` (quota_redis.py) is exact across processes. Both apply
+`quota_policy`; errors map to 429s (or 503 when the store is down and fail_closed).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import Callable
+
+from gateway.errors import BudgetExhausted, QuotaExceeded, TokenRateExceeded
+from gateway.governance.quota_policy import (
+    DIMENSIONS,
+    Admission,
+    Period,
+    Rejection,
+    Subject,
+    costs,
+    first_exceeded,
+    limit_values,
+    rate_headers,
+    reject,
+)
+
+_MESSAGES = {
+    "requests": "Rate limit reached for requests ({limit} per window) on {subject}. Retry after {retry}s.",
+    "tokens": "Rate limit reached for tokens ({limit} per window) on {subject}. Retry after {retry}s.",
+    "concurrent": "Too many concurrent requests ({limit} at once) on {subject}. Retry when one finishes.",
+    "day": "You exceeded your daily token budget ({limit}) on {subject}.",
+    "month": "You exceeded your monthly token budget ({limit}) on {subject}.",
+}
+
+
+def rejection_error(r: Rejection) -> QuotaExceeded:
+    message = _MESSAGES[r.kind].format(limit=r.limit, subject=r.subject, retry=r.retry_after_s)
+    if r.kind in ("day", "month"):
+        return BudgetExhausted(message, headers=r.headers)
+    cls = TokenRateExceeded if r.kind == "tokens" else QuotaExceeded
+    return cls(message, retry_after_s=r.retry_after_s, headers=r.headers)
+
+
+class QuotaLimiter(abc.ABC):
+    """Admits or refuses a request against every subject's limits, atomically."""
+
+    def __init__(self, window_s: float = 60.0, lease_s: float = 900.0, clock: Callable[[], float] = time.time) -> None:
+        self.window_s = window_s
+        self.lease_s = lease_s
+        self.clock = clock
+        self.fail_open_admissions = 0
+
+    async def admit(self, subjects: list[Subject], reserve: int) -> Admission:
+        """Reserve one request and `reserve` tokens for every subject, or raise QuotaExceeded."""
+        period = Period(self.clock(), self.window_s)
+        adm = Admission(subjects, reserve, period, uuid.uuid4().hex)
+        if not subjects:
+            return adm
+        return await self._admit(adm)
+
+    async def settle(self, adm: Admission, used_tokens: int) -> None:
+        """Replace the reservation by the tokens really used; frees the concurrency slot. Idempotent."""
+        if adm.settled:
+            return
+        adm.settled = True
+        if adm.subjects and not adm.unchecked:
+            await self._settle(adm, used_tokens - adm.reserve)
+
+    @abc.abstractmethod
+    async def _admit(self, adm: Admission) -> Admission: ...
+
+    @abc.abstractmethod
+    async def _settle(self, adm: Admission, delta_tokens: int) -> None: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class LocalQuota(QuotaLimiter):
+    """In-process counters; exact for one gateway process (the single-process default)."""
+
+    def __init__(self, window_s: float = 60.0, lease_s: float = 900.0, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(window_s, lease_s, clock)
+        self._counts: dict[str, int] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self._expiry: dict[str, float] = {}
+
+    def _get(self, key: str, now: float) -> int:
+        exp = self._expiry.get(key)
+        if exp is not None and exp <= now:
+            self._counts.pop(key, None)
+            self._expiry.pop(key, None)
+        return self._counts.get(key, 0)
+
+    def _live_leases(self, key: str, now: float) -> dict[str, float]:
+        leases = self._leases.setdefault(key, {})
+        for lease, exp in list(leases.items()):
+            if exp <= now:
+                del leases[lease]
+        return leases
+
+    async def _admit(self, adm: Admission) -> Admission:
+        now = adm.period.now
+        prefix = "q"
+        all_keys = [adm.period.keys(s.id, prefix) for s in adm.subjects]
+        used = []
+        for subj, keys in zip(adm.subjects, all_keys):
+            u = tuple(
+                len(self._live_leases(k, now)) if d == 2 else self._get(k, now) for d, k in enumerate(keys)
+            )
+            used.append(u)
+            bad = first_exceeded(limit_values(subj.limits), u, adm.reserve)
+            if bad is not None:
+                raise rejection_error(reject(adm.subjects, used, adm.reserve, adm.period, len(used) - 1, bad))
+        ttl = (2 * self.window_s, 2 * self.window_s, 0, 2 * 86400, 32 * 86400)
+        for subj, keys in zip(adm.subjects, all_keys):
+            for d, (k, c, lim) in enumerate(zip(keys, costs(adm.reserve), limit_values(subj.limits))):
+                if lim is None:
+                    continue
+                if d == 2:
+                    self._leases.setdefault(k, {})[adm.lease] = now + self.lease_s
+                else:
+                    self._counts[k] = self._counts.get(k, 0) + c
+                    self._expiry.setdefault(k, now + ttl[d])
+        adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True)
+        return adm
+
+    async def _settle(self, adm: Admission, delta_tokens: int) -> None:
+        now = self.clock()
+        for subj in adm.subjects:
+            keys = adm.period.keys(subj.id, "q")
+            self._leases.get(keys[2], {}).pop(adm.lease, None)
+            for d in (1, 3, 4):
+                if keys[d] in self._counts and self._get(keys[d], now) > 0:
+                    self._counts[keys[d]] = max(0, self._counts[keys[d]] + delta_tokens)
+
+
+__all__ = ["DIMENSIONS", "LocalQuota", "QuotaLimiter", "rejection_error"]

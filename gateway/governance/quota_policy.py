@@ -1,0 +1,191 @@
+"""Pure quota decisions: windows, the check, reservations, and OpenAI's rate-limit headers.
+
+Both limiters (in-process and Redis/Lua) apply exactly this policy; tests pin it here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from gateway.governance.limits import Limits
+
+# The five counters every subject (a key, a team) has, in this order everywhere (Lua too).
+DIMENSIONS: tuple[str, ...] = ("requests", "tokens", "concurrent", "day", "month")
+Kind = Literal["requests", "tokens", "concurrent", "day", "month"]
+
+
+def limit_values(limits: Limits) -> tuple[int | None, ...]:
+    return (limits.rpm, limits.tpm, limits.max_concurrent, limits.tokens_per_day, limits.tokens_per_month)
+
+
+def costs(reserve: int) -> tuple[int, ...]:
+    """What one admission adds to each counter."""
+    return (1, reserve, 1, reserve, reserve)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Something limits apply to: `key:<id>` or `team:<name>`."""
+
+    id: str
+    limits: Limits
+
+
+def first_exceeded(limits: tuple[int | None, ...], used: tuple[int, ...], reserve: int) -> int | None:
+    """Index of the first dimension this admission would push over its limit, or None."""
+    for d, (lim, u, c) in enumerate(zip(limits, used, costs(reserve))):
+        if lim is not None and u + c > lim:
+            return d
+    return None
+
+
+@dataclass(frozen=True)
+class Period:
+    """The windows an admission at `now` falls in (aligned on the epoch: equal across processes)."""
+
+    now: float
+    window_s: float
+
+    @property
+    def window(self) -> int:
+        return int(self.now // self.window_s)
+
+    @property
+    def window_reset_s(self) -> float:
+        return (self.window + 1) * self.window_s - self.now
+
+    @property
+    def day(self) -> str:
+        return datetime.fromtimestamp(self.now, UTC).strftime("%Y%m%d")
+
+    @property
+    def month(self) -> str:
+        return datetime.fromtimestamp(self.now, UTC).strftime("%Y%m")
+
+    def day_reset_s(self) -> float:
+        return 86400 - self.now % 86400
+
+    def month_reset_s(self) -> float:
+        d = datetime.fromtimestamp(self.now, UTC)
+        nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
+        return nxt.timestamp() - self.now
+
+    def reset_s(self, dim: int) -> float:
+        return (self.window_reset_s, self.window_reset_s, 1.0, self.day_reset_s(), self.month_reset_s())[dim]
+
+    def keys(self, subject: str, prefix: str) -> list[str]:
+        """Storage keys of a subject's five counters in this period."""
+        return [
+            f"{prefix}:{subject}:rpm:{self.window}",
+            f"{prefix}:{subject}:tpm:{self.window}",
+            f"{prefix}:{subject}:conc",
+            f"{prefix}:{subject}:day:{self.day}",
+            f"{prefix}:{subject}:month:{self.month}",
+        ]
+
+
+@dataclass
+class Admission:
+    """A granted request: what it reserved where, to settle when it ends."""
+
+    subjects: list[Subject]
+    reserve: int
+    period: Period
+    lease: str
+    headers: dict[str, str] = field(default_factory=dict)
+    unchecked: bool = False  # admitted without a check (quota store down, fail_open)
+    settled: bool = False
+
+
+@dataclass(frozen=True)
+class Rejection:
+    subject: str
+    dim: int
+    limit: int
+    retry_after_s: int
+    headers: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        return DIMENSIONS[self.dim]
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `6m0s`, `1s`, `20ms`, `1h2m3s`."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    h, rem = divmod(total, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h{m}m{s}s"
+    if m:
+        return f"{m}m{s}s"
+    return f"{s}s"
+
+
+def retry_after(seconds: float) -> int:
+    """`Retry-After` in whole seconds, at least 1."""
+    return max(1, math.ceil(seconds))
+
+
+def rate_headers(
+    subjects: list[Subject], used: list[tuple[int, ...]], reserve: int, period: Period, admitted: bool
+) -> dict[str, str]:
+    """`x-ratelimit-*` for requests and tokens: the tightest subject that has a limit."""
+    headers: dict[str, str] = {}
+    for dim, name in ((0, "requests"), (1, "tokens")):
+        best: tuple[int, int] | None = None
+        for subj, u in zip(subjects, used):
+            lim = limit_values(subj.limits)[dim]
+            if lim is None:
+                continue
+            remaining = lim - u[dim] - (costs(reserve)[dim] if admitted else 0)
+            if best is None or remaining < best[1]:
+                best = (lim, max(0, remaining))
+        if best is not None:
+            headers[f"x-ratelimit-limit-{name}"] = str(best[0])
+            headers[f"x-ratelimit-remaining-{name}"] = str(best[1])
+            headers[f"x-ratelimit-reset-{name}"] = format_duration(period.window_reset_s)
+    return headers
+
+
+def reject(subjects: list[Subject], used: list[tuple[int, ...]], reserve: int, period: Period, index: int, dim: int) -> Rejection:
+    subj = subjects[index]
+    lim = limit_values(subj.limits)[dim]
+    assert lim is not None
+    headers = rate_headers(subjects, used, reserve, period, admitted=False)
+    return Rejection(subj.id, dim, lim, retry_after(period.reset_s(dim)), headers)
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A cheap upper-leaning estimate (4 bytes a token, 4 tokens of framing a message).
+
+    The gateway does not tokenize; the reservation is settled to the engine's real count.
+    """
+    if "messages" in body and isinstance(body["messages"], list):
+        n = 0
+        for m in body["messages"]:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            n += 4 + len(str(content or "").encode()) // 4
+        return n + 2
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        return sum(len(p) if isinstance(p, list) else len(str(p).encode()) // 4 + 1 for p in prompt)
+    return len(str(prompt).encode()) // 4 + 1
+
+
+def reservation(body: dict[str, Any], max_model_len: int | None) -> int:
+    """Tokens to reserve: the prompt estimate plus the most the request may generate."""
+    prompt = estimate_prompt_tokens(body)
+    n = body.get("n") or 1
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(max_tokens, int) or max_tokens <= 0:
+        max_tokens = max(1, (max_model_len or 4096) - prompt)
+    n = n if isinstance(n, int) and n > 0 else 1
+    return prompt + max_tokens * n

@@ -1,0 +1,163 @@
+"""Quotas exact across gateway processes: one atomic Lua script to admit, one to settle.
+
+The script applies `quota_policy` to every subject before changing anything, so a
+request is admitted for all its subjects (key and team) or for none. When Redis cannot
+be reached the `failure_mode` decides: `fail_closed` answers 503, `fail_open` admits and
+counts it (`fail_open_admissions`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from gateway.errors import QuotaUnavailable
+from gateway.governance.quota import QuotaLimiter, rejection_error
+from gateway.governance.quota_policy import Admission, limit_values, rate_headers, reject
+
+logger = logging.getLogger(__name__)
+
+# KEYS: five per subject (rpm, tpm, conc, day, month). ARGV: now_ms, reserve, lease,
+# lease_expiry_ms, window_ms, then five limits per subject (-1: none).
+# Returns {1, used...} (five per subject, before this admission) or {0, subject_index, dim, used...}.
+ADMIT = """
+local n = #KEYS / 5
+local now = tonumber(ARGV[1])
+local reserve = tonumber(ARGV[2])
+local cost = {1, reserve, 1, reserve, reserve}
+local used = {}
+for i = 0, n - 1 do
+  local k = i * 5
+  redis.call('ZREMRANGEBYSCORE', KEYS[k + 3], '-inf', now)
+  local u = {
+    tonumber(redis.call('GET', KEYS[k + 1]) or '0'),
+    tonumber(redis.call('GET', KEYS[k + 2]) or '0'),
+    redis.call('ZCARD', KEYS[k + 3]),
+    tonumber(redis.call('GET', KEYS[k + 4]) or '0'),
+    tonumber(redis.call('GET', KEYS[k + 5]) or '0'),
+  }
+  for d = 1, 5 do
+    table.insert(used, u[d])
+  end
+  for d = 1, 5 do
+    local lim = tonumber(ARGV[5 + k + d])
+    if lim >= 0 and u[d] + cost[d] > lim then
+      return {0, i, d - 1, unpack(used)}
+    end
+  end
+end
+local window_ms = tonumber(ARGV[5])
+local ttl_ms = {2 * window_ms, 2 * window_ms, 0, 2 * 86400000, 32 * 86400000}
+for i = 0, n - 1 do
+  local k = i * 5
+  for d = 1, 5 do
+    if tonumber(ARGV[5 + k + d]) >= 0 then
+      local key = KEYS[k + d]
+      if d == 3 then
+        redis.call('ZADD', key, ARGV[4], ARGV[3])
+        redis.call('PEXPIRE', key, tonumber(ARGV[4]) - now)
+      else
+        if redis.call('INCRBY', key, cost[d]) == cost[d] then
+          redis.call('PEXPIRE', key, ttl_ms[d])
+        end
+      end
+    end
+  end
+end
+return {1, unpack(used)}
+"""
+
+# KEYS: the admission's five keys per subject. ARGV: lease, token delta (used - reserved).
+SETTLE = """
+local n = #KEYS / 5
+local delta = tonumber(ARGV[2])
+for i = 0, n - 1 do
+  local k = i * 5
+  redis.call('ZREM', KEYS[k + 3], ARGV[1])
+  if delta ~= 0 then
+    for _, d in ipairs({2, 4, 5}) do
+      local key = KEYS[k + d]
+      if redis.call('EXISTS', key) == 1 then
+        if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+      end
+    end
+  end
+end
+return 1
+"""
+
+FailureMode = Literal["fail_closed", "fail_open"]
+
+
+class RedisQuota(QuotaLimiter):
+    """Counters in Redis under `prefix`, shared by every gateway process."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "raygate:q",
+        failure_mode: FailureMode = "fail_closed",
+        timeout_s: float = 0.25,
+        window_s: float = 60.0,
+        lease_s: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(window_s, lease_s, clock)
+        import redis.asyncio as redis
+
+        self.prefix = prefix
+        self.failure_mode = failure_mode
+        self._client: Any = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+        )
+        self._admit_script = self._client.register_script(ADMIT)
+        self._settle_script = self._client.register_script(SETTLE)
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    async def _admit(self, adm: Admission) -> Admission:
+        from redis.exceptions import RedisError
+
+        keys: list[str] = []
+        args: list[Any] = [
+            int(adm.period.now * 1000), adm.reserve, adm.lease,
+            int((adm.period.now + self.lease_s) * 1000), int(self.window_s * 1000),
+        ]
+        for s in adm.subjects:
+            keys += adm.period.keys(s.id, self.prefix)
+            args += [-1 if v is None else v for v in limit_values(s.limits)]
+        try:
+            res = await self._admit_script(keys=keys, args=args)
+        except RedisError as exc:
+            return self._unreachable(adm, exc)
+        flat = [int(x) for x in (res[1:] if res[0] == 1 else res[3:])]
+        used = [tuple(flat[i : i + 5]) for i in range(0, len(flat), 5)]
+        if res[0] != 1:
+            raise rejection_error(reject(adm.subjects, used, adm.reserve, adm.period, int(res[1]), int(res[2])))
+        adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True)
+        return adm
+
+    async def _settle(self, adm: Admission, delta_tokens: int) -> None:
+        from redis.exceptions import RedisError
+
+        keys = [k for s in adm.subjects for k in adm.period.keys(s.id, self.prefix)]
+        try:
+            await self._settle_script(keys=keys, args=[adm.lease, delta_tokens])
+        except RedisError as exc:
+            # The lease expires by itself; token counters keep the reservation (never under-count).
+            logger.warning("quota settle failed (lease %s): %s", adm.lease, exc)
+
+    def _unreachable(self, adm: Admission, exc: Exception) -> Admission:
+        if self.failure_mode == "fail_open":
+            self.fail_open_admissions += 1
+            logger.warning("quota store unreachable, admitting (fail_open): %s", exc)
+            adm.unchecked = True
+            return adm
+        raise QuotaUnavailable("The quota service is unavailable; retry shortly.") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,307 @@
+"""Keys, teams and the usage ledger in SQL: SQLite by default, PostgreSQL by URL.
+
+Synchronous SQLAlchemy 2; the gateway calls it from worker threads (cache misses,
+batched ledger writes), never on the event loop. The schema is Alembic's (`migrate`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from gateway.governance.keys import hash_key, key_prefix, new_key
+from gateway.governance.limits import Limits
+from gateway.governance.records import KeyRecord, UsageRow, utcnow
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    team: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    tier: Mapped[str] = mapped_column(String(50), default="default")
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    limits: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    rotated_from: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class TeamRow(Base):
+    __tablename__ = "teams"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    limits: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UsageRecordRow(Base):
+    __tablename__ = "usage"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(100))
+    key_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    team: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    model: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    status: Mapped[int] = mapped_column(Integer, default=200)
+    finish_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    day: Mapped[str] = mapped_column(String(10), index=True)  # UTC YYYY-MM-DD: portable GROUP BY
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class KeyNotFound(LookupError):
+    """No key with that id."""
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
+
+
+def default_url(home: Path) -> str:
+    return f"sqlite:///{home / 'raygate.db'}"
+
+
+class KeyStore:
+    """Keys, teams and usage rows behind one SQLAlchemy engine."""
+
+    def __init__(self, url: str, secret: bytes) -> None:
+        self.url = url
+        self._secret = secret
+        self.engine: Engine = create_engine(url, pool_pre_ping=True, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    # -- schema ---------------------------------------------------------------
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe to call from many processes)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- keys -----------------------------------------------------------------
+    def hash(self, key: str) -> str:
+        return hash_key(self._secret, key)
+
+    def create_key(
+        self,
+        *,
+        name: str = "",
+        owner: str | None = None,
+        team: str | None = None,
+        tier: str = "default",
+        allowed_models: list[str] | None = None,
+        limits: Limits | None = None,
+        expires_at: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+        plaintext: str | None = None,
+        rotated_from: str | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """Store a new key; return it with its plaintext (the only time anyone sees it)."""
+        key = plaintext or new_key()
+        row = ApiKeyRow(
+            id="key_" + uuid.uuid4().hex[:20],
+            key_hash=self.hash(key),
+            prefix=key_prefix(key),
+            name=name,
+            owner=owner,
+            team=team,
+            tier=tier,
+            allowed_models=allowed_models,
+            limits=(limits or Limits()).model_dump(exclude_none=True),
+            meta=metadata or {},
+            created_at=utcnow(),
+            expires_at=_aware(expires_at),
+            rotated_from=rotated_from,
+        )
+        with self._session.begin() as s:
+            s.add(row)
+            record = self._record(s, row)
+        return record, key
+
+    def ensure_key(self, plaintext: str, **fields: Any) -> KeyRecord:
+        """The stored record of `plaintext`, creating it if absent (the dev key)."""
+        found = self.lookup(self.hash(plaintext))
+        return found if found is not None else self.create_key(plaintext=plaintext, **fields)[0]
+
+    def lookup(self, key_hash: str) -> KeyRecord | None:
+        """The key with this HMAC, revoked and expired ones included (the caller decides)."""
+        with self._session() as s:
+            row = s.scalars(select(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash)).first()
+            return self._record(s, row) if row is not None else None
+
+    def get_key(self, key_id: str) -> KeyRecord:
+        with self._session() as s:
+            return self._record(s, self._row(s, key_id))
+
+    def list_keys(self, *, include_revoked: bool = False, team: str | None = None) -> list[KeyRecord]:
+        with self._session() as s:
+            q = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+            if not include_revoked:
+                q = q.where(ApiKeyRow.revoked_at.is_(None))
+            if team is not None:
+                q = q.where(ApiKeyRow.team == team)
+            return [self._record(s, r) for r in s.scalars(q)]
+
+    def update_key(self, key_id: str, **fields: Any) -> KeyRecord:
+        """Change name, owner, team, tier, allowed_models, limits, expires_at or metadata."""
+        columns = {"metadata": "meta"}
+        with self._session.begin() as s:
+            row = self._row(s, key_id)
+            for field, value in fields.items():
+                if field == "limits" and isinstance(value, Limits):
+                    value = value.model_dump(exclude_none=True)
+                if field == "expires_at":
+                    value = _aware(value)
+                setattr(row, columns.get(field, field), value)
+            return self._record(s, row)
+
+    def revoke_key(self, key_id: str) -> KeyRecord:
+        with self._session.begin() as s:
+            row = self._row(s, key_id)
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return self._record(s, row)
+
+    def rotate_key(self, key_id: str, *, grace_s: float = 0.0) -> tuple[KeyRecord, str]:
+        """A new key with the same settings; the old one stops now, or after `grace_s`."""
+        old = self.get_key(key_id)
+        if old.revoked_at is not None:
+            raise KeyNotFound(key_id)
+        record, plaintext = self.create_key(
+            name=old.name, owner=old.owner, team=old.team, tier=old.tier, allowed_models=old.allowed_models,
+            limits=old.limits, expires_at=old.expires_at, metadata=old.metadata, rotated_from=old.id,
+        )
+        if grace_s > 0:
+            self.update_key(key_id, expires_at=utcnow() + timedelta(seconds=grace_s))
+        else:
+            self.revoke_key(key_id)
+        return record, plaintext
+
+    # -- teams ----------------------------------------------------------------
+    def set_team(self, name: str, limits: Limits) -> Limits:
+        with self._session.begin() as s:
+            row = s.get(TeamRow, name)
+            if row is None:
+                s.add(TeamRow(name=name, limits=limits.model_dump(exclude_none=True), created_at=utcnow()))
+            else:
+                row.limits = limits.model_dump(exclude_none=True)
+        return limits
+
+    def get_team(self, name: str) -> Limits | None:
+        with self._session() as s:
+            row = s.get(TeamRow, name)
+            return Limits.model_validate(row.limits) if row is not None else None
+
+    def list_teams(self) -> dict[str, Limits]:
+        with self._session() as s:
+            return {r.name: Limits.model_validate(r.limits) for r in s.scalars(select(TeamRow).order_by(TeamRow.name))}
+
+    # -- usage ----------------------------------------------------------------
+    def insert_usage(self, rows: Sequence[UsageRow]) -> None:
+        if not rows:
+            return
+        with self._session.begin() as s:
+            s.add_all(
+                UsageRecordRow(**r.model_dump(), day=r.created_at.astimezone(UTC).date().isoformat()) for r in rows
+            )
+
+    def usage_summary(
+        self, *, since: date | None = None, until: date | None = None, key_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Requests and tokens grouped by key, model and UTC day (inclusive date bounds)."""
+        u = UsageRecordRow
+        q = select(
+            u.key_id, u.model, u.day,
+            func.count().label("requests"),
+            func.coalesce(func.sum(u.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(u.completion_tokens), 0).label("completion_tokens"),
+            func.sum(func.cast(u.status >= 400, Integer)).label("errors"),
+            func.avg(u.latency_ms).label("mean_latency_ms"),
+        ).group_by(u.key_id, u.model, u.day).order_by(u.day, u.key_id, u.model)
+        if since is not None:
+            q = q.where(u.day >= since.isoformat())
+        if until is not None:
+            q = q.where(u.day <= until.isoformat())
+        if key_id is not None:
+            q = q.where(u.key_id == key_id)
+        with self._session() as s:
+            out = []
+            for r in s.execute(q):
+                row = dict(r._mapping)
+                row["errors"] = int(row["errors"] or 0)
+                row["mean_latency_ms"] = round(float(row["mean_latency_ms"] or 0.0), 3)
+                row["total_tokens"] = int(row["prompt_tokens"]) + int(row["completion_tokens"])
+                out.append(row)
+            return out
+
+    def usage_count(self) -> int:
+        with self._session() as s:
+            return int(s.scalar(select(func.count()).select_from(UsageRecordRow)) or 0)
+
+    # -- helpers --------------------------------------------------------------
+    @staticmethod
+    def _row(s: Session, key_id: str) -> ApiKeyRow:
+        row = s.get(ApiKeyRow, key_id)
+        if row is None:
+            raise KeyNotFound(key_id)
+        return row
+
+    @staticmethod
+    def _record(s: Session, row: ApiKeyRow) -> KeyRecord:
+        team_limits = None
+        if row.team:
+            team = s.get(TeamRow, row.team)
+            team_limits = Limits.model_validate(team.limits) if team is not None else None
+        return KeyRecord(
+            id=row.id, name=row.name, prefix=row.prefix, owner=row.owner, team=row.team, tier=row.tier,
+            allowed_models=row.allowed_models, limits=Limits.model_validate(row.limits or {}),
+            team_limits=team_limits, metadata=row.meta or {}, created_at=_aware(row.created_at),
+            expires_at=_aware(row.expires_at), revoked_at=_aware(row.revoked_at),
+        )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers (gateway lookups) never wait for the ledger writer
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()

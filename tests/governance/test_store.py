@@ -1,0 +1,87 @@
+"""The key store and ledger on SQLite and on the machine's PostgreSQL (a database of our own)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from gateway.governance.limits import Limits
+from gateway.governance.records import UsageRow
+from gateway.governance.store import KeyNotFound, KeyStore
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyStore]:
+    url = f"sqlite:///{tmp_path / 'k.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = KeyStore(url, b"s" * 32)
+    s.migrate()
+    s.migrate()  # idempotent
+    yield s
+    if request.param == "postgresql":
+        with s.engine.begin() as c:
+            c.execute(text("TRUNCATE api_keys, teams, usage"))
+    s.close()
+
+
+def test_create_lookup_and_no_plaintext_stored(store: KeyStore) -> None:
+    record, plaintext = store.create_key(name="ci", owner="ana", team="ml", tier="premium",
+                                         allowed_models=["chat"], limits=Limits(rpm=5))
+    assert plaintext.startswith("rg-") and record.prefix == plaintext[:11]
+    found = store.lookup(store.hash(plaintext))
+    assert found is not None and found.id == record.id and found.limits.rpm == 5 and found.tier == "premium"
+    assert store.lookup(store.hash(plaintext + "x")) is None
+    with store.engine.connect() as c:
+        dump = repr([tuple(r) for r in c.execute(text("SELECT * FROM api_keys"))])
+    assert plaintext not in dump and plaintext[11:] not in dump
+
+
+def test_revoke_rotate_expire(store: KeyStore) -> None:
+    record, old = store.create_key(name="r")
+    new_record, new = store.rotate_key(record.id)
+    assert store.lookup(store.hash(old)).revoked_at is not None  # type: ignore[union-attr]
+    assert store.lookup(store.hash(new)).usable()  # type: ignore[union-attr]
+    graced, _ = store.create_key(name="g")
+    store.rotate_key(graced.id, grace_s=60)
+    assert store.get_key(graced.id).usable()
+    assert not store.get_key(graced.id).usable(datetime.now(UTC) + timedelta(seconds=61))
+    store.revoke_key(new_record.id)
+    assert not store.get_key(new_record.id).usable()
+    active = store.list_keys()
+    assert sorted(k.name for k in active) == ["g", "g"] and graced.id in {k.id for k in active}
+    assert len(store.list_keys(include_revoked=True)) == 4
+    with pytest.raises(KeyNotFound):
+        store.revoke_key("key_nope")
+
+
+def test_team_limits_travel_with_the_key(store: KeyStore) -> None:
+    store.set_team("ml", Limits(rpm=7))
+    record, plaintext = store.create_key(team="ml")
+    assert store.lookup(store.hash(plaintext)).team_limits == Limits(rpm=7)  # type: ignore[union-attr]
+    assert store.list_teams() == {"ml": Limits(rpm=7)}
+    store.update_key(record.id, limits=Limits(tpm=9), tier="batch")
+    assert store.get_key(record.id).limits == Limits(tpm=9)
+
+
+def test_usage_summary_by_key_model_day(store: KeyStore) -> None:
+    day1 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+    rows = [
+        UsageRow(request_id=f"r{i}", key_id="key_a", model="m", prompt_tokens=3, completion_tokens=5,
+                 latency_ms=10, created_at=day1)
+        for i in range(3)
+    ] + [
+        UsageRow(request_id="e", key_id="key_a", model="m", status=429, created_at=day1),
+        UsageRow(request_id="x", key_id="key_b", model="m", prompt_tokens=1, completion_tokens=1,
+                 created_at=day1 + timedelta(days=1)),
+    ]
+    store.insert_usage(rows)
+    out = store.usage_summary()
+    assert [(r["key_id"], r["day"], r["requests"], r["total_tokens"], r["errors"]) for r in out] == [
+        ("key_a", "2026-11-01", 4, 24, 1),
+        ("key_b", "2026-11-02", 1, 2, 0),
+    ]
+    assert len(store.usage_summary(since=date(2026, 11, 2))) == 1
+    assert store.usage_summary(key_id="key_a")[0]["prompt_tokens"] == 9

@@ -1,0 +1,229 @@
+"""Two gateway processes sharing Redis and PostgreSQL, over real HTTP.
+
+Each process is `raygate gateway` (uvicorn, the fake engine in-process): what is under test
+is governance across processes, which is the same code in a Serve replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.governance.conftest import free_port
+
+ADMIN = "rg-admin-test-0123456789abcdefghij"
+SECRET = "test-secret-0123456789abcdef"
+MSG = [{"role": "user", "content": "hello"}]
+
+
+class Gateways:
+    def __init__(self, urls: list[str], logs: list[Path]) -> None:
+        self.urls = urls
+        self.logs = logs
+
+    def admin(self, method: str, path: str, i: int = 0, **kw: Any) -> httpx.Response:
+        return httpx.request(method, self.urls[i] + path, headers={"authorization": f"Bearer {ADMIN}"}, timeout=10, **kw)
+
+    def new_key(self, **spec: Any) -> tuple[str, str]:
+        r = self.admin("POST", "/admin/keys", json=spec)
+        assert r.status_code == 201, r.text
+        return r.json()["id"], r.json()["key"]
+
+
+def _start(cfg: Path, port: int, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "raygate.cli", "gateway", "--config", str(cfg), "--port", str(port)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+    )
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+@pytest.fixture
+def gateways(tmp_path: Path, redis_url: str, pg_url: str) -> Iterator[Gateways]:
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "gateway": {"settings": {
+            "home": str(tmp_path), "database_url": pg_url, "redis_url": redis_url, "rate_window_s": 4,
+            "routes": {"chat": {"targets": [{"model": "fake-a", "weight": 1}], "fallbacks": ["fake-b"]}},
+        }},
+        "serve": {"models": [
+            {"model": "fake-a", "engine": "fake", "fake": {"itl_ms": 1, "fail_rate": 0.0}},
+            {"model": "fake-b", "engine": "fake", "fake": {"itl_ms": 1}},
+            {"model": "slow", "engine": "fake", "fake": {"ttft_ms": 1500}},
+        ]},
+    }))
+    env = {**os.environ, "RAYGATE_ADMIN_KEY": ADMIN, "RAYGATE_KEY_SECRET": SECRET}
+    ports = [free_port(), free_port()]
+    logs = [tmp_path / f"gw{i}.log" for i in range(2)]
+    procs = [_start(cfg, p, log, env) for p, log in zip(ports, logs)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        for url, proc, log in zip(urls, procs, logs):
+            _wait(url, proc, log)
+        yield Gateways(urls, logs)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        from sqlalchemy import create_engine, text
+
+        eng = create_engine(pg_url)
+        with eng.begin() as c:
+            c.execute(text("TRUNCATE api_keys, teams, usage"))
+        eng.dispose()
+
+
+async def _burst(g: Gateways, key: str, n: int, body: dict[str, Any] | None = None) -> list[httpx.Response]:
+    """n requests released at once, alternating between the two processes."""
+    go = asyncio.Event()
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=n)) as client:
+
+        async def one(i: int) -> httpx.Response:
+            await go.wait()
+            return await client.post(
+                g.urls[i % 2] + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                json=body or {"model": "fake-a", "messages": MSG, "max_tokens": 4},
+            )
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await asyncio.sleep(0.2)
+        go.set()
+        return await asyncio.gather(*tasks)
+
+
+def _codes(rs: list[httpx.Response]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for r in rs:
+        out[r.status_code] = out.get(r.status_code, 0) + 1
+    return out
+
+
+def _align_to_window(window_s: float = 4.0, need_s: float = 2.5) -> None:
+    """Start a burst early in a rate window so it cannot straddle two."""
+    left = window_s - time.time() % window_s
+    if left < need_s:
+        time.sleep(left + 0.05)
+
+
+async def test_rpm_barrier_across_two_processes(gateways: Gateways) -> None:
+    _, key = gateways.new_key(limits={"rpm": 10})
+    _align_to_window()
+    rs = await _burst(gateways, key, 50)
+    assert _codes(rs) == {200: 10, 429: 40}
+    for url in gateways.urls:  # each process got 25: with counters of its own it would admit 10 of them
+        mine = [r for r in rs if str(r.request.url).startswith(url)]
+        assert len(mine) == 25 and sum(r.status_code == 429 for r in mine) >= 15
+    for r in rs:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            err = r.json()["error"]
+            assert err["type"] == "requests" and err["code"] == "rate_limit_exceeded"
+
+
+async def test_tpm_reservation_across_two_processes(gateways: Gateways) -> None:
+    _, key = gateways.new_key(limits={"tpm": 1000})
+    _align_to_window()
+    # each request reserves its prompt estimate (4 + 1 + 2 = 7) + max_tokens 93 = 100 tokens
+    rs = await _burst(gateways, key, 50, {"model": "fake-a", "messages": MSG, "max_tokens": 93})
+    assert _codes(rs) == {200: 10, 429: 40}
+    assert all(r.json()["error"]["type"] == "tokens" for r in rs if r.status_code == 429)
+
+
+async def test_concurrency_cap_across_two_processes(gateways: Gateways) -> None:
+    _, key = gateways.new_key(limits={"max_concurrent": 5})
+    rs = await _burst(gateways, key, 50, {"model": "slow", "messages": MSG, "max_tokens": 2})
+    assert _codes(rs) == {200: 5, 429: 45}
+    await asyncio.sleep(0.2)  # slots are released just after each response is sent
+    again = await _burst(gateways, key, 5, {"model": "fake-a", "messages": MSG, "max_tokens": 2})
+    assert _codes(again) == {200: 5}  # every slot came back
+
+
+async def test_budget_across_two_processes(gateways: Gateways) -> None:
+    _, key = gateways.new_key(limits={"tokens_per_day": 1000})
+    rs = await _burst(gateways, key, 50, {"model": "fake-a", "messages": MSG, "max_tokens": 93})
+    assert _codes(rs) == {200: 10, 429: 40}
+    refused = [r for r in rs if r.status_code == 429]
+    assert all(r.json()["error"]["type"] == "insufficient_quota" for r in refused)
+    assert all(r.headers["x-should-retry"] == "false" for r in refused)
+
+
+def test_header_sequence_counts_down_then_429_then_admits_again(gateways: Gateways) -> None:
+    _, key = gateways.new_key(limits={"rpm": 3, "tpm": 10_000})
+    _align_to_window(need_s=3)
+    auth = {"authorization": f"Bearer {key}"}
+    body = {"model": "fake-a", "messages": MSG, "max_tokens": 4}
+    remaining = []
+    for i in range(3):
+        r = httpx.post(gateways.urls[i % 2] + "/v1/chat/completions", headers=auth, json=body)
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-limit-requests"] == "3"
+        assert r.headers["x-ratelimit-limit-tokens"] == "10000"
+        assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+        remaining.append(int(r.headers["x-ratelimit-remaining-requests"]))
+    assert remaining == [2, 1, 0]
+    r = httpx.post(gateways.urls[1] + "/v1/chat/completions", headers=auth, json=body)
+    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 4
+    time.sleep(int(r.headers["retry-after"]))
+    r = httpx.post(gateways.urls[0] + "/v1/chat/completions", headers=auth, json=body)
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == "2"
+
+
+def test_revocation_reaches_the_other_process_within_a_second(gateways: Gateways) -> None:
+    key_id, key = gateways.new_key(name="short-lived")
+    auth = {"authorization": f"Bearer {key}"}
+    for url in gateways.urls:  # both processes have it cached
+        assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
+    assert gateways.admin("POST", f"/admin/keys/{key_id}/revoke", i=0).status_code == 200
+    t0 = time.monotonic()
+    while httpx.get(gateways.urls[1] + "/v1/models", headers=auth).status_code != 401:
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(0.02)
+    unknown = httpx.get(gateways.urls[1] + "/v1/models", headers={"authorization": "Bearer rg-not-a-key"})
+    revoked = httpx.get(gateways.urls[1] + "/v1/models", headers=auth)
+    assert unknown.json() == revoked.json()  # the same 401 body
+
+
+def test_model_allow_list_routes_fallback_and_usage(gateways: Gateways) -> None:
+    key_id, key = gateways.new_key(allowed_models=["chat"], tier="premium")
+    auth = {"authorization": f"Bearer {key}"}
+    r = httpx.post(gateways.urls[0] + "/v1/chat/completions", headers=auth,
+                   json={"model": "fake-b", "messages": MSG, "max_tokens": 2})
+    assert r.status_code == 403 and r.json()["error"]["param"] == "model"
+    r = httpx.post(gateways.urls[0] + "/v1/chat/completions", headers=auth,
+                   json={"model": "chat", "messages": MSG, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "fake-a"
+    usage = gateways.admin("GET", f"/admin/usage?key_id={key_id}", i=0).json()["data"]
+    assert [(u["model"], u["requests"], u["errors"]) for u in usage] == [("chat", 1, 0)]
+    assert usage[0]["completion_tokens"] == 2
+
+
+def test_admin_api_refuses_user_keys(gateways: Gateways) -> None:
+    _, key = gateways.new_key()
+    r = httpx.get(gateways.urls[0] + "/admin/keys", headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 401
+    listing = gateways.admin("GET", "/admin/keys").json()["data"]
+    assert all("key" not in k and "key_hash" not in k for k in listing)
+    for log in gateways.logs:
+        assert key not in log.read_text()
