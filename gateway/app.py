@@ -40,6 +40,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class SettleAfterResponse(Response):
+    """Runs its background task (the quota settlement) even when sending the body fails."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task, self.background = self.background, None
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if task is not None:
+                await task()
+
+
 def _request_id(request: Request) -> str:
     """The caller's (or Serve's) `x-request-id`, else a new one."""
     rid = getattr(request.state, "request_id", None)
@@ -160,7 +172,7 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
             service.read_usage(result, outcome)
             # Settle after the body is on its way: the client does not wait for the quota store.
             settle = BackgroundTask(gov.finish, caller, adm, outcome, rid, time.perf_counter() - started)
-            return Response(result, media_type="application/json", headers=headers, background=settle)
+            return SettleAfterResponse(result, media_type="application/json", headers=headers, background=settle)
 
         async def events() -> AsyncIterator[bytes]:
             try:
