@@ -16,7 +16,7 @@ from gateway.errors import NotFound, ServiceDisabled
 from gateway.governance.gate import Governance
 from gateway.governance.limits import Limits
 from gateway.governance.records import KeyRecord
-from gateway.governance.store import KeyNotFound, KeyStore
+from gateway.governance.store import KeyNotFound, KeyStore, reachable
 
 
 class KeyCreate(BaseModel):
@@ -85,7 +85,8 @@ def admin_router(gov: Governance) -> APIRouter:
 
     async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            with reachable():
+                return await asyncio.to_thread(fn, *args, **kwargs)
         except KeyNotFound as exc:
             raise NotFound(f"No API key with id '{exc.args[0]}'.", param="key_id") from None
 
@@ -145,7 +146,8 @@ def admin_router(gov: Governance) -> APIRouter:
         store: Store, since: date | None = None, until: date | None = None, key_id: str | None = None
     ) -> Response:
         if gov.ledger is not None:
-            await gov.ledger.flush()  # this process's pending rows first
+            with reachable():
+                await gov.ledger.flush()  # this process's pending rows first
         rows = await call(store.usage_summary, since=since, until=until, key_id=key_id)
         return _json({"object": "list", "data": rows})
 

@@ -19,7 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from gateway import service
 from gateway.admin import admin_router
 from gateway.backend import ModelBackend
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_body, error_response
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response, spec_for
 from gateway.governance.gate import Governance, Outcome
 from gateway.governance.records import KeyRecord
 from gateway.governance.routing import plan, priority_for
@@ -160,7 +160,7 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
                 backend, chosen, endpoint, body, rid, request, settings.request_timeout_s
             )
         except BaseException as exc:
-            outcome.status = 499 if isinstance(exc, service.ClientDisconnected) else error_body(exc)[0]
+            outcome.status = 499 if isinstance(exc, service.ClientDisconnected) else spec_for(exc).status
             await gov.finish(caller, adm, outcome, rid, time.perf_counter() - started)
             if isinstance(exc, service.ClientDisconnected):
                 return Response(status_code=499)
@@ -174,18 +174,14 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
             settle = BackgroundTask(gov.finish, caller, adm, outcome, rid, time.perf_counter() - started)
             return SettleAfterResponse(result, media_type="application/json", headers=headers, background=settle)
 
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in service.sse(service.tap(result, outcome, client_wants_usage), rid):
-                    yield chunk
-            except BaseException:
-                outcome.status = 499  # the client went away mid-stream
-                raise
-            finally:
-                await gov.finish(caller, adm, outcome, rid, time.perf_counter() - started)
+        async def finish(client_left: bool) -> None:
+            if client_left:
+                outcome.status = 499
+            await gov.finish(caller, adm, outcome, rid, time.perf_counter() - started)
 
+        events = service.sse(service.tap(result, outcome, client_wants_usage), rid, finish)
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
+            events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
         )
 
     stream_ok: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}

@@ -82,6 +82,13 @@ class BudgetExhausted(QuotaExceeded):
     default_code = "insufficient_quota"
 
 
+class KeyStoreUnavailable(GatewayError):
+    """The key database cannot be reached."""
+
+    default_code = "key_store_unavailable"
+    retry_after_s = 1
+
+
 class QuotaUnavailable(GatewayError):
     """The quota store cannot be reached and the policy is fail_closed."""
 
@@ -109,6 +116,7 @@ ERROR_SPECS: dict[type[BaseException], ErrorSpec] = {
     TokenRateExceeded: ErrorSpec(429, "tokens"),
     BudgetExhausted: ErrorSpec(429, "insufficient_quota"),
     QuotaUnavailable: ErrorSpec(503, "server_error"),
+    KeyStoreUnavailable: ErrorSpec(503, "server_error"),
     ServiceDisabled: ErrorSpec(404, "invalid_request_error"),
     EngineOverloaded: ErrorSpec(503, "server_error"),
     EngineUnavailable: ErrorSpec(503, "server_error"),

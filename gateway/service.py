@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -198,8 +198,14 @@ async def tap(
             yield chunk
 
 
-async def sse(stream: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
-    """Pass events through; an error after the start becomes one error event and [DONE]."""
+async def sse(
+    stream: AsyncIterator[bytes], request_id: str, finish: Callable[[bool], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """Pass events through; an error after the start becomes one error event and [DONE].
+
+    `finish(client_left)` runs once at the end, however the stream ended.
+    """
+    client_left = False
     try:
         async for chunk in stream:
             yield chunk
@@ -207,7 +213,13 @@ async def sse(stream: AsyncIterator[bytes], request_id: str) -> AsyncIterator[by
         logger.warning("stream %s failed after start: %s", request_id, exc)
         yield sse_error_event(exc)
         yield DONE
+    except BaseException:  # cancelled or closed: the client went away mid-stream
+        client_left = True
+        raise
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        try:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await finish(client_left)

@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.governance.limits import Limits
 from gateway.governance.records import KeyRecord
-from gateway.governance.store import KeyStore
+from gateway.governance.store import KeyStore, open_store
 from gateway.settings import GatewaySettings
 
 LIMIT_FLAGS = ("rpm", "tpm", "max_concurrent", "tokens_per_day", "tokens_per_month")
@@ -23,9 +23,7 @@ LIMIT_FLAGS = ("rpm", "tpm", "max_concurrent", "tokens_per_day", "tokens_per_mon
 
 def open_store(home: Path) -> KeyStore:
     settings = GatewaySettings(home=home)
-    store = KeyStore(settings.db_url(), settings.hmac_secret())
-    store.migrate()
-    return store
+    return open_store(settings.db_url(), settings.hmac_secret())
 
 
 def _limits(args: argparse.Namespace) -> Limits:

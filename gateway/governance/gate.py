@@ -20,7 +20,7 @@ from gateway.governance.ledger import UsageLedger
 from gateway.governance.quota import LocalQuota, QuotaLimiter
 from gateway.governance.quota_policy import Admission, Subject, reservation
 from gateway.governance.records import KeyRecord, UsageRow
-from gateway.governance.store import KeyStore
+from gateway.governance.store import KeyStore, open_store
 from gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ _INVALID = "Incorrect API key provided."
 
 def bearer_token(request: Request) -> str:
     """The `Authorization: Bearer` token; keys in the URL are refused outright."""
-    if request.url.query and any(p in request.query_params for p in _URL_KEY_PARAMS):
+    if request.scope.get("query_string") and any(p in request.query_params for p in _URL_KEY_PARAMS):
         raise AuthenticationFailed("API keys must be sent in the Authorization header, never in the URL.")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
@@ -59,6 +59,7 @@ class Governance:
         self,
         settings: GatewaySettings,
         *,
+        secret: bytes,
         store: KeyStore | None,
         limiter: QuotaLimiter,
         ledger: UsageLedger | None,
@@ -67,8 +68,7 @@ class Governance:
         self.store = store
         self.limiter = limiter
         self.ledger = ledger
-        secret = store._secret if store is not None else settings.hmac_secret()
-        self._secret = secret
+        self._secret = secret  # the store's too: both hash with it
         static = {}
         for key in settings.accepted_keys():
             h = hash_key(secret, key)
@@ -78,12 +78,10 @@ class Governance:
         self._admin_hash = hash_key(secret, admin) if admin else None
 
     @classmethod
-    def build(cls, settings: GatewaySettings, *, with_store: bool = True) -> Governance:
+    def build(cls, settings: GatewaySettings) -> Governance:
         """The governance for `settings`: SQL store + ledger, Redis or in-process quotas."""
-        store = None
-        if with_store:
-            store = KeyStore(settings.db_url(), settings.hmac_secret())
-            store.migrate()
+        secret = settings.hmac_secret()
+        store = open_store(settings.db_url(), secret)
         limiter: QuotaLimiter
         if settings.redis_url:
             from gateway.governance.quota_redis import RedisQuota
@@ -94,8 +92,8 @@ class Governance:
             )
         else:
             limiter = LocalQuota(window_s=settings.rate_window_s, lease_s=settings.concurrency_lease_s)
-        ledger = UsageLedger(store, flush_interval_s=settings.ledger_flush_interval_s) if store else None
-        return cls(settings, store=store, limiter=limiter, ledger=ledger)
+        ledger = UsageLedger(store, flush_interval_s=settings.ledger_flush_interval_s)
+        return cls(settings, secret=secret, store=store, limiter=limiter, ledger=ledger)
 
     def hash(self, key: str) -> str:
         return hash_key(self._secret, key)

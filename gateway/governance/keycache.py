@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from gateway.governance.records import KeyRecord
-from gateway.governance.store import KeyStore
+from gateway.governance.store import KeyStore, reachable
 
 
 class KeyCache:
@@ -49,7 +49,8 @@ class KeyCache:
         fut: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
         self._pending[key_hash] = fut
         try:
-            record = await asyncio.to_thread(self.store.lookup, key_hash)
+            with reachable():
+                record = await asyncio.to_thread(self.store.lookup, key_hash)
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
             self._entries[key_hash] = (time.monotonic() + self.ttl_s, record)

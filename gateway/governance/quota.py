@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from gateway.errors import BudgetExhausted, QuotaExceeded, TokenRateExceeded
 from gateway.governance.quota_policy import (
-    DIMENSIONS,
     Admission,
     Period,
     Rejection,
@@ -86,6 +85,15 @@ class LocalQuota(QuotaLimiter):
         self._counts: dict[str, int] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._expiry: dict[str, float] = {}
+        self._admits = 0
+
+    def _purge(self, now: float) -> None:
+        """Drop counters of past windows and empty lease sets (bounded memory over days)."""
+        for key in [k for k, exp in self._expiry.items() if exp <= now]:
+            self._counts.pop(key, None)
+            del self._expiry[key]
+        for key in [k for k in self._leases if not self._live_leases(k, now)]:
+            del self._leases[key]
 
     def _get(self, key: str, now: float) -> int:
         exp = self._expiry.get(key)
@@ -103,6 +111,9 @@ class LocalQuota(QuotaLimiter):
 
     async def _admit(self, adm: Admission) -> Admission:
         now = adm.period.now
+        self._admits += 1
+        if self._admits % 4096 == 0:
+            self._purge(now)
         prefix = "q"
         all_keys = [adm.period.keys(s.id, prefix) for s in adm.subjects]
         used = []
@@ -136,5 +147,3 @@ class LocalQuota(QuotaLimiter):
                 if keys[d] in self._counts and self._get(keys[d], now) > 0:
                     self._counts[keys[d]] = max(0, self._counts[keys[d]] + delta_tokens)
 
-
-__all__ = ["DIMENSIONS", "LocalQuota", "QuotaLimiter", "rejection_error"]

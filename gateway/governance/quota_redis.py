@@ -116,9 +116,6 @@ class RedisQuota(QuotaLimiter):
         self._admit_script = self._client.register_script(ADMIT)
         self._settle_script = self._client.register_script(SETTLE)
 
-    async def ping(self) -> None:
-        await self._client.ping()
-
     async def _admit(self, adm: Admission) -> Admission:
         from redis.exceptions import RedisError
 

@@ -6,8 +6,9 @@ batched ledger writes), never on the event loop. The schema is Alembic's (`migra
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from gateway.errors import KeyStoreUnavailable
 from gateway.governance.keys import hash_key, key_prefix, new_key
 from gateway.governance.limits import Limits
 from gateway.governance.records import KeyRecord, UsageRow, utcnow
@@ -81,6 +84,22 @@ class UsageRecordRow(Base):
 
 class KeyNotFound(LookupError):
     """No key with that id."""
+
+
+@contextlib.contextmanager
+def reachable() -> Iterator[None]:
+    """Turn database errors into KeyStoreUnavailable (503 in the envelope), not a 500."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise KeyStoreUnavailable("The key store is unavailable; retry shortly.") from exc
+
+
+def open_store(url: str, secret: bytes) -> KeyStore:
+    """A store with its schema migrated to the newest revision."""
+    store = KeyStore(url, secret)
+    store.migrate()
+    return store
 
 
 def _aware(dt: datetime | None) -> datetime | None:
@@ -157,11 +176,6 @@ class KeyStore:
             s.add(row)
             record = self._record(s, row)
         return record, key
-
-    def ensure_key(self, plaintext: str, **fields: Any) -> KeyRecord:
-        """The stored record of `plaintext`, creating it if absent (the dev key)."""
-        found = self.lookup(self.hash(plaintext))
-        return found if found is not None else self.create_key(plaintext=plaintext, **fields)[0]
 
     def lookup(self, key_hash: str) -> KeyRecord | None:
         """The key with this HMAC, revoked and expired ones included (the caller decides)."""
@@ -273,10 +287,6 @@ class KeyStore:
                 row["total_tokens"] = int(row["prompt_tokens"]) + int(row["completion_tokens"])
                 out.append(row)
             return out
-
-    def usage_count(self) -> int:
-        with self._session() as s:
-            return int(s.scalar(select(func.count()).select_from(UsageRecordRow)) or 0)
 
     # -- helpers --------------------------------------------------------------
     @staticmethod

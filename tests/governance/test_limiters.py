@@ -163,3 +163,15 @@ async def test_refusal_headers_when_a_later_dimension_has_a_limit(limiter: tuple
         await lim.admit(subj, 10)
     assert info.value.headers["x-ratelimit-remaining-requests"] == "0"
     assert info.value.headers["x-ratelimit-remaining-tokens"] == "9990"
+
+
+async def test_local_counters_of_past_windows_are_dropped() -> None:
+    clock = Clock()
+    lim = LocalQuota(clock=clock)
+    subj = [Subject("key:m", Limits(rpm=10**9, max_concurrent=10**9))]
+    for _ in range(4095):
+        await lim.settle(await lim.admit(subj, 1), 1)
+        clock.t += 1  # a new window every minute: old counters pile up until purged
+    assert len(lim._counts) > 50  # one per minute window so far
+    await lim.admit(subj, 1)  # the 4096th admission purges
+    assert len(lim._counts) <= 2 and len(lim._leases) <= 1
