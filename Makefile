@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test install install-test bench lint clean
+.PHONY: run test install install-test install-bench bench bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,18 @@ $(VENV)/.installed-test: $(VENV)/.installed-$(EXTRA)
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-$(EXTRA)
+	$(PIP) install -q -e ".[bench]"
+	touch $@
+
+# LiteLLM in a venv of its own, so its pins never touch raygate's (1.80.17; 1.107.x was a compromised release).
+.bench/litellm-venv/bin/litellm:
+	$(PYTHON) -m venv .bench/litellm-venv
+	.bench/litellm-venv/bin/pip install -q "litellm[proxy]==1.80.17"
+
 install: $(VENV)/.installed-$(EXTRA)
+
+install-bench: $(VENV)/.installed-bench
 
 install-test: $(VENV)/.installed-test
 
@@ -33,6 +44,22 @@ run: install
 
 test: install-test
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+
+# Scenarios (a) gateway overhead and (b) vLLM server vs the full stack, then the goal table (< 10 min).
+bench: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/overhead.yaml
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/vllm.yaml
+	$(VENV)/bin/raygate bench summary benchmarks/results/overhead benchmarks/results/vllm
+
+bench-peers: .bench/litellm-venv/bin/litellm
+
+# Scenario (c): LiteLLM's proxy vs raygate in front of the same fake upstream.
+bench-litellm: $(VENV)/.installed-bench bench-peers
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/litellm.yaml
+
+# 30 minutes of steady load on the full stack; RSS of every process sampled every 10 s.
+soak: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench soak benchmarks/scenarios/vllm.yaml --target raygate --minutes 30 --concurrency 8
 
 lint:
 	$(VENV)/bin/lint-imports

@@ -15,7 +15,7 @@ from gateway.backend import ModelBackend
 from gateway.errors import PayloadTooLarge, RequestTimeout, sse_error_event
 from gateway.governance.gate import Outcome
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from serve.engine import Endpoint, Engine, EngineResult
+from serve.engine import Endpoint, Engine
 from serve.errors import EngineFailure, EngineOverloaded, EngineUnavailable, InvalidRequest, param_from_validation_error
 
 logger = logging.getLogger(__name__)
@@ -66,38 +66,40 @@ async def _wait_disconnect(request: Request) -> None:
 RETRYABLE = (EngineOverloaded, EngineUnavailable, EngineFailure)
 
 
-async def _first(engine: Engine, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
+class Started:
+    """A stream whose first event has already arrived (so a failure before it could still fall back)."""
+
+    __slots__ = ("head", "rest")
+
+    def __init__(self, head: bytes, rest: AsyncIterator[bytes]) -> None:
+        self.head = head
+        self.rest = rest
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _first(engine: Engine, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> bytes | Started:
     """Start a request; for a stream, wait for its first event so a failure can still fall back."""
     result = await engine.generate(endpoint, body, request_id)
     if isinstance(result, bytes):
         return result
+    started = Started(b"", result)
     try:
-        head = await result.__anext__()
+        started.head = await result.__anext__()
     except StopAsyncIteration:
-        return _chain(b"", result)
+        pass
     except BaseException:
-        aclose = getattr(result, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await started.aclose()
         raise
-    return _chain(head, result)
-
-
-async def _chain(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        if head:
-            yield head
-        async for chunk in rest:
-            yield chunk
-    finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
+    return started
 
 
 async def dispatch(
     backend: ModelBackend, targets: list[str], endpoint: Endpoint, body: dict[str, Any], request_id: str
-) -> tuple[EngineResult, Engine, int]:
+) -> tuple[bytes | Started, Engine, int]:
     """Try `targets` in order until one starts; returns (result, engine, fallbacks taken)."""
     last: Exception | None = None
     for attempt, target in enumerate(targets):
@@ -120,7 +122,7 @@ async def generate(
     request_id: str,
     request: Request,
     timeout_s: float,
-) -> tuple[EngineResult, Engine, int]:
+) -> tuple[bytes | Started, Engine, int]:
     """Dispatch; for a full response, abort it if the client disconnects or it times out."""
     if body.get("stream"):
         return await dispatch(backend, targets, endpoint, body, request_id)
@@ -164,51 +166,54 @@ def want_usage(body: dict[str, Any]) -> bool:
     return False
 
 
-async def tap(
-    stream: AsyncIterator[bytes], outcome: Outcome, client_wants_usage: bool
+def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
+    """Note usage and finish reasons passing by; drop the usage event the client did not ask for."""
+    if b'"finish_reason":"' in chunk and outcome.finish_reason is None:
+        for event in chunk.split(b"\n\n"):
+            if b'"finish_reason":"' in event and event.startswith(b"data: {"):
+                try:
+                    choices = orjson.loads(event[6:]).get("choices") or []
+                except orjson.JSONDecodeError:
+                    continue
+                outcome.finish_reason = next((c.get("finish_reason") for c in choices if c.get("finish_reason")), None)
+                break
+    if b'"usage":{' not in chunk:
+        return chunk
+    kept = []
+    for event in chunk.split(b"\n\n"):
+        if b'"usage":{' in event and event.startswith(b"data: {"):
+            try:
+                doc = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                doc = {}
+            usage = doc.get("usage") or {}
+            outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+            if not client_wants_usage and not doc.get("choices"):
+                continue
+        if event:
+            kept.append(event)
+    return b"\n\n".join(kept) + b"\n\n" if kept else b""
+
+
+async def relay(
+    stream: Started, outcome: Outcome, client_wants_usage: bool, request_id: str,
+    finish: Callable[[bool], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
-    """Watch a stream for usage and finish reasons; drop the usage chunk the client did not ask for."""
-    async for chunk in stream:
-        if b'"finish_reason":"' in chunk and outcome.finish_reason is None:
-            for event in chunk.split(b"\n\n"):
-                if b'"finish_reason":"' in event and event.startswith(b"data: {"):
-                    try:
-                        choices = orjson.loads(event[6:]).get("choices") or []
-                    except orjson.JSONDecodeError:
-                        continue
-                    outcome.finish_reason = next((c.get("finish_reason") for c in choices if c.get("finish_reason")), None)
-                    break
-        if b'"usage":{' in chunk:
-            kept = []
-            for event in chunk.split(b"\n\n"):
-                if b'"usage":{' in event and event.startswith(b"data: {"):
-                    try:
-                        doc = orjson.loads(event[6:])
-                    except orjson.JSONDecodeError:
-                        doc = {}
-                    usage = doc.get("usage") or {}
-                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
-                    if not client_wants_usage and not doc.get("choices"):
-                        continue
-                if event:
-                    kept.append(event)
-            chunk = b"\n\n".join(kept) + b"\n\n" if kept else b""
-        if chunk:
-            yield chunk
+    """The client's SSE body: one generator per stream, however many events.
 
-
-async def sse(
-    stream: AsyncIterator[bytes], request_id: str, finish: Callable[[bool], Awaitable[None]]
-) -> AsyncIterator[bytes]:
-    """Pass events through; an error after the start becomes one error event and [DONE].
-
-    `finish(client_left)` runs once at the end, however the stream ended.
+    Events pass through `observe`; an error after the start becomes one error event and
+    [DONE]; `finish(client_left)` runs once at the end, however the stream ended.
     """
     client_left = False
     try:
-        async for chunk in stream:
+        chunk = observe(stream.head, outcome, client_wants_usage) if stream.head else b""
+        if chunk:
             yield chunk
+        async for chunk in stream.rest:
+            chunk = observe(chunk, outcome, client_wants_usage)
+            if chunk:
+                yield chunk
     except Exception as exc:  # noqa: BLE001 - every failure must reach the client as an event
         logger.warning("stream %s failed after start: %s", request_id, exc)
         yield sse_error_event(exc)
@@ -218,8 +223,6 @@ async def sse(
         raise
     finally:
         try:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await stream.aclose()
         finally:
             await finish(client_left)

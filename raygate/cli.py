@@ -209,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=8000)
     gw.set_defaults(func=cmd_gateway)
 
+    sub.add_parser("bench", help="Load-test any OpenAI-compatible URL or run benchmark scenarios "
+                   "(`raygate bench -h`).", add_help=False)
+
     models = sub.add_parser("models", help="The model registry.")
     msub = models.add_subparsers(dest="models_cmd", required=True)
     msub.add_parser("list", help="Every version with its aliases.")
@@ -228,6 +231,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from benchmarks.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         if args.cmd == "keys":

@@ -25,6 +25,21 @@ class FakeEngineConfig(BaseModel):
     max_running: int = Field(default=10_000, ge=1, description="Concurrent requests before it answers overloaded.")
 
 
+class UpstreamConfig(BaseModel):
+    """An OpenAI-compatible server the gateway forwards to (engine `openai`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="Upstream base URL including `/v1`, e.g. http://10.0.0.5:8000/v1.")
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the upstream's API key (never the key itself)."
+    )
+    max_model_len: int | None = Field(default=None, ge=16, description="Upstream context length, for token reservations.")
+    max_connections: int = Field(default=1024, ge=1, description="Concurrent upstream requests (pooled connections).")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Longest wait for a connection.")
+    read_timeout_s: float = Field(default=600.0, gt=0, description="Longest silence from the upstream mid-response.")
+
+
 class ModelDeploymentConfig(BaseModel):
     """One model version; its engine runs inside each gateway replica (co-located, no handle hop)."""
 
@@ -34,7 +49,10 @@ class ModelDeploymentConfig(BaseModel):
     served_name: str | None = Field(
         default=None, description="Model id clients use; defaults to the registry name (or the directory name)."
     )
-    engine: Literal["vllm", "fake"] = Field(default="vllm", description="Engine implementation.")
+    engine: Literal["vllm", "fake", "openai"] = Field(
+        default="vllm", description="Engine: vLLM, the fake engine, or an upstream OpenAI-compatible server (`upstream`)."
+    )
+    upstream: UpstreamConfig | None = Field(default=None, description="Where engine `openai` forwards (`model` is the upstream's name).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments (as on vLLM's command line, snake_case)."
     )
@@ -61,6 +79,8 @@ class ModelDeploymentConfig(BaseModel):
         gpus_needed = self.tensor_parallel_size * self.pipeline_parallel_size
         if gpus_needed > 1 and self.num_gpus == 0:
             raise ValueError("tensor/pipeline parallelism needs num_gpus > 0 (GPU workers in a placement group)")
+        if (self.engine == "openai") != (self.upstream is not None):
+            raise ValueError("engine `openai` needs `upstream` (and only it takes one)")
         return self
 
 

@@ -45,9 +45,10 @@ class EngineOverloaded(EngineError):
 
 
 class EngineUnavailable(EngineError):
-    """The engine is starting, stopped or unhealthy (503)."""
+    """The engine is starting, stopped or unhealthy (503, retry after a second)."""
 
     default_code = "engine_unavailable"
+    retry_after_s = 1
 
 
 class EngineFailure(EngineError):

@@ -36,6 +36,11 @@ def create_engine(cfg: ModelDeploymentConfig, registry: Registry | None) -> Engi
         except (ValueError, LookupError):
             name, root = cfg.served_name or cfg.model, cfg.model
         return FakeEngine(name, cfg.fake, root=root)
+    if cfg.engine == "openai":
+        from serve.remote_engine import RemoteEngine
+
+        assert cfg.upstream is not None
+        return RemoteEngine(cfg.served_name or cfg.model, cfg.model, cfg.upstream)
     from serve.vllm_engine import VLLMEngine
 
     path, name, root, created = resolve_artifact(cfg, registry)

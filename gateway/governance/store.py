@@ -22,6 +22,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -254,10 +255,10 @@ class KeyStore:
     def insert_usage(self, rows: Sequence[UsageRow]) -> None:
         if not rows:
             return
-        with self._session.begin() as s:
-            s.add_all(
-                UsageRecordRow(**r.model_dump(), day=r.created_at.astimezone(UTC).date().isoformat()) for r in rows
-            )
+        # One executemany through Core: an ORM unit of work per row cost the gateway ~20% of its CPU under load.
+        values = [{**dict(r), "day": r.created_at.astimezone(UTC).date().isoformat()} for r in rows]
+        with self.engine.begin() as conn:
+            conn.execute(insert(UsageRecordRow.__table__), values)
 
     def usage_summary(
         self, *, since: date | None = None, until: date | None = None, key_id: str | None = None

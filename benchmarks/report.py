@@ -1,0 +1,178 @@
+"""Reports of a run: results.json, results.md (points, ratios, goals) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.scenario import Goal
+
+
+def metric(point: dict[str, Any], name: str) -> float | None:
+    """A point's figure by goal-metric name (latencies in ms)."""
+    if name.endswith("_p50_ms"):
+        value = point[name[: -len("_p50_ms")] + "_s"]["p50"]
+        return None if value is None else value * 1000
+    return point.get(name)
+
+
+def _find(points: list[dict[str, Any]], target: str, workload: str, level: float) -> dict[str, Any] | None:
+    return next((p for p in points if p["target"] == target and p["workload"] == workload and p["level"] == level), None)
+
+
+def check_goals(goals: list[Goal], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every goal on every point it applies to: the figure and whether it is met."""
+    out = []
+    for g in goals:
+        for p in points:
+            if p["target"] != g.target or (g.workloads and p["workload"] not in g.workloads):
+                continue
+            if g.levels and p["level"] not in g.levels:
+                continue
+            value = metric(p, g.metric)
+            ref = None
+            if g.vs is not None:
+                other = _find(points, g.vs, p["workload"], p["level"])
+                ref = metric(other, g.metric) if other else None
+            if value is None or (g.vs is not None and not ref):
+                figure = None
+            elif g.compare == "ratio":
+                figure = value / ref if ref else None
+            elif g.compare == "delta":
+                figure = value - (ref or 0.0)
+            else:
+                figure = value
+            met = figure is not None and (g.min is None or figure >= g.min) and (g.max is None or figure <= g.max)
+            out.append({"goal": g.name, "workload": p["workload"], "level": p["level"], "figure": figure, "met": met,
+                        "bound": f"{'>= ' + format(g.min, 'g') if g.min is not None else ''}"
+                                 f"{'<= ' + format(g.max, 'g') if g.max is not None else ''}"})
+    return out
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.2f}"
+
+
+def _num(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(run: dict[str, Any]) -> str:
+    sc = run["scenario"]
+    pts = run["points"]
+    lines = [f"# {sc['name']}", "", sc.get("description", "").strip(), "",
+             f"Load: {sc['load']['mode']} loop, {sc['load']['duration_s']:g} s per point; SLO {sc['slo'] or 'none'}; "
+             f"{run['machine']['cpus']} CPUs; run took {run['wall_s']:.0f} s.", ""]
+    for name, why in run.get("skipped", {}).items():
+        lines.append(f"- **{name} skipped**: {why}")
+    unit = "c" if sc["load"]["mode"] == "closed" else "req/s"
+    for wl in sc["workloads"]:
+        mine = [p for p in pts if p["workload"] == wl["name"]]
+        if not mine:
+            continue
+        lines += ["", f"## {wl['name']} ({wl['endpoint']}, {'streaming' if wl['stream'] else 'non-streaming'})", "",
+                  f"| {unit} | target | req/s | out tok/s | goodput req/s | TTFT p50/p99 ms | ITL p50 ms | "
+                  "TPOT p50 ms | E2E p50/p90/p99 ms | errors | target CPU% | other CPU% |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in mine:
+            errs = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "0"
+            lines.append(
+                f"| {p['level']:g} | {p['target']} | {p['req_per_s']:.1f} | {p['output_tok_per_s']:.1f} | "
+                f"{p['goodput_req_per_s']:.1f} | {_ms(p['ttft_s']['p50'])}/{_ms(p['ttft_s']['p99'])} | "
+                f"{_ms(p['itl_s']['p50'])} | {_ms(p['tpot_s']['p50'])} | "
+                f"{_ms(p['e2e_s']['p50'])}/{_ms(p['e2e_s']['p90'])}/{_ms(p['e2e_s']['p99'])} | {errs} | "
+                f"{p.get('target_cpu_pct', '-')} | {p.get('other_cpu_pct', '-')} |")
+        base = sc.get("baseline")
+        if base:
+            lines += ["", f"Against **{base}** (same run, interleaved):", "",
+                      f"| {unit} | target | req/s ratio | tok/s ratio | TTFT p50 ratio | E2E p50 added ms |",
+                      "|---|---|---|---|---|---|"]
+            for p in mine:
+                b = _find(pts, base, p["workload"], p["level"])
+                if p["target"] == base or b is None:
+                    continue
+                ratio = lambda k: (p[k] / b[k]) if b[k] else None  # noqa: E731
+                tt = (p["ttft_s"]["p50"] / b["ttft_s"]["p50"]) if p["ttft_s"]["p50"] and b["ttft_s"]["p50"] else None
+                de = (p["e2e_s"]["p50"] - b["e2e_s"]["p50"]) * 1000 if p["e2e_s"]["p50"] and b["e2e_s"]["p50"] else None
+                lines.append(f"| {p['level']:g} | {p['target']} | {_num(ratio('req_per_s'), '.2f')} | "
+                             f"{_num(ratio('output_tok_per_s'), '.2f')} | {_num(tt, '.2f')} | {_num(de, '+.3f')} |")
+    if run.get("goals"):
+        lines += ["", "## Goals", "", "| goal | workload | level | figure | bound | met |", "|---|---|---|---|---|---|"]
+        for g in run["goals"]:
+            lines.append(f"| {g['goal']} | {g['workload']} | {g['level']:g} | {_num(g['figure'], '.3f')} | "
+                         f"{g['bound']} | {'yes' if g['met'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(run: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Latency vs load and throughput vs load, one pair of PNGs per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = run["scenario"]
+    xlabel = "concurrency" if sc["load"]["mode"] == "closed" else "offered load (req/s)"
+    written = []
+    for wl in sc["workloads"]:
+        mine = [p for p in run["points"] if p["workload"] == wl["name"]]
+        if not mine:
+            continue
+        targets = list(dict.fromkeys(p["target"] for p in mine))
+        levels = sorted({p["level"] for p in mine})
+        wide = levels[0] > 0 and levels[-1] / levels[0] >= 8
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for i, t in enumerate(targets):
+            c = f"C{i}"
+            ps = sorted((p for p in mine if p["target"] == t), key=lambda p: p["level"])
+            xs = [p["level"] for p in ps]
+            axes[0].plot(xs, [(p["e2e_s"]["p50"] or 0) * 1000 for p in ps], c=c, marker="o", label=f"{t} E2E p50")
+            axes[0].plot(xs, [(p["e2e_s"]["p99"] or 0) * 1000 for p in ps], c=c, ls=":", marker=".",
+                         label=f"{t} E2E p99")
+            if wl["stream"]:
+                axes[1].plot(xs, [(p["ttft_s"]["p50"] or 0) * 1000 for p in ps], c=c, marker="o",
+                             label=f"{t} TTFT p50")
+                axes[1].plot(xs, [(p["itl_s"]["p50"] or 0) * 1000 for p in ps], c=c, ls="--", marker="s",
+                             label=f"{t} ITL p50")
+        axes[0].set(title=f"{wl['name']}: end-to-end latency", xlabel=xlabel, ylabel="ms")
+        axes[1].set(title=f"{wl['name']}: TTFT / ITL" if wl["stream"] else "(non-streaming: no TTFT)", xlabel=xlabel,
+                    ylabel="ms")
+        written.append(_save(fig, axes, wide, out_dir / f"{wl['name']}-latency.png"))
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for t in targets:
+            ps = sorted((p for p in mine if p["target"] == t), key=lambda p: p["level"])
+            xs = [p["level"] for p in ps]
+            axes[0].plot(xs, [p["req_per_s"] for p in ps], marker="o", label=t)
+            axes[1].plot(xs, [p["output_tok_per_s"] for p in ps], marker="o", label=t)
+        axes[0].set(title=f"{wl['name']}: requests/s", xlabel=xlabel, ylabel="req/s")
+        axes[1].set(title=f"{wl['name']}: output tokens/s", xlabel=xlabel, ylabel="tok/s")
+        written.append(_save(fig, axes, wide, out_dir / f"{wl['name']}-throughput.png"))
+    return written
+
+
+def _save(fig: Any, axes: Any, log_x: bool, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write(run: dict[str, Any], out_dir: Path, with_plots: bool = True) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
+    paths["json"].write_text(json.dumps(run, indent=1))
+    paths["md"].write_text(markdown(run))
+    if with_plots:
+        for i, p in enumerate(plots(run, out_dir)):
+            paths[f"png{i}"] = p
+    return paths

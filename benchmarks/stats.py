@@ -1,0 +1,121 @@
+"""Per-request records and the statistics of a load point (pure; unit-tested on synthetic timings).
+
+Definitions (as vLLM's and NVIDIA's benchmark tools use them):
+- TTFT: request sent -> first content token received.
+- ITL: gap between consecutive content-bearing chunks of one stream.
+- TPOT: (end-to-end - TTFT) / (output tokens - 1), per request, for requests with > 1 token.
+- Goodput: completed requests per second that met every SLO bound given.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    """What the client saw of one request (times in seconds)."""
+
+    ok: bool
+    error: str | None = None
+    start_s: float = 0.0
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    itl_s: list[float] = field(default_factory=list)
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.e2e_s is None or self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Upper bounds a request must meet to count towards goodput (None: not bounded)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> SLO:
+        """`ttft=0.5,tpot=0.05,e2e=10` (seconds) -> SLO; empty -> no bounds."""
+        bounds: dict[str, float] = {}
+        for part in (text or "").split(","):
+            if not part.strip():
+                continue
+            name, sep, value = part.partition("=")
+            name = name.strip().lower()
+            if not sep or name not in ("ttft", "tpot", "e2e"):
+                raise ValueError(f"bad SLO term {part!r}: use ttft=S, tpot=S, e2e=S")
+            bounds[f"{name}_s"] = float(value)
+            if bounds[f"{name}_s"] <= 0:
+                raise ValueError(f"SLO bound {name} must be > 0")
+        return cls(**bounds)
+
+    def met(self, r: RequestRecord) -> bool:
+        if not r.ok:
+            return False
+        for bound, value in ((self.ttft_s, r.ttft_s), (self.tpot_s, r.tpot_s), (self.e2e_s, r.e2e_s)):
+            if bound is not None and value is not None and value > bound:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        terms = [f"{n}={v:g}" for n, v in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("e2e", self.e2e_s)) if v]
+        return ",".join(terms) or "none"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None for no data."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def dist(xs: list[float]) -> dict[str, float | None]:
+    """mean, p50, p90, p99 of `xs` (None when empty)."""
+    return {
+        "mean": statistics.fmean(xs) if xs else None,
+        "p50": percentile(xs, 50),
+        "p90": percentile(xs, 90),
+        "p99": percentile(xs, 99),
+    }
+
+
+def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = None) -> dict[str, Any]:
+    """Aggregate statistics of one load point."""
+    slo = slo or SLO()
+    ok = [r for r in records if r.ok]
+    errors: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            kind = r.error or "unknown"
+            errors[kind] = errors.get(kind, 0) + 1
+    good = sum(1 for r in ok if slo.met(r))
+    out_tokens = sum(r.output_tokens for r in ok)
+    rate = (lambda n: n / wall_s) if wall_s > 0 else (lambda n: 0.0)
+    return {
+        "requests": len(records),
+        "completed": len(ok),
+        "errors": errors,
+        "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
+        "wall_s": wall_s,
+        "req_per_s": rate(len(ok)),
+        "output_tok_per_s": rate(out_tokens),
+        "goodput_req_per_s": rate(good),
+        "slo": str(slo),
+        "slo_attainment": good / len(records) if records else None,
+        "ttft_s": dist([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "itl_s": dist([x for r in ok for x in r.itl_s]),
+        "tpot_s": dist([t for r in ok if (t := r.tpot_s) is not None]),
+        "e2e_s": dist([r.e2e_s for r in ok if r.e2e_s is not None]),
+    }

@@ -1,0 +1,82 @@
+"""`raygate bench` end to end against the fake engine: a short scenario, an open-loop sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+
+from benchmarks.runner import free_port, stop, wait_ready
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "raygate.cli", "bench", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _check_reports(out: Path, workloads: list[str]) -> dict:
+    run = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    for wl in workloads:
+        assert f"## {wl} " in md
+        for kind in ("latency", "throughput"):
+            img = matplotlib.image.imread(out / f"{wl}-{kind}.png")  # parses as a PNG
+            assert img.shape[0] > 100 and img.shape[1] > 100
+    return run
+
+
+def test_smoke_scenario_writes_reports_that_parse(tmp_path: Path) -> None:
+    out = tmp_path / "smoke"
+    proc = _bench("run", "benchmarks/scenarios/smoke.yaml", "--out", str(out), "--strict")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = _check_reports(out, ["stream", "json"])
+    points = run["points"]
+    assert {(p["target"], p["workload"], p["level"]) for p in points} == {
+        (t, w, lvl) for t in ("fake-direct", "fake-slow") for w in ("stream", "json") for lvl in (1.0, 4.0)}
+    for p in points:
+        assert p["completed"] > 0 and p["errors"] == {}
+        assert p["req_per_s"] > 0 and p["e2e_s"]["p50"] > 0
+        if p["workload"] == "stream":
+            assert p["ttft_s"]["p50"] is not None and p["itl_s"]["p50"] is not None
+            assert p["output_tok_per_s"] / p["req_per_s"] == 8  # every stream carried 8 tokens
+    slow = [p for p in points if p["target"] == "fake-slow" and p["workload"] == "stream"]
+    assert all(p["slo_attainment"] == 0 for p in slow)  # TTFT 20 ms > the 10 ms SLO: no goodput
+    assert all(p["ttft_s"]["p50"] >= 0.02 for p in slow)
+    assert run["goals"] and all(g["met"] for g in run["goals"])
+    assert "Against **fake-direct**" in (out / "results.md").read_text()
+
+
+def test_open_loop_url_and_summary(tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "serve.fake_server", "--port", str(port), "--model", "m"],
+                              cwd=REPO, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", 30, server, None)
+        out = tmp_path / "open"
+        proc = _bench("url", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", "--rate", "40", "200",
+                      "--duration", "2", "--output-tokens", "4:12", "--slo", "ttft=1", "--out", str(out))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run = _check_reports(out, ["stream"])
+        by_rate = {p["level"]: p for p in run["points"]}
+        # Poisson arrivals over 2 s: about rate x 2 requests (wide bounds: 6 standard deviations).
+        assert 40 <= by_rate[40.0]["requests"] <= 125
+        assert 300 <= by_rate[200.0]["requests"] <= 500
+        assert by_rate[200.0]["goodput_req_per_s"] > 0
+        tokens = by_rate[200.0]["output_tok_per_s"] / by_rate[200.0]["req_per_s"]
+        assert 4 <= tokens <= 12  # uniform output lengths
+        summary = _bench("summary", str(out))
+        assert summary.returncode == 0 and summary.stdout.startswith("| scenario |")
+    finally:
+        stop(server, 10)
+
+
+def test_bad_scenario_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntargets: [{name: a, model: m}]\nbaseline: nope\nload: {levels: [1]}\n")
+    proc = _bench("run", str(bad))
+    assert proc.returncode != 0 and "unknown target" in proc.stderr

@@ -1,0 +1,151 @@
+"""The benchmark tool's statistics, workloads and goal checks, against synthetic timings."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from benchmarks.report import check_goals, markdown
+from benchmarks.scenario import Goal, Placeholders, Scenario
+from benchmarks.stats import SLO, RequestRecord, percentile, summarize
+from benchmarks.workload import Length, Workload
+
+
+def test_percentile_interpolates() -> None:
+    xs = [float(i) for i in range(1, 101)]
+    assert percentile(xs, 50) == pytest.approx(50.5)
+    assert percentile(xs, 90) == pytest.approx(90.1)
+    assert percentile(xs, 0) == 1.0 and percentile(xs, 100) == 100.0
+    assert percentile([], 50) is None
+
+
+def test_summarize_latencies_tokens_and_errors() -> None:
+    # 4 streams: TTFT 0.1..0.4 s, 11 tokens each, end-to-end 1.1 s, chunk gaps 10 and 30 ms.
+    recs = [RequestRecord(ok=True, ttft_s=0.1 * (i + 1), e2e_s=1.1, output_tokens=11, itl_s=[0.01, 0.03])
+            for i in range(4)]
+    recs += [RequestRecord(ok=False, error="http_503"), RequestRecord(ok=False, error="http_503"),
+             RequestRecord(ok=False, error="timeout")]
+    s = summarize(recs, wall_s=2.0)
+    assert (s["requests"], s["completed"]) == (7, 4)
+    assert s["errors"] == {"http_503": 2, "timeout": 1}
+    assert s["error_rate"] == pytest.approx(3 / 7)
+    assert s["req_per_s"] == pytest.approx(2.0) and s["output_tok_per_s"] == pytest.approx(22.0)
+    assert s["ttft_s"]["p50"] == pytest.approx(0.25) and s["ttft_s"]["mean"] == pytest.approx(0.25)
+    assert s["itl_s"]["mean"] == pytest.approx(0.02) and s["itl_s"]["p50"] == pytest.approx(0.02)
+    # TPOT = (e2e - ttft) / (tokens - 1): (1.1 - 0.1) / 10 = 0.1 ... (1.1 - 0.4) / 10 = 0.07
+    assert s["tpot_s"]["p50"] == pytest.approx((0.09 + 0.08) / 2)
+    assert s["e2e_s"]["p99"] == pytest.approx(1.1)
+    # No SLO: every completed request is good.
+    assert s["goodput_req_per_s"] == pytest.approx(2.0)
+
+
+def test_goodput_counts_requests_within_every_bound() -> None:
+    recs = [
+        RequestRecord(ok=True, ttft_s=0.2, e2e_s=1.2, output_tokens=21),   # tpot 0.05: meets both
+        RequestRecord(ok=True, ttft_s=0.8, e2e_s=1.8, output_tokens=21),   # TTFT too slow
+        RequestRecord(ok=True, ttft_s=0.2, e2e_s=4.2, output_tokens=21),   # tpot 0.2: too slow
+        RequestRecord(ok=True, ttft_s=0.1, e2e_s=0.1, output_tokens=1),    # one token: tpot undefined, ok
+        RequestRecord(ok=False, error="http_429"),
+    ]
+    slo = SLO.parse("ttft=0.5,tpot=0.1")
+    s = summarize(recs, wall_s=1.0, slo=slo)
+    assert s["goodput_req_per_s"] == pytest.approx(2.0)
+    assert s["slo_attainment"] == pytest.approx(2 / 5)
+    assert s["slo"] == "ttft=0.5,tpot=0.1"
+
+
+@pytest.mark.parametrize("bad", ["ttft", "ttft=0", "latency=1", "ttft=x"])
+def test_slo_parse_rejects_bad_terms(bad: str) -> None:
+    with pytest.raises(ValueError):
+        SLO.parse(bad)
+
+
+def test_workload_is_reproducible_and_shaped() -> None:
+    wl = Workload(stream=True, prompt_tokens=Length(min=4, max=8), output_tokens=Length(fixed=5), exact_output=True,
+                  seed=7)
+    a = [next(b) for b in [wl.bodies("m")] for _ in range(20)]
+    b_iter = wl.bodies("m")
+    b = [next(b_iter) for _ in range(20)]
+    assert a == b  # same seed, same sequence: every target gets the same requests
+    for body in a:
+        assert 4 <= len(body["messages"][0]["content"].split()) <= 8
+        assert body["max_tokens"] == body["min_tokens"] == 5 and body["ignore_eos"] is True
+        assert body["stream_options"] == {"include_usage": True}
+    completion = next(Workload(endpoint="completion", stream=False, prompt_tokens=3).bodies("m"))
+    assert isinstance(completion["prompt"], str) and "stream" not in completion
+
+
+def test_workload_dataset(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}) + "\n\n"
+                    + json.dumps({"prompt": "once upon"}) + "\n")
+    bodies = Workload(dataset=path, output_tokens=9).bodies("m")
+    first, second, third = next(bodies), next(bodies), next(bodies)
+    assert first["messages"][0]["content"] == "hi" and first["max_tokens"] == 3
+    assert second["messages"][0]["content"] == "once upon" and second["max_tokens"] == 9
+    assert third["max_tokens"] == 3
+    path.write_text('{"max_tokens": 3}\n')
+    with pytest.raises(ValueError, match="messages"):
+        next(Workload(dataset=path).bodies("m"))
+
+
+def test_length_needs_one_form() -> None:
+    assert Length.model_validate(5).draw(random.Random(0)) == 5
+    with pytest.raises(ValueError):
+        Length(min=5)
+    with pytest.raises(ValueError):
+        Length(min=9, max=2)
+
+
+def _point(target: str, level: float, rps: float, e2e: float) -> dict:
+    s = summarize([RequestRecord(ok=True, e2e_s=e2e, output_tokens=4)], wall_s=1.0)
+    s.update({"target": target, "workload": "w", "level": level, "stream": False, "req_per_s": rps})
+    return s
+
+
+def test_goals_ratio_and_delta() -> None:
+    points = [_point("base", 1, 100.0, 0.0010), _point("gw", 1, 90.0, 0.0017),
+              _point("base", 16, 100.0, 0.010), _point("gw", 16, 1200.0, 0.012)]
+    goals = [
+        Goal(name="overhead", target="gw", vs="base", metric="e2e_p50_ms", compare="delta", levels=[1], max=1.0),
+        Goal(name="10x", target="gw", vs="base", metric="req_per_s", compare="ratio", levels=[16], min=10),
+        Goal(name="abs", target="gw", metric="req_per_s", compare="value", min=100),
+    ]
+    out = check_goals(goals, points)
+    assert [(g["goal"], g["level"], round(g["figure"], 3), g["met"]) for g in out] == [
+        ("overhead", 1, 0.7, True), ("10x", 16, 12.0, True), ("abs", 1, 90.0, False), ("abs", 16, 1200.0, True),
+    ]
+
+
+def test_scenario_validation_and_placeholders(tmp_path) -> None:  # noqa: ANN001
+    base = {"name": "s", "targets": [{"name": "a", "model": "m"}], "load": {"levels": [1]}}
+    Scenario.model_validate(base)
+    with pytest.raises(ValueError, match="unknown target"):
+        Scenario.model_validate({**base, "baseline": "nope"})
+    with pytest.raises(ValueError, match="unique"):
+        Scenario.model_validate({**base, "targets": [{"name": "a", "model": "m"}] * 2})
+    ph = Placeholders.create("/usr/bin/python3", tmp_path, tmp_path, {"a": 1234, "up": 99}, "k")
+    assert ph.expand("http://127.0.0.1:{port}/v1 {ports[up]} {key} {bin}", "a") == "http://127.0.0.1:1234/v1 99 k /usr/bin"
+
+
+def test_markdown_has_ratio_table() -> None:
+    sc = Scenario.model_validate({"name": "s", "baseline": "base", "targets": [
+        {"name": "base", "model": "m"}, {"name": "gw", "model": "m"}], "workloads": [{"name": "w", "stream": False}],
+        "load": {"levels": [1]}})
+    run = {"scenario": sc.model_dump(mode="json"), "wall_s": 1.0, "machine": {"cpus": 2},
+           "points": [_point("base", 1, 100.0, 0.001), _point("gw", 1, 50.0, 0.003)], "goals": []}
+    md = markdown(run)
+    assert "| 1 | gw | 0.50 |" in md and "+2.000" in md
+
+
+def test_process_titles() -> None:
+    from benchmarks.procs import title
+
+    assert title(["ray::ServeReplica:raygate:gateway"], "ray::ServeReplica") == "ray::ServeReplica:raygate:gateway"
+    assert title(["/v/bin/python3.11", "-u", "/x/ray/dashboard/dashboard.py", "--host=1"], "python") == "dashboard.py"
+    assert title(["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"], "python") == \
+        "vllm.entrypoints.openai.api_server"
+    assert title(["/usr/lib/ray/raylet", "--x"], "raylet") == "raylet"
+    assert title([], "kworker") == "kworker"

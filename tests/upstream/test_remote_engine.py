@@ -1,0 +1,97 @@
+"""raygate in front of an OpenAI-compatible upstream (engine `openai`), over real HTTP."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from gateway import create_app
+from gateway.backend import ModelBackend
+from gateway.governance.routing import RouteConfig
+from gateway.settings import GatewaySettings
+from serve.config import FakeEngineConfig, ModelDeploymentConfig, UpstreamConfig
+from serve.factory import create_engine
+from serve.fake_engine import FakeEngine
+from serve.remote_engine import RemoteEngine, upstream_error
+from serve.errors import EngineFailure, EngineOverloaded, EngineUnavailable, InvalidRequest
+
+KEY = "test-key-0123456789abcdef"
+MSG = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+async def gateway(upstream: str, tmp_path):  # noqa: ANN201
+    remote = create_engine(ModelDeploymentConfig(model="up", served_name="proxied", engine="openai",
+                                                 upstream=UpstreamConfig(base_url=upstream)), None)
+    dead = RemoteEngine("dead", "up", UpstreamConfig(base_url="http://127.0.0.1:9/v1", connect_timeout_s=1))
+    local = FakeEngine("local", FakeEngineConfig())
+    for e in (remote, dead):
+        await e.start()
+    settings = GatewaySettings(
+        api_keys=[KEY], home=tmp_path,
+        routes={"safe": RouteConfig.model_validate({"targets": [{"model": "dead"}], "fallbacks": ["proxied"]})},
+    )
+    app = create_app(settings, ModelBackend({"proxied": remote, "dead": dead, "local": local}))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    client = openai.AsyncOpenAI(api_key=KEY, base_url="http://gw/v1", http_client=http, _strict_response_validation=True)
+    yield client, http
+    await http.aclose()
+    for e in (remote, dead):
+        await e.shutdown()
+
+
+async def test_full_response_passes_through(gateway) -> None:  # noqa: ANN001
+    client, _ = gateway
+    resp = await client.chat.completions.create(model="proxied", messages=MSG, max_tokens=3, seed=5)
+    assert resp.choices[0].message.content == "tok5 tok6 tok7 "
+    assert resp.usage is not None and resp.usage.completion_tokens == 3
+    done = await client.completions.create(model="proxied", prompt="a b c", max_tokens=2)
+    assert done.choices[0].text == "tok0 tok1 "
+
+
+async def test_stream_is_whole_events_and_usage_only_when_asked(gateway) -> None:  # noqa: ANN001
+    client, _ = gateway
+    stream = await client.chat.completions.create(model="proxied", messages=MSG, max_tokens=6, stream=True)
+    chunks = [c async for c in stream]
+    text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+    assert text == "".join(f"tok{i} " for i in range(6))
+    assert all(c.usage is None for c in chunks)  # the gateway asked for usage (quotas) and dropped it
+    stream = await client.chat.completions.create(model="proxied", messages=MSG, max_tokens=6, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+
+
+async def test_upstream_errors_keep_their_class(gateway) -> None:  # noqa: ANN001
+    client, http = gateway
+    with pytest.raises(openai.BadRequestError) as bad:  # the upstream's own 400 (context length)
+        await client.chat.completions.create(model="proxied", messages=MSG, max_tokens=100_000)
+    assert bad.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    r = await http.post("/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                        json={"model": "dead", "messages": MSG})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    assert r.headers.get("retry-after")
+
+
+async def test_fallback_from_an_unreachable_upstream(gateway) -> None:  # noqa: ANN001
+    client, _ = gateway
+    resp = await client.chat.completions.create(model="safe", messages=MSG, max_tokens=2)
+    assert resp.choices[0].message.content == "tok0 tok1 "
+
+
+def test_upstream_error_mapping() -> None:
+    body = b'{"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}}'
+    over = upstream_error(429, body, "7")
+    assert isinstance(over, EngineOverloaded) and over.retry_after_s == 7
+    assert isinstance(upstream_error(500, b"oops"), EngineFailure)
+    assert isinstance(upstream_error(401, b"{}"), EngineUnavailable)  # our upstream credentials, not the client's
+    bad = upstream_error(400, b'{"error": {"message": "m", "param": "n", "code": 12}}')
+    assert isinstance(bad, InvalidRequest) and (bad.param, bad.code) == ("n", "12")
+
+
+def test_openai_engine_needs_upstream() -> None:
+    with pytest.raises(ValueError, match="upstream"):
+        ModelDeploymentConfig(model="x", engine="openai")
+    with pytest.raises(ValueError, match="upstream"):
+        ModelDeploymentConfig(model="x", engine="fake", upstream=UpstreamConfig(base_url="http://h/v1"))
