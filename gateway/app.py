@@ -24,8 +24,8 @@ from gateway.governance.gate import Governance, Outcome
 from gateway.governance.records import KeyRecord
 from gateway.governance.routing import plan, priority_for
 from gateway.settings import GatewaySettings
-from serve.engine import Endpoint
-from serve.errors import EngineError, InvalidRequest
+from serve.engine import Endpoint, ModelCard
+from serve.errors import EngineError, InvalidRequest, ModelNotFound
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": desc, "content": {"application/json": {}}}
@@ -118,7 +118,6 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
         return await gov.authenticate(request)
 
     caller_dep = Depends(authenticate)
-    auth_dep = [Depends(authenticate)]
 
     def _error(request: Request, exc: Exception) -> Response:
         rid = _request_id(request)
@@ -156,15 +155,24 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
         body = {"status": "ready" if ok else "not_ready", "models": states}
         return Response(orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
-    @app.get("/v1/models", dependencies=auth_dep, responses=ERROR_RESPONSES)
-    async def list_models(request: Request) -> Response:
-        data = [c.model_dump(exclude_none=True) for c in backend.cards()]
+    def route_card(name: str) -> ModelCard:
+        """A route as `/v1/models` shows it: its first target's card under the route's name."""
+        return backend.resolve(settings.routes[name].targets[0].model).card.model_copy(update={"id": name})
+
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def list_models(caller: KeyRecord = caller_dep) -> Response:
+        # A key sees the models and routes it may call, nothing else.
+        cards = [c for c in backend.cards() if caller.may_use(c.id, c.root or "")]
+        cards += [route_card(name) for name in settings.routes if caller.may_use(name)]
+        data = [c.model_dump(exclude_none=True) for c in cards]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth_dep, responses=ERROR_RESPONSES)
-    async def get_model(model_id: str) -> Response:
-        return Response(orjson.dumps(backend.resolve(model_id).card.model_dump(exclude_none=True)),
-                        media_type="application/json")
+    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    async def get_model(model_id: str, caller: KeyRecord = caller_dep) -> Response:
+        card = route_card(model_id) if model_id in settings.routes else backend.resolve(model_id).card
+        if not caller.may_use(model_id, card.id):
+            raise ModelNotFound(model_id)  # as OpenAI answers for a model the key cannot access
+        return Response(orjson.dumps(card.model_dump(exclude_none=True)), media_type="application/json")
 
     def targets(model: str) -> list[str]:
         route = settings.routes.get(model)

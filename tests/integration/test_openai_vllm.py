@@ -30,10 +30,10 @@ def http(stack) -> httpx.Client:
 
 def test_models_list(client, http, stack) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [stack.model]
+    assert [m.id for m in models.data] == [stack.model, "chat"]  # the model, then the route the stack defines
     body = http.get("/v1/models").json()
     assert_valid("ListModelsResponse", body)
-    assert body["data"][0]["root"] == f"{stack.model}@1"
+    assert [m["root"] for m in body["data"]] == [f"{stack.model}@1"] * 2
 
 
 def test_chat_and_completion(client, http, stack) -> None:
