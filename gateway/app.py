@@ -209,6 +209,8 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
                 exc.headers = {**adm.headers, **getattr(exc, "headers", {})}  # type: ignore[union-attr]
             raise
         outcome.version = engine.card.root
+        if engine.card.root:
+            headers["x-raygate-model-version"] = engine.card.root
         if isinstance(result, bytes):
             service.read_usage(result, outcome)
             # Settle after the body is on its way: the client does not wait for the quota store.

@@ -1,42 +1,78 @@
-"""What the gateway talks to: model ids (and aliases) mapped to engines."""
+"""What the gateway talks to: model ids (and aliases) mapped to live models and their engines."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 
+from models.registry import Registry
+from serve.config import ServeConfig
 from serve.engine import Engine, ModelCard
-from serve.errors import EngineError, ModelNotFound
+from serve.errors import ModelNotFound
+from serve.factory import served_id
+from serve.live import LiveModel
 
 
 class ModelBackend:
-    """Resolves a request's `model` to an engine; engines may be local or remote handles."""
+    """Resolves a request's `model` to an engine: a served id, an alias, or a LoRA adapter."""
 
-    def __init__(self, engines: Mapping[str, Engine], aliases: Mapping[str, str] | None = None) -> None:
-        self.engines = dict(engines)
+    def __init__(self, models: Mapping[str, Engine | LiveModel], aliases: Mapping[str, str] | None = None) -> None:
+        self.models = {k: v if isinstance(v, LiveModel) else LiveModel.static(v) for k, v in models.items()}
         self.aliases = dict(aliases or {})
         for alias, target in self.aliases.items():
-            if target not in self.engines:
+            if target not in self.models:
                 raise ValueError(f"alias {alias!r} points at unknown model {target!r}")
 
     def resolve(self, model: str) -> Engine:
-        engine = self.engines.get(model) or self.engines.get(self.aliases.get(model, ""))
-        if engine is None:
-            raise ModelNotFound(model)
-        return engine
+        live = self.models.get(model) or self.models.get(self.aliases.get(model, ""))
+        if live is not None:
+            return live.pick()
+        for live in self.models.values():
+            if live.adapters:
+                engine = live.adapter_engine(model)
+                if engine is not None:
+                    return engine
+        raise ModelNotFound(model)
+
+    @property
+    def engines(self) -> dict[str, Engine]:
+        """Every running engine by its version's reference (old versions still draining excluded)."""
+        return {e.card.root or e.card.id: e for live in self.models.values() for e in live.all_engines()}
 
     def cards(self) -> list[ModelCard]:
-        return [e.card for e in self.engines.values()]
+        out = []
+        for live in self.models.values():
+            out.append(live.card)
+            out += live.adapter_cards()
+        return out
+
+    async def start(self) -> None:
+        """Start every model (one after another: engines load faster than they share a CPU)."""
+        try:
+            for live in self.models.values():
+                await live.start()
+        except BaseException:
+            await self.shutdown()
+            raise
+
+    async def shutdown(self) -> None:
+        for live in self.models.values():
+            with contextlib.suppress(Exception):
+                await live.shutdown()
 
     async def readiness(self) -> dict[str, bool]:
-        """Health of every engine, checked concurrently."""
+        """Health of every model, checked concurrently."""
+        results = await asyncio.gather(*(live.readiness() for live in self.models.values()))
+        return dict(zip(self.models, results))
 
-        async def one(engine: Engine) -> bool:
-            try:
-                await engine.check_health()
-                return True
-            except EngineError:
-                return False
 
-        results = await asyncio.gather(*(one(e) for e in self.engines.values()))
-        return dict(zip(self.engines, results))
+def build_backend(cfg: ServeConfig, registry: Registry | None) -> ModelBackend:
+    """The models of a Serve config (not started): served id -> live model."""
+    models: dict[str, LiveModel] = {}
+    for model_cfg in cfg.models:
+        served = served_id(model_cfg)
+        if served in models:
+            raise ValueError(f"two deployments serve {served!r}: set served_name")
+        models[served] = LiveModel(model_cfg, registry)
+    return ModelBackend(models)

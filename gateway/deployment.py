@@ -13,13 +13,12 @@ from typing import Any
 from ray import serve
 
 from gateway.app import create_app
-from gateway.backend import ModelBackend
+from gateway.backend import build_backend
 from gateway.config import AppConfig
 from gateway.governance.gate import Governance
 from gateway.settings import GatewaySettings
 from models.registry import Registry
 from serve.errors import EngineUnavailable
-from serve.factory import create_engine
 
 logger = logging.getLogger(__name__)
 
@@ -31,20 +30,33 @@ def registry_for(cfg: AppConfig, settings: GatewaySettings) -> Registry:
     return Registry(root, cache_dir=settings.home / "cache")
 
 
+class _ToServeLog(logging.Handler):
+    """Hands records to Serve's `ray.serve` logger, whose handlers write the replica's log file."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("ray.serve").handle(record)
+
+
+def route_logs_to_serve() -> None:
+    """Send raygate's own loggers to the replica's Serve log (the dashboard shows it); Serve only wires `ray.serve`."""
+    for name in ("gateway", "serve", "models"):
+        own = logging.getLogger(name)
+        own.setLevel(logging.INFO)
+        if not any(isinstance(h, _ToServeLog) for h in own.handlers):
+            own.addHandler(_ToServeLog())
+        own.propagate = False
+
+
 @serve.ingress()
 class GatewayIngress:
     """One replica: the FastAPI gateway plus the engines of its co-located models."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
+        route_logs_to_serve()
         cfg = AppConfig.load(config)
         self.settings = GatewaySettings(**cfg.gateway.settings)
-        registry = registry_for(cfg, self.settings)
-        engines = {}
-        for model_cfg in cfg.serve.models:
-            engine = create_engine(model_cfg, registry)
-            await engine.start()
-            engines[engine.card.id] = engine
-        self.backend = ModelBackend(engines)
+        self.backend = build_backend(cfg.serve, registry_for(cfg, self.settings))
+        await self.backend.start()
         self.governance = Governance.build(self.settings)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -57,16 +69,13 @@ class GatewayIngress:
             raise EngineUnavailable(f"unhealthy engines: {', '.join(bad)}")
 
     async def engine_stats(self) -> dict[str, dict[str, Any]]:
-        """Load of each engine (used by `raygate status` and tests)."""
-        return {name: e.stats().model_dump() for name, e in self.backend.engines.items()}
+        """Load of each engine by the version it serves (used by `raygate status` and tests)."""
+        return {ref: {**e.stats().model_dump(), "model": e.card.id, "variant": e.card.variant}
+                for ref, e in self.backend.engines.items()}
 
     async def __del__(self) -> None:
         try:
             await self.governance.close()  # writes the pending usage rows
         except Exception:  # pragma: no cover - best effort at teardown
             logger.exception("governance shutdown failed")
-        for engine in self.backend.engines.values():
-            try:
-                await engine.shutdown()
-            except Exception:  # pragma: no cover - best effort at teardown
-                logger.exception("engine shutdown failed")
+        await self.backend.shutdown()

@@ -5,6 +5,8 @@ Layout under the registry root (a local directory or any fsspec URL)::
     <name>/versions/<N>/manifest.json   # written last: a version exists once this exists
     <name>/versions/<N>/<files...>
     <name>/aliases.json                 # {"stable": 3, ...}; "latest" is derived
+    <name>/history.json                 # every alias change, newest last (promote / rollback)
+    <name>/traffic.json                 # {"canary": {"percent": 10, "of": "stable"}}: a canary split
     <name>/.staging/<token>/            # work area of a publish in progress
 
 ``publish`` copies into a staging directory, verifies every checksum, then moves the
@@ -29,7 +31,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from models.manifest import MANIFEST_FILE, FileEntry, Manifest, validate_alias, validate_name
+from models.manifest import MANIFEST_FILE, FileEntry, Manifest, Variant, validate_alias, validate_name
 from models.refs import LATEST, ModelRef
 
 _CHUNK = 1 << 20
@@ -120,12 +122,7 @@ class Registry:
 
     def aliases(self, name: str) -> dict[str, int]:
         """Aliases of ``name``, including the derived ``latest``."""
-        out: dict[str, int] = {}
-        try:
-            with self.fs.open(self._aliases_path(name), "rb") as f:
-                out = {str(k): int(v) for k, v in json.loads(f.read()).items()}
-        except FileNotFoundError:
-            pass
+        out = {str(k): int(v) for k, v in self._read_json(self._aliases_path(name), {}).items()}
         versions = self.versions(name)
         if versions:
             out[LATEST] = versions[-1]
@@ -206,6 +203,7 @@ class Registry:
         metrics: dict[str, float] | None = None,
         metadata: dict[str, Any] | None = None,
         aliases: Iterable[str] = (),
+        variants: Iterable[Variant] = (),
     ) -> Manifest:
         """Publish the files of local directory ``source`` as the next version of ``name``."""
         validate_name(name)
@@ -231,6 +229,7 @@ class Registry:
                 files=entries,
                 metrics=metrics or {},
                 metadata=metadata or {},
+                variants=self._sized(list(variants), entries),
             )
             manifest = self._commit(draft, staging)
         except BaseException:
@@ -256,6 +255,26 @@ class Registry:
             if digest != e.sha256 or size != e.size:
                 raise ChecksumMismatch(f"staged copy of {e.path} does not match its source")
         return entries
+
+    @staticmethod
+    def _sized(variants: list[Variant], entries: list[FileEntry]) -> list[Variant]:
+        """Variants with their sizes; each must name a directory that holds files."""
+        out = []
+        for v in variants:
+            prefix = f"{v.path.strip('/')}/" if v.path.strip("/") else ""
+            inside = [e for e in entries if e.path.startswith(prefix)]
+            if prefix:
+                size = sum(e.size for e in inside)
+            else:  # the root variant: everything outside the other variants' directories
+                others = tuple(f"{o.path.strip('/')}/" for o in variants if o.path.strip("/"))
+                size = sum(e.size for e in entries if not e.path.startswith(others))
+            if not inside:
+                raise RegistryError(f"variant {v.name!r} has no files under {v.path!r}")
+            out.append(v.model_copy(update={"size": size}))
+        names = [v.name for v in out]
+        if len(names) != len(set(names)):
+            raise RegistryError("variant names must be unique")
+        return out
 
     def _commit(self, draft: Manifest, staging: str) -> Manifest:
         versions_dir = posixpath.join(self._model_dir(draft.name), "versions")
@@ -288,22 +307,81 @@ class Registry:
             return manifest
         raise RegistryError(f"could not allocate a version for {draft.name}")
 
-    def set_alias(self, name: str, alias: str, version: int) -> None:
-        """Point ``alias`` at ``version`` (atomically replaces the alias file)."""
+    def set_alias(self, name: str, alias: str, version: int, *, action: str = "set") -> int | None:
+        """Point ``alias`` at ``version`` (atomically replaces the alias file); returns the previous version."""
         validate_alias(alias)
         if alias == LATEST:
             raise RegistryError("'latest' is derived from the newest version and cannot be set")
         if version not in self.versions(name):
             raise ModelNotFound(f"model {name}@{version} not found")
         current = {k: v for k, v in self.aliases(name).items() if k != LATEST}
+        previous = current.get(alias)
         current[alias] = version
         self._write_json_atomic(self._aliases_path(name), current)
+        self._record(name, {"alias": alias, "version": version, "previous": previous, "action": action})
+        return previous
 
     def remove_alias(self, name: str, alias: str) -> None:
         current = {k: v for k, v in self.aliases(name).items() if k != LATEST}
-        if current.pop(alias, None) is None:
+        previous = current.pop(alias, None)
+        if previous is None:
             raise ModelNotFound(f"model {name!r} has no alias {alias!r}")
         self._write_json_atomic(self._aliases_path(name), current)
+        self._record(name, {"alias": alias, "version": None, "previous": previous, "action": "remove"})
+
+    # ---- roll-outs -----------------------------------------------------------------------
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Every alias change of ``name``, oldest first."""
+        return list(self._read_json(posixpath.join(self._model_dir(name), "history.json"), []))
+
+    def traffic(self, name: str) -> dict[str, dict[str, Any]]:
+        """Canary splits: ``{canary_alias: {"percent": p, "of": alias}}``."""
+        return dict(self._read_json(posixpath.join(self._model_dir(name), "traffic.json"), {}))
+
+    def promote(self, name: str, version: int, alias: str = "stable") -> int | None:
+        """Move ``alias`` to ``version``; a canary of that alias ends. Returns the previous version."""
+        self.clear_canary(name, of=alias)
+        return self.set_alias(name, alias, version, action="promote")
+
+    def set_canary(self, name: str, version: int, percent: float, of: str = "stable", alias: str = "canary") -> None:
+        """Send ``percent`` of the traffic of ``name@of`` to ``version`` (through alias ``alias``)."""
+        if not 0 < percent < 100:
+            raise RegistryError("a canary takes between 0 and 100 percent of the traffic")
+        if of not in self.aliases(name):
+            raise ModelNotFound(f"model {name!r} has no alias {of!r} to split")
+        self.set_alias(name, alias, version, action="canary")
+        split = {k: v for k, v in self.traffic(name).items() if v.get("of") != of}
+        split[alias] = {"percent": float(percent), "of": of}
+        self._write_json_atomic(posixpath.join(self._model_dir(name), "traffic.json"), split)
+
+    def clear_canary(self, name: str, of: str = "stable") -> None:
+        """End the canary split of ``name@of`` (its alias stays, pointing where it did)."""
+        split = self.traffic(name)
+        kept = {k: v for k, v in split.items() if v.get("of") != of}
+        if kept != split:
+            self._write_json_atomic(posixpath.join(self._model_dir(name), "traffic.json"), kept)
+
+    def rollback(self, name: str, alias: str = "stable") -> int:
+        """Return ``alias`` to the version it had before its last promotion; returns that version."""
+        target = rollback_target(self.history(name), alias)
+        if target is None:
+            raise RegistryError(f"{name}@{alias} has no earlier version to roll back to")
+        self.clear_canary(name, of=alias)
+        self.set_alias(name, alias, target, action="rollback")
+        return target
+
+    def _record(self, name: str, entry: dict[str, Any]) -> None:
+        path = posixpath.join(self._model_dir(name), "history.json")
+        entries = self.history(name)
+        entries.append({**entry, "at": datetime.now(timezone.utc).isoformat()})
+        self._write_json_atomic(path, entries)
+
+    def _read_json(self, path: str, default: Any) -> Any:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return default
 
     def gc_staging(self, max_age_s: float = STAGING_MAX_AGE_S) -> int:
         """Remove staging directories left by interrupted publishes; returns how many."""
@@ -316,7 +394,7 @@ class Registry:
                 removed += 1
         return removed
 
-    def _write_json_atomic(self, path: str, data: dict[str, Any]) -> None:
+    def _write_json_atomic(self, path: str, data: Any) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True).encode()
         if self.is_local:
             tmp = f"{path}.{secrets.token_hex(4)}.tmp"
@@ -340,3 +418,26 @@ class Registry:
             os.rmdir(path)
         except OSError:
             pass
+
+
+def rollback_target(history: list[dict[str, Any]], alias: str) -> int | None:
+    """The version ``alias`` returns to on rollback: promotions stack up, rollbacks pop them.
+
+    A pure function of the alias history (oldest first): ``set``/``promote`` push the new
+    version, ``rollback`` pops one, ``remove`` clears. The target is the entry below the top.
+    """
+    stack: list[int] = []
+    for e in history:
+        if e.get("alias") != alias:
+            continue
+        action, version = e.get("action", "set"), e.get("version")
+        if action == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != version:  # history written by hand or a lost entry
+                stack.append(int(version))
+        elif action == "remove" or version is None:
+            stack.clear()
+        elif not stack or stack[-1] != version:
+            stack.append(int(version))
+    return stack[-2] if len(stack) >= 2 else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -11,8 +12,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from models.refs import ModelRef
+from models.registry import RegistryError
 from raygate import home as home_mod
-from raygate import keys_cli
+from raygate import keys_cli, train_cli
 
 
 def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
@@ -104,18 +107,36 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"raygate: no running Ray cluster found ({exc})", file=sys.stderr)
         return 1
     try:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the handle's router announces itself at INFO
         status = serve.status()
         print(f"dashboard: http://127.0.0.1:{args.dashboard_port}  ({token_hint()})")
         if not status.applications:
             print("no Serve applications")
         for app_name, app in status.applications.items():
-            print(f"application {app_name}: {app.status}")
+            print(f"application {app_name}: {_plain(app.status)}")
             for dep_name, dep in app.deployments.items():
-                replicas = ", ".join(f"{state}={n}" for state, n in dep.replica_states.items())
-                print(f"  deployment {dep_name}: {dep.status}  replicas: {replicas or 'none'}")
+                replicas = ", ".join(f"{_plain(state)}={n}" for state, n in dep.replica_states.items())
+                print(f"  deployment {dep_name}: {_plain(dep.status)}  replicas: {replicas or 'none'}")
+                for line in _engine_lines(serve, app_name, dep_name):
+                    print(f"    {line}")
     finally:
         ray.shutdown()
     return 0
+
+
+def _plain(value: Any) -> str:
+    """An enum's value (`HEALTHY`), not its repr (`DeploymentStatus.HEALTHY`)."""
+    return str(getattr(value, "value", value))
+
+
+def _engine_lines(serve: Any, app_name: str, dep_name: str) -> list[str]:
+    """The versions and variants a gateway deployment's replica serves (empty for other deployments)."""
+    try:
+        stats = serve.get_deployment_handle(dep_name, app_name=app_name).engine_stats.remote().result(timeout_s=10)
+    except Exception:  # not a raygate gateway, or no replica answering right now
+        return []
+    return [f"engine {ref}: variant {s.get('variant') or 'full'}, running {s['running']}, "
+            f"{'healthy' if s['healthy'] else 'UNHEALTHY'}" for ref, s in stats.items()]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -127,8 +148,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             print("registry is empty")
         for m in rows:
             aliases = [a for a, v in reg.aliases(m.name).items() if v == m.version]
-            print(f"{m.ref:40s} {m.format:6s} {m.total_size / 1e6:8.1f} MB  {m.created:%Y-%m-%d %H:%M}  "
-                  f"{','.join(sorted(aliases))}")
+            variants = ",".join(v.name for v in m.variants) or "-"
+            print(f"{m.ref:40s} {m.format:5s} {m.total_size / 1e6:8.1f} MB  {m.created:%Y-%m-%d %H:%M}  "
+                  f"{variants:38s} {','.join(sorted(aliases))}")
     elif args.models_cmd == "add":
         manifest = reg.publish(args.name, args.path, metadata={"source": str(Path(args.path).resolve())},
                                aliases=args.alias or [])
@@ -138,6 +160,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.models_cmd == "alias":
         reg.set_alias(args.name, args.alias, args.version)
         print(f"{args.name}@{args.alias} -> {args.version}")
+    elif args.models_cmd == "promote":
+        ref = ModelRef.parse(args.ref)
+        if ref.version is None:
+            raise ValueError(f"promote takes an exact version, NAME@VERSION (got {args.ref!r})")
+        reg.manifest(ref.name, ref.version)  # exists
+        if args.canary is not None:
+            reg.set_canary(ref.name, ref.version, args.canary, of=args.alias)
+            print(f"{ref.name}@{args.alias}: {100 - args.canary:g}% stays on version {reg.aliases(ref.name)[args.alias]}, "
+                  f"{args.canary:g}% goes to {ref}")
+        else:
+            previous = reg.promote(ref.name, ref.version, alias=args.alias)
+            print(f"{ref.name}@{args.alias}: {previous or 'none'} -> {ref.version}")
+        print("running gateways follow within their registry_poll_s (new engine first, then the switch, then a drain)")
+    elif args.models_cmd == "rollback":
+        current = reg.aliases(args.name).get(args.alias)
+        target = reg.rollback(args.name, alias=args.alias)
+        print(f"{args.name}@{args.alias}: {current} -> {target}")
     elif args.models_cmd == "build-default":
         print(f"default model: {home_mod.ensure_default_model(reg).ref}")
     return 0
@@ -150,31 +189,26 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.backend import ModelBackend
+    from gateway.backend import build_backend
     from gateway.config import AppConfig
     from gateway.deployment import registry_for
     from gateway.settings import GatewaySettings
-    from serve.factory import create_engine
 
     cfg = AppConfig.load(args.config)
     settings = GatewaySettings(**cfg.gateway.settings)
     registry = registry_for(cfg, settings)
 
     async def serve_forever() -> None:
-        engines = {}
-        for model_cfg in cfg.serve.models:
-            engine = create_engine(model_cfg, registry)
-            await engine.start()
-            engines[engine.card.id] = engine
-        app = create_app(settings, ModelBackend(engines))
+        backend = build_backend(cfg.serve, registry)
+        await backend.start()
+        app = create_app(settings, backend)
         server = uvicorn.Server(
             uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning", lifespan="on")
         )
         try:
             await server.serve()
         finally:
-            for engine in engines.values():
-                await engine.shutdown()
+            await backend.shutdown()
 
     asyncio.run(serve_forever())
     return 0
@@ -203,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     keys_cli.add_parser(sub)
+    train_cli.add_parser(sub)
     gw = sub.add_parser("gateway", help="Run the gateway and its engines in one uvicorn process, without Ray.")
     gw.add_argument("--config", required=True, help="AppConfig YAML.")
     gw.add_argument("--host", default="127.0.0.1")
@@ -225,6 +260,14 @@ def parser() -> argparse.ArgumentParser:
     alias.add_argument("name")
     alias.add_argument("alias")
     alias.add_argument("version", type=int)
+    promote = msub.add_parser("promote", help="Move an alias (default stable) to a version, or split a canary off it.")
+    promote.add_argument("ref", help="NAME@VERSION to roll out.")
+    promote.add_argument("--alias", default="stable", help="Alias the running deployments follow (default stable).")
+    promote.add_argument("--canary", type=float, metavar="PERCENT",
+                         help="Send only this percent of the alias's traffic to the version (0 < PERCENT < 100).")
+    rollback = msub.add_parser("rollback", help="Return an alias to the version it had before its last promotion.")
+    rollback.add_argument("name")
+    rollback.add_argument("--alias", default="stable")
     msub.add_parser("build-default", help="Build and publish the default model if missing.")
     models.set_defaults(func=cmd_models)
     return p
@@ -240,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "keys":
             return keys_cli.cmd_keys(args, home_mod.home_dir(args.home))
+        if args.cmd == "train":
+            return train_cli.cmd_train(args)
         return int(args.func(args))
-    except (ValueError, LookupError) as exc:
+    except (ValueError, LookupError, RegistryError) as exc:
         print(f"raygate: {exc}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from models.manifest import Manifest
 from models.registry import ModelNotFound, Registry
+from training.default_model import DEFAULT_MODEL_NAME
 
 
 def home_dir(explicit: str | Path | None = None) -> Path:
@@ -45,7 +46,7 @@ def ensure_key_file(path: Path, prefix: str) -> tuple[Path, str]:
 
 def ensure_default_model(reg: Registry) -> Manifest:
     """Publish the default model as version 1 unless the registry already has it."""
-    from training.default_model import DEFAULT_MODEL_NAME, build_default_model
+    from training.default_model import build_default_model
 
     try:
         return reg.resolve(f"{DEFAULT_MODEL_NAME}@stable")

@@ -21,7 +21,7 @@ from gateway.settings import GatewaySettings
 LIMIT_FLAGS = ("rpm", "tpm", "max_concurrent", "tokens_per_day", "tokens_per_month")
 
 
-def open_store(home: Path) -> KeyStore:
+def store_for(home: Path) -> KeyStore:
     settings = GatewaySettings(home=home)
     return open_store(settings.db_url(), settings.hmac_secret())
 
@@ -37,7 +37,7 @@ def _row(k: KeyRecord) -> str:
 
 
 def cmd_keys(args: argparse.Namespace, home: Path) -> int:
-    store = open_store(home)
+    store = store_for(home)
     try:
         if args.keys_cmd == "create":
             expires = datetime.now(UTC) + timedelta(seconds=args.expires_in) if args.expires_in else None

@@ -40,6 +40,16 @@ class UpstreamConfig(BaseModel):
     read_timeout_s: float = Field(default=600.0, gt=0, description="Longest silence from the upstream mid-response.")
 
 
+class LoraConfig(BaseModel):
+    """vLLM's LoRA support: adapters published for the served version load at run time as their own model ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_loras: int = Field(default=4, ge=1, description="Adapters vLLM keeps loaded at once (per batch).")
+    max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank accepted (8, 16, 32, 64...).")
+    max_cpu_loras: int | None = Field(default=None, ge=1, description="Adapters cached in host memory; None: max_loras.")
+
+
 class ModelDeploymentConfig(BaseModel):
     """One model version; its engine runs inside each gateway replica (co-located, no handle hop)."""
 
@@ -73,6 +83,23 @@ class ModelDeploymentConfig(BaseModel):
     cpu_affinity: list[int] | None = Field(
         default=None, description="CPU cores for the engine's worker process; None keeps vLLM's default binding."
     )
+    variants: list[str] = Field(
+        default_factory=lambda: ["full"],
+        description="Weight variants in order of preference ('full', 'int8-w8a8', 'bnb-8bit', 'bnb-nf4', or the groups "
+        "'int8' and '4bit'); the first the version has and this hardware runs is served.",
+    )
+    follow: bool = Field(
+        default=True,
+        description="When `model` names an alias (`name@stable`, or a bare name for `latest`), follow it: a promotion "
+        "or rollback starts the new version beside the old, switches traffic, then drains the old one.",
+    )
+    registry_poll_s: float = Field(default=2.0, gt=0, description="How often a followed alias (and adapters) are checked.")
+    drain_timeout_s: float = Field(
+        default=300.0, ge=0, description="Longest an old version keeps serving its in-flight requests after a switch."
+    )
+    lora: LoraConfig | None = Field(
+        default=None, description="Enable LoRA adapters (vLLM only): published adapters of the served version load live."
+    )
 
     @model_validator(mode="after")
     def _parallel(self) -> ModelDeploymentConfig:
@@ -81,7 +108,13 @@ class ModelDeploymentConfig(BaseModel):
             raise ValueError("tensor/pipeline parallelism needs num_gpus > 0 (GPU workers in a placement group)")
         if (self.engine == "openai") != (self.upstream is not None):
             raise ValueError("engine `openai` needs `upstream` (and only it takes one)")
+        if not self.variants:
+            raise ValueError("variants needs at least one name")
         return self
+
+    @property
+    def hardware(self) -> Literal["cpu", "gpu"]:
+        return "gpu" if self.num_gpus > 0 else "cpu"
 
 
 class ServeConfig(BaseModel):

@@ -33,12 +33,16 @@ class ModelCard(BaseModel):
     scheduling: str | None = Field(
         default=None, description="Request scheduling (`priority`: the gateway maps key tiers to priorities)."
     )
+    variant: str | None = Field(default=None, description="Weight variant served (full, int8-w8a8, bnb-8bit...).")
+    quantization: str | None = Field(default=None, description="Quantization of the served weights, if any.")
+    parent: str | None = Field(default=None, description="For a LoRA adapter: the base model id it runs on.")
 
 
 class EngineStats(BaseModel):
     """A point-in-time view of an engine's load."""
 
-    running: int = Field(description="Requests admitted and not finished (waiting or generating).")
+    running: int = Field(description="Requests the engine holds and has not finished (waiting or generating).")
+    admitted: int = Field(default=0, description="Requests accepted and whose response has not ended yet.")
     healthy: bool = Field(default=True, description="Whether the last health check passed.")
 
 
@@ -68,6 +72,19 @@ class Engine(abc.ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""
+
+    def busy(self) -> int:
+        """Requests still in flight (what a drain waits for)."""
+        s = self.stats()
+        return max(s.running, s.admitted)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter at `path` as model id `name` (engines with LoRA support only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
 
 
 class InflightLimiter:

@@ -60,7 +60,7 @@ class FakeEngine(Engine):
         return None
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=self._admission.count)
+        return EngineStats(running=self._admission.count, admitted=self._admission.count)
 
     def _should_fail(self, request_id: str) -> bool:
         if self.cfg.fail_rate <= 0:

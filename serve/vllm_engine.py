@@ -9,12 +9,13 @@ vLLM is imported inside methods: importing this module stays cheap.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,12 +32,17 @@ from serve.errors import (
 )
 from serve.hardware import cpu_supports_bf16
 
+if TYPE_CHECKING:
+    from serve.factory import Artifact
+
 logger = logging.getLogger(__name__)
 
 _ERROR_PREFIX = 'data: {"error"'
 
 
-def engine_cli_args(cfg: ModelDeploymentConfig, model_path: str, served_name: str) -> list[str]:
+def engine_cli_args(
+    cfg: ModelDeploymentConfig, model_path: str, served_name: str, quantization: str | None = None
+) -> list[str]:
     """vLLM command-line arguments for a deployment (what `vllm serve` would get)."""
     args = [
         "--model", model_path,
@@ -54,6 +60,12 @@ def engine_cli_args(cfg: ModelDeploymentConfig, model_path: str, served_name: st
         args += ["--dtype", "float32"]
     if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         args += ["--distributed-executor-backend", "ray"]
+    if quantization and quantization.startswith("bnb"):
+        args += ["--quantization", "bitsandbytes"]  # vLLM also reads it from config.json; explicit is clearer
+    if cfg.lora is not None:
+        args += ["--enable-lora", "--max-loras", str(cfg.lora.max_loras), "--max-lora-rank", str(cfg.lora.max_lora_rank)]
+        if cfg.lora.max_cpu_loras:
+            args += ["--max-cpu-loras", str(cfg.lora.max_cpu_loras)]
     for key, value in cfg.engine_kwargs.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -86,16 +98,21 @@ def _error_from_vllm(status: int, message: str, param: str | None, prompt_param:
 class VLLMEngine(Engine):
     """`AsyncLLM` plus vLLM's OpenAI serving objects, in this process."""
 
-    def __init__(self, cfg: ModelDeploymentConfig, model_path: str, served_name: str, root: str, created: int) -> None:
+    def __init__(self, cfg: ModelDeploymentConfig, artifact: Artifact) -> None:
         self.cfg = cfg
-        self.model_path = model_path
-        self.served_name = served_name
+        self.model_path = artifact.path
+        self.served_name = artifact.served_name
+        variant = artifact.variant
+        self.quantization = variant.quantization if variant else None
         self._card = ModelCard(
-            id=served_name, created=created, root=root, engine="vllm", scheduling=cfg.scheduling_policy
+            id=artifact.served_name, created=artifact.created, root=artifact.root, engine="vllm",
+            scheduling=cfg.scheduling_policy, variant=variant.name if variant else None, quantization=self.quantization,
         )
         self._engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._models: Any = None
+        self.adapters: set[str] = set()
         self._chat_request_cls: Any = None
         self._completion_request_cls: Any = None
         limit = cfg.max_num_seqs + cfg.max_queued_requests if cfg.max_queued_requests >= 0 else 1 << 30
@@ -117,24 +134,34 @@ class VLLMEngine(Engine):
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        argv = engine_cli_args(self.cfg, self.model_path, self.served_name)
+        argv = engine_cli_args(self.cfg, self.model_path, self.served_name, self.quantization)
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
         engine_args = AsyncEngineArgs.from_cli_args(args)
-        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        # The engine-core process inherits the mask of the thread that spawns it; vLLM's own
-        # `auto` OpenMP binding then stays inside it. Everything else in this process keeps its own.
-        with _thread_affinity(self.cfg.cpu_affinity):
-            self._engine = AsyncLLM.from_vllm_config(
-                vllm_config=vllm_config,
-                usage_context=UsageContext.OPENAI_API_SERVER,
-                enable_log_requests=False,
-                disable_log_stats=engine_args.disable_log_stats,
-            )
+
+        def build() -> tuple[Any, Any]:
+            # Blocking (config from disk, engine-core process start and handshake: seconds to
+            # a minute): off the event loop, so engines already serving here keep streaming
+            # while a new version starts beside them. AsyncLLM starts its output handler on
+            # the first request when built outside a loop.
+            config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+            # The engine-core process inherits the mask of the thread that spawns it; vLLM's own
+            # `auto` OpenMP binding then stays inside it. Everything else in this process keeps its own.
+            with _thread_affinity(self.cfg.cpu_affinity):
+                engine = AsyncLLM.from_vllm_config(
+                    vllm_config=config,
+                    usage_context=UsageContext.OPENAI_API_SERVER,
+                    enable_log_requests=False,
+                    disable_log_stats=engine_args.disable_log_stats,
+                )
+            return config, engine
+
+        vllm_config, self._engine = await asyncio.to_thread(build)
         state = State()
         tasks = await self._engine.get_supported_tasks()
         await init_app_state(self._engine, state, args, tasks)
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
+        self._models = state.openai_serving_models
         self._chat_request_cls = ChatCompletionRequest
         self._completion_request_cls = CompletionRequest
         model_config = vllm_config.model_config
@@ -155,7 +182,25 @@ class VLLMEngine(Engine):
         if self._engine is None:
             return EngineStats(running=0, healthy=False)
         running = self._engine.output_processor.get_num_unfinished_requests()
-        return EngineStats(running=running, healthy=not self._engine.errored)
+        return EngineStats(running=running, admitted=self._admission.count, healthy=not self._engine.errored)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        if self._models is None or self.cfg.lora is None:
+            raise EngineUnavailable(f"{self.served_name} was not started with LoRA support (set `lora`)")
+        result = await self._models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
+        error = getattr(result, "error", None)
+        if error is not None:
+            raise EngineFailure(f"adapter {name}: {error.message}")
+        self.adapters.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        self.adapters.discard(name)
+        if self._models is not None:
+            await self._models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         if self._engine is None:
@@ -165,7 +210,8 @@ class VLLMEngine(Engine):
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         from pydantic import ValidationError
 
-        body = {**body, "model": self.served_name, "request_id": request_id}
+        model = body.get("model")
+        body = {**body, "model": model if model in self.adapters else self.served_name, "request_id": request_id}
         prompt_param = "messages" if endpoint == "chat" else "prompt"
         serving = self._chat if endpoint == "chat" else self._completion
         try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,12 +22,27 @@ class LiveStack:
     model: str
     home: Path
     admin_key: str
+    handle_loop: Any = field(default=None, init=False)
 
     def engine_stats(self) -> dict:
+        """Load of each engine by version, from the gateway replica (from sync and async tests alike).
+
+        Serve's handle routes from the event loop it was first used on; one loop of our own,
+        in a thread, serves every call.
+        """
+        import asyncio
+
         from ray import serve
 
-        handle = serve.get_deployment_handle("gateway", app_name="raygate")
-        return handle.engine_stats.remote().result(timeout_s=30)
+        async def call() -> dict:
+            return await serve.get_deployment_handle("gateway", app_name="raygate").engine_stats.remote()
+
+        if self.handle_loop is None:
+            import threading
+
+            self.handle_loop = asyncio.new_event_loop()
+            threading.Thread(target=self.handle_loop.run_forever, daemon=True, name="serve-handle-loop").start()
+        return asyncio.run_coroutine_threadsafe(call(), self.handle_loop).result(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +65,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     })
     # Small limits so saturation is reachable from a test: 4 running + 2 queued.
     raw["serve"]["models"][0].update({"max_num_seqs": 4, "max_queued_requests": 2, "max_model_len": 1024})
+    # Roll-outs (test_rollout_lifecycle): follow @stable closely and prefer int8 (W8A8 on this CPU).
+    raw["serve"]["models"][0].update({"variants": ["int8", "full"], "registry_poll_s": 1.0})
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT)
     try:
         stack.start(ready_timeout_s=420)

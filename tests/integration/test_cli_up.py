@@ -60,6 +60,12 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert resp.usage.completion_tokens == 3
         listing = subprocess.run([str(exe), "--home", str(tmp_path), "models", "list"], capture_output=True, text=True)
         assert "raygate/tiny-chat@1" in listing.stdout and "stable" in listing.stdout
+        status = subprocess.run([str(exe), "status", "--dashboard-port", str(DASHBOARD_PORT)],
+                                capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        assert "deployment gateway: HEALTHY" in status.stdout, status.stdout
+        assert "engine raygate/tiny-chat@1: variant full, running 0, healthy" in status.stdout, status.stdout
+        assert f"http://127.0.0.1:{DASHBOARD_PORT}" in status.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
