@@ -187,7 +187,8 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
         service.validate(endpoint, body)
         requested = body["model"]
         chosen = targets(requested)
-        card = backend.resolve(chosen[0]).card  # 404 for an unknown model, before any quota
+        first = backend.resolve(chosen[0])  # 404 for an unknown model, before any quota
+        card = first.card
         gov.authorize(caller, requested, card.id)
         if card.scheduling == "priority":
             body["priority"] = priority_for(caller.tier, settings.tier_priority)
@@ -198,7 +199,7 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
         client_wants_usage = service.want_usage(body) if streaming else True
         try:
             result, engine, _fallbacks = await service.generate(
-                backend, chosen, endpoint, body, rid, request, settings.request_timeout_s
+                backend, first, chosen, endpoint, body, rid, request, settings.request_timeout_s
             )
         except BaseException as exc:
             outcome.status = 499 if isinstance(exc, service.ClientDisconnected) else spec_for(exc).status

@@ -98,12 +98,16 @@ async def _first(engine: Engine, endpoint: Endpoint, body: dict[str, Any], reque
 
 
 async def dispatch(
-    backend: ModelBackend, targets: list[str], endpoint: Endpoint, body: dict[str, Any], request_id: str
+    backend: ModelBackend, first: Engine, targets: list[str], endpoint: Endpoint, body: dict[str, Any], request_id: str
 ) -> tuple[bytes | Started, Engine, int]:
-    """Try `targets` in order until one starts; returns (result, engine, fallbacks taken)."""
+    """Try `targets` in order until one starts (`first`: the engine already picked for `targets[0]`).
+
+    Returns (result, engine, fallbacks taken). The first engine is the one admission was
+    sized on: with a canary split, resolving again could pick another version.
+    """
     last: Exception | None = None
     for attempt, target in enumerate(targets):
-        engine = backend.resolve(target)
+        engine = first if attempt == 0 else backend.resolve(target)
         try:
             return await _first(engine, endpoint, body, request_id), engine, attempt
         except RETRYABLE as exc:
@@ -116,6 +120,7 @@ async def dispatch(
 
 async def generate(
     backend: ModelBackend,
+    first: Engine,
     targets: list[str],
     endpoint: Endpoint,
     body: dict[str, Any],
@@ -125,8 +130,8 @@ async def generate(
 ) -> tuple[bytes | Started, Engine, int]:
     """Dispatch; for a full response, abort it if the client disconnects or it times out."""
     if body.get("stream"):
-        return await dispatch(backend, targets, endpoint, body, request_id)
-    work = asyncio.ensure_future(dispatch(backend, targets, endpoint, body, request_id))
+        return await dispatch(backend, first, targets, endpoint, body, request_id)
+    work = asyncio.ensure_future(dispatch(backend, first, targets, endpoint, body, request_id))
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
         done, _ = await asyncio.wait({work, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)

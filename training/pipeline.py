@@ -11,7 +11,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def run_pipeline(cfg: TrainConfig, registry: Registry, home: Path, log: Log = pr
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    clock = _Clock(timings)
+    clock = _clock(timings)
     base = registry.resolve(cfg.base_model)
     base_path = str(registry.local_path(base))
     log(f"[pipeline] base {base.ref} ({cfg.method}, {cfg.num_workers} workers, {cfg.max_steps} steps)")
@@ -132,19 +133,18 @@ def run_pipeline(cfg: TrainConfig, registry: Registry, home: Path, log: Log = pr
         shutil.rmtree(work, ignore_errors=True)
 
 
-class _Clock:
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings = timings
+def _clock(timings: dict[str, float]) -> Callable[[str], AbstractContextManager[None]]:
+    """`with clock("step"):` records the step's wall time in `timings`."""
 
-    def __call__(self, name: str) -> _Clock:
-        self._name = name
-        return self
+    @contextmanager
+    def timed(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[name] = round(time.perf_counter() - t0, 2)
 
-    def __enter__(self) -> None:
-        self._t = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self._name] = round(time.perf_counter() - self._t, 2)
+    return timed
 
 
 def _task_options(cfg: TrainConfig) -> dict[str, Any]:
