@@ -23,7 +23,11 @@ from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_respo
 from gateway.governance.gate import Governance, Outcome
 from gateway.governance.records import KeyRecord
 from gateway.governance.routing import plan, priority_for
+from gateway.logs import REQUEST_ID, access_logger
+from gateway.metrics import GatewayMetrics
+from gateway.observe import Observer
 from gateway.settings import GatewaySettings
+from gateway.tracing import Tracing, attach_trace, detach_trace
 from serve.engine import Endpoint, ModelCard
 from serve.errors import EngineError, InvalidRequest, ModelNotFound
 
@@ -98,9 +102,26 @@ def _id_headers(request: Request, rid: str) -> dict[str, str]:
     return {} if "x-request-id" in request.headers else {"x-request-id": rid}
 
 
-def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Governance | None = None) -> FastAPI:
+def build_observer(settings: GatewaySettings, tracing: Tracing | None = None) -> Observer:
+    """Metrics, traces and the access log as `settings` ask (tracing: the `OTEL_*` environment)."""
+    return Observer(
+        GatewayMetrics.create() if settings.metrics else None,
+        tracing or Tracing.create(settings.tracing),
+        access_logger(settings.access_log),
+        slo_ttft_s=settings.slo_ttft_s,
+        slo_tpot_s=settings.slo_tpot_s,
+    )
+
+
+def create_app(
+    settings: GatewaySettings,
+    backend: ModelBackend,
+    governance: Governance | None = None,
+    observer: Observer | None = None,
+) -> FastAPI:
     """Build the gateway; all state lives on `app.state`, nothing at module level."""
     gov = governance or Governance.build(settings)
+    obs = observer or build_observer(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -108,11 +129,15 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
             yield
         finally:
             await gov.close()  # flushes the usage ledger
+            obs.tracing.shutdown()
+            if obs.metrics is not None:
+                obs.metrics.close()
 
     app = GatewayApp(title="raygate", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.settings = settings
     app.state.backend = backend
     app.state.governance = gov
+    app.state.observer = obs
 
     async def authenticate(request: Request) -> KeyRecord:  # async: no thread-pool hop per request
         return await gov.authenticate(request)
@@ -148,6 +173,13 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
     async def health() -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        if obs.metrics is None:
+            raise NotFound("Metrics are off (settings.metrics).")
+        body, content_type = obs.metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/ready")
     async def ready() -> Response:
         states = await backend.readiness()
@@ -180,48 +212,71 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
             return [model]
         return plan(route, random.random(), settings.max_route_attempts)
 
-    async def run(endpoint: Endpoint, request: Request, caller: KeyRecord) -> Response:
-        started = time.perf_counter()
+    async def run(endpoint: Endpoint, request: Request) -> Response:
         rid = _request_id(request)
-        body = await service.read_json(request, settings.max_request_bytes)
-        service.validate(endpoint, body)
-        requested = body["model"]
-        chosen = targets(requested)
-        first = backend.resolve(chosen[0])  # 404 for an unknown model, before any quota
-        card = first.card
-        gov.authorize(caller, requested, card.id)
-        if card.scheduling == "priority":
-            body["priority"] = priority_for(caller.tier, settings.tier_priority)
-        adm = await gov.admit(caller, body, card.max_model_len)
+        REQUEST_ID.set(rid)
+        watch = obs.start(request.scope, request.headers, rid)
+        adm = None
+        try:
+            caller = watch.caller = await gov.authenticate(request)
+            watch.mark("auth")
+            body = await service.read_json(request, settings.max_request_bytes)
+            service.validate(endpoint, body)
+            requested = body["model"]
+            chosen = targets(requested)
+            first = backend.resolve(chosen[0])  # 404 for an unknown model, before any quota
+            card = first.card
+            gov.authorize(caller, requested, card.id)
+            watch.mark("routing")
+            if card.scheduling == "priority":
+                body["priority"] = priority_for(caller.tier, settings.tier_priority)
+            adm = await gov.admit(caller, body, card.max_model_len)
+            watch.mark("quota")
+        except BaseException as exc:
+            watch.fail(exc)
+            raise
+        streaming = bool(body.get("stream"))
+        watch.admitted(requested, streaming)
         outcome = Outcome(model=requested)
         headers = {**_id_headers(request, rid), **adm.headers}
-        streaming = bool(body.get("stream"))
         client_wants_usage = service.want_usage(body) if streaming else True
+
+        async def done() -> None:
+            watch.end(outcome)
+            await gov.finish(caller, adm, outcome, rid, time.perf_counter() - watch.t0)
+
         try:
-            result, engine, _fallbacks = await service.generate(
-                backend, first, chosen, endpoint, body, rid, request, settings.request_timeout_s
-            )
+            trace_token = attach_trace(watch.context())
+            try:
+                result, engine, fallbacks = await service.generate(
+                    backend, first, chosen, endpoint, body, rid, request, settings.request_timeout_s
+                )
+            finally:
+                detach_trace(trace_token)
         except BaseException as exc:
             outcome.status = 499 if isinstance(exc, service.ClientDisconnected) else spec_for(exc).status
-            await gov.finish(caller, adm, outcome, rid, time.perf_counter() - started)
+            watch.fail(exc, outcome.status)
+            await done()
             if isinstance(exc, service.ClientDisconnected):
                 return Response(status_code=499)
             if isinstance(exc, GatewayError | EngineError):
                 exc.headers = {**adm.headers, **getattr(exc, "headers", {})}  # type: ignore[union-attr]
             raise
+        watch.first_output(engine.card.id, fallbacks)
         outcome.version = engine.card.root
         if engine.card.root:
             headers["x-raygate-model-version"] = engine.card.root
         if isinstance(result, bytes):
             service.read_usage(result, outcome)
             # Settle after the body is on its way: the client does not wait for the quota store.
-            settle = BackgroundTask(gov.finish, caller, adm, outcome, rid, time.perf_counter() - started)
-            return SettleAfterResponse(result, media_type="application/json", headers=headers, background=settle)
+            return SettleAfterResponse(
+                result, media_type="application/json", headers=headers, background=BackgroundTask(done)
+            )
 
         async def finish(client_left: bool) -> None:
             if client_left:
                 outcome.status = 499
-            await gov.finish(caller, adm, outcome, rid, time.perf_counter() - started)
+            await done()
 
         events = service.relay(result, outcome, client_wants_usage, rid, finish)
         return StreamingResponse(
@@ -230,19 +285,20 @@ def create_app(settings: GatewaySettings, backend: ModelBackend, governance: Gov
 
     stream_ok: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
+    # Registered for the OpenAPI schema; requests take the fast path (GatewayApp.__call__) to `run`.
     @app.post("/v1/chat/completions", responses={**stream_ok, **ERROR_RESPONSES})
     async def chat_completions(request: Request, caller: KeyRecord = caller_dep) -> Response:
-        return await run("chat", request, caller)
+        return await run("chat", request)
 
     @app.post("/v1/completions", responses={**stream_ok, **ERROR_RESPONSES})
     async def completions(request: Request, caller: KeyRecord = caller_dep) -> Response:
-        return await run("completion", request, caller)
+        return await run("completion", request)
 
     async def fast_chat(request: Request) -> Response:
-        return await run("chat", request, await gov.authenticate(request))
+        return await run("chat", request)
 
     async def fast_completion(request: Request) -> Response:
-        return await run("completion", request, await gov.authenticate(request))
+        return await run("completion", request)
 
     app.fast_routes = {"/v1/chat/completions": fast_chat, "/v1/completions": fast_completion}
     app.on_error = _error

@@ -14,6 +14,7 @@ from ray.serve import Application
 
 from gateway.config import AppConfig
 from gateway.deployment import GatewayIngress
+from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import GatewaySettings
 
 
@@ -24,30 +25,47 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
     num_gpus = sum(m.num_gpus for m in cfg.serve.models)
     opts: dict[str, Any] = {
         "name": g.name,
-        "num_replicas": g.num_replicas,
         "max_ongoing_requests": g.max_ongoing_requests,
         "max_queued_requests": g.max_queued_requests,
         "health_check_period_s": g.health_check_period_s,
         "health_check_timeout_s": g.health_check_timeout_s,
         "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
-        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env(cfg)},
+        # Serve's per-request access log stays off: the gateway writes its own off the hot path (`access_log`).
+        "logging_config": {"encoding": g.log_encoding, "log_level": "INFO", "enable_access_log": False},
     }
+    if g.autoscaling is not None:
+        opts["autoscaling_config"] = g.autoscaling.model_dump()
+    else:
+        opts["num_replicas"] = g.num_replicas
     parallel = [m for m in cfg.serve.models if m.tensor_parallel_size * m.pipeline_parallel_size > 1]
     if parallel:
         # vLLM's Ray executor places its workers in the replica's placement group.
         workers = sum(m.tensor_parallel_size * m.pipeline_parallel_size for m in parallel)
-        opts["ray_actor_options"] = {"num_cpus": num_cpus, "num_gpus": 0}
+        opts["ray_actor_options"] = {**opts["ray_actor_options"], "num_gpus": 0}
         opts["placement_group_bundles"] = [{"CPU": num_cpus}] + [{"GPU": 1}] * workers
         opts["placement_group_strategy"] = "STRICT_PACK"
     return opts
 
 
+def runtime_env(cfg: AppConfig) -> dict[str, Any]:
+    """Environment of every gateway replica, set before it imports anything."""
+    return {"env_vars": {
+        # vLLM's logging setup runs logging.config.dictConfig, which closes every handler in the
+        # process, Serve's replica log among them: nothing after the engine's import reached the log.
+        "VLLM_CONFIGURE_LOGGING": "0",
+        **cfg.gateway.env_vars,
+        MULTIPROC_ENV: cfg.metrics_dir(),
+    }}
+
+
 def check_shared_state(cfg: AppConfig) -> None:
     """Refuse several gateway replicas whose quotas could not be shared (no Redis)."""
     settings = GatewaySettings(**cfg.gateway.settings)
-    if cfg.gateway.num_replicas > 1 and not settings.redis_url:
+    most = cfg.gateway.autoscaling.max_replicas if cfg.gateway.autoscaling else cfg.gateway.num_replicas
+    if most > 1 and not settings.redis_url:
         raise ValueError(
-            f"{cfg.gateway.num_replicas} gateway replicas need a shared quota store: set redis_url "
+            f"{most} gateway replicas need a shared quota store: set redis_url "
             "(RAYGATE_REDIS_URL); in-process quotas are exact for one replica only"
         )
 

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve.config import ServeConfig
+
+
+class AutoscalingConfig(BaseModel):
+    """Serve autoscaling of the gateway replicas (each hosts the engines of its models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas, also at start.")
+    max_replicas: int = Field(default=2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        default=64, gt=0, description="Requests in flight per replica that Serve steers towards."
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="Load must stay above target this long to add.")
+    downscale_delay_s: float = Field(default=120.0, ge=0, description="Load must stay below target this long to remove.")
+    metrics_interval_s: float = Field(default=2.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(default=10.0, gt=0, description="Window the load is averaged over.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
 
 
 class GatewayDeploymentConfig(BaseModel):
@@ -18,6 +41,14 @@ class GatewayDeploymentConfig(BaseModel):
 
     name: str = Field(default="gateway", description="Serve deployment name of the ingress.")
     num_replicas: int = Field(default=1, ge=1, description="Gateway replicas (each hosts the co-located engines).")
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="Scale replicas with load instead of a fixed num_replicas."
+    )
+    metrics_dir: str | None = Field(
+        default=None,
+        description="Directory where a node's gateway replicas pool their Prometheus samples (PROMETHEUS_MULTIPROC_DIR), "
+        "so /metrics of any replica counts them all; default <tmp>/raygate-metrics/<app_name>.",
+    )
     num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves per gateway replica.")
     max_ongoing_requests: int = Field(
         default=1024, ge=1, description="Requests in flight per replica; keep well above client concurrency."
@@ -26,6 +57,14 @@ class GatewayDeploymentConfig(BaseModel):
     health_check_period_s: float = Field(default=10.0, gt=0, description="How often Serve checks replica health.")
     health_check_timeout_s: float = Field(default=30.0, gt=0, description="A health check slower than this fails.")
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Time to drain requests on stop.")
+    log_encoding: Literal["JSON", "TEXT"] = Field(
+        default="JSON", description="Replica log lines as JSON (with request ids) or Serve's text format."
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of the gateway replicas, for example OTEL_TRACES_EXPORTER=otlp and "
+        "OTEL_EXPORTER_OTLP_ENDPOINT to export traces.",
+    )
     settings: dict[str, Any] = Field(
         default_factory=dict, description="GatewaySettings fields (no secrets here: use api_keys_file)."
     )
@@ -40,6 +79,12 @@ class AppConfig(BaseModel):
     route_prefix: str = Field(default="/", description="HTTP prefix of the application.")
     gateway: GatewayDeploymentConfig = Field(default_factory=GatewayDeploymentConfig, description="Ingress options.")
     serve: ServeConfig = Field(description="Models and registry.")
+
+    def metrics_dir(self) -> str:
+        """Where this application's gateway replicas on a node pool their metrics."""
+        import tempfile
+
+        return self.gateway.metrics_dir or os.path.join(tempfile.gettempdir(), "raygate-metrics", self.app_name)
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any] | AppConfig) -> AppConfig:

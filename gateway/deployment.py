@@ -16,6 +16,8 @@ from gateway.app import create_app
 from gateway.backend import build_backend
 from gateway.config import AppConfig
 from gateway.governance.gate import Governance
+from gateway.logs import OWN_LOGGERS
+from gateway.metrics import multiprocess_dir
 from gateway.settings import GatewaySettings
 from models.registry import Registry
 from serve.errors import EngineUnavailable
@@ -39,7 +41,7 @@ class _ToServeLog(logging.Handler):
 
 def route_logs_to_serve() -> None:
     """Send raygate's own loggers to the replica's Serve log (the dashboard shows it); Serve only wires `ray.serve`."""
-    for name in ("gateway", "serve", "models"):
+    for name in OWN_LOGGERS:
         own = logging.getLogger(name)
         own.setLevel(logging.INFO)
         if not any(isinstance(h, _ToServeLog) for h in own.handlers):
@@ -52,6 +54,9 @@ class GatewayIngress:
     """One replica: the FastAPI gateway plus the engines of its co-located models."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
+        shared = multiprocess_dir()
+        if shared is not None:
+            shared.mkdir(parents=True, exist_ok=True)  # the builder set it; `serve deploy` has no Stack to make it
         route_logs_to_serve()
         cfg = AppConfig.load(config)
         self.settings = GatewaySettings(**cfg.gateway.settings)

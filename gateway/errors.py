@@ -66,10 +66,14 @@ class QuotaExceeded(GatewayError):
 
     default_code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: int | None = None, headers: dict[str, str] | None = None,
+        kind: str = "requests",
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.headers = headers or {}
+        self.kind = kind  # which limit: requests, tokens, concurrent, day, month
 
 
 class TokenRateExceeded(QuotaExceeded):

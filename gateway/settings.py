@@ -66,6 +66,18 @@ class GatewaySettings(BaseSettings):
     )
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a non-streaming request may take.")
+    metrics: bool = Field(default=True, description="Serve Prometheus metrics on /metrics.")
+    tracing: str | None = Field(
+        default=None,
+        description="Trace exporters ('otlp', 'console', comma-separated, or 'none'); None: OTEL_TRACES_EXPORTER, "
+        "unset means off. The OTLP exporter takes the standard OTEL_EXPORTER_OTLP_* variables.",
+    )
+    access_log: bool = Field(
+        default=False, description="One JSON line per request (status, model, key id, tokens, times; never the key "
+        "or the prompt), written from a thread of its own."
+    )
+    slo_ttft_s: float = Field(default=1.0, gt=0, description="SLO target for time to first token (per-key attainment).")
+    slo_tpot_s: float = Field(default=0.1, gt=0, description="SLO target for the mean time per output token.")
 
     def accepted_keys(self) -> list[str]:
         """The bootstrap keys: `api_keys` plus the lines of `api_keys_file`."""

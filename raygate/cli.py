@@ -58,7 +58,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         cfg = AppConfig.load(default_app_config(home, args.engine))
     stack = Stack(
-        cfg, host=args.host, port=args.port, dashboard_port=args.dashboard_port, split_cores=args.core_split
+        cfg, host=args.host, port=args.port, dashboard_port=args.dashboard_port,
+        metrics_export_port=args.metrics_port, split_cores=args.core_split,
     )
     stop = threading.Event()
 
@@ -80,6 +81,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"             (also in {key_path})\n"
             f"  admin key  in {admin_path}  (/admin/keys, or `raygate keys ...`)\n"
             f"  dashboard  {stack.dashboard_url}  ({token_hint()})\n"
+            f"  metrics    {stack.base_url}/metrics (gateway), http://127.0.0.1:{args.metrics_port}/metrics (Ray, Serve, vLLM)\n"
             "  try:       curl -s {0}/v1/chat/completions -H \"Authorization: Bearer $(cat {1})\" "
             "-H 'Content-Type: application/json' -d '{{\"model\": \"{2}\", \"messages\": "
             "[{{\"role\": \"user\", \"content\": \"hello\"}}], \"max_tokens\": 16}}'\n"
@@ -130,11 +132,23 @@ def _plain(value: Any) -> str:
 
 
 def _engine_lines(serve: Any, app_name: str, dep_name: str) -> list[str]:
-    """The versions and variants a gateway deployment's replica serves (empty for other deployments)."""
+    """The versions and variants a gateway deployment's replica serves (empty for other deployments).
+
+    The call runs inside an event loop of its own: with RAY_SERVE_THROUGHPUT_OPTIMIZED set in
+    this process's environment, a handle routes from the loop it is used on.
+    """
+    import asyncio
+
+    async def ask() -> dict[str, Any]:
+        handle = serve.get_deployment_handle(dep_name, app_name=app_name)
+        return await asyncio.wait_for(handle.engine_stats.remote(), timeout=30)
+
     try:
-        stats = serve.get_deployment_handle(dep_name, app_name=app_name).engine_stats.remote().result(timeout_s=10)
-    except Exception:  # not a raygate gateway, or no replica answering right now
+        stats = asyncio.run(ask())
+    except AttributeError:  # not a raygate gateway
         return []
+    except Exception as exc:  # noqa: BLE001 - no replica answering right now: say so
+        return [f"engines: no answer from a replica ({type(exc).__name__}: {exc})"]
     return [f"engine {ref}: variant {s.get('variant') or 'full'}, running {s['running']}, "
             f"{'healthy' if s['healthy'] else 'UNHEALTHY'}" for ref, s in stats.items()]
 
@@ -191,12 +205,14 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.backend import build_backend
     from gateway.config import AppConfig
+    from gateway import logs
     from gateway.deployment import registry_for
     from gateway.settings import GatewaySettings
 
     cfg = AppConfig.load(args.config)
     settings = GatewaySettings(**cfg.gateway.settings)
     registry = registry_for(cfg, settings)
+    logs.configure()  # JSON lines on stderr
 
     async def serve_forever() -> None:
         backend = build_backend(cfg.serve, registry)
@@ -225,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--dashboard-port", type=int, default=8265)
+    up.add_argument("--metrics-port", type=int, default=8080,
+                    help="Ray's Prometheus export port (ray_serve_*, vLLM engine metrics); the gateway's own are on /metrics")
     up.add_argument(
         "--core-split", action="store_true",
         help="give CPU vLLM workers cores of their own, Ray the rest: more tok/s, slower first token "

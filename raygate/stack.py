@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -20,11 +21,18 @@ logger = logging.getLogger(__name__)
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC handles, user code on the replica loop
     "RAY_SERVE_ENABLE_HA_PROXY": "1",  # bundled HAProxy instead of the Python HTTP proxy
+    # Throughput mode buffers 1,000 replica log records before writing any; Serve's own access log is off
+    # and the gateway logs little per request (its access log from a thread of its own), so write at once.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "VLLM_NO_USAGE_STATS": "1",
     "VLLM_DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+# Replica logs as JSON lines (each with the request id the response's x-request-id carries);
+# Serve's per-request access log stays off: the gateway's own (`access_log`) is written off the hot path.
+SERVE_LOGGING = {"encoding": "JSON", "enable_access_log": False, "log_level": "INFO"}
 
 
 @dataclass
@@ -35,6 +43,7 @@ class Stack:
     host: str = "127.0.0.1"
     port: int = 8000
     dashboard_port: int = 8265
+    metrics_export_port: int = 8080  # Ray's Prometheus endpoint: ray_serve_*, vLLM's engine metrics, ray_* (scraped per node)
     num_cpus: int | None = None
     env: dict[str, str] = field(default_factory=lambda: dict(SERVE_ENV))
     split_cores: bool = False
@@ -71,6 +80,7 @@ class Stack:
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=self.dashboard_port,
+            _metrics_export_port=self.metrics_export_port,
             logging_level=logging.WARNING,
             configure_logging=True,
         )
@@ -79,9 +89,12 @@ class Stack:
             for sig, handler in saved.items():
                 if handler is not None:
                     signal.signal(sig, handler)
+        # Gateway metrics are pooled per node; a new cluster starts from zero.
+        shutil.rmtree(self.config.metrics_dir(), ignore_errors=True)
+        os.makedirs(self.config.metrics_dir(), exist_ok=True)
         serve.start(
             http_options={"host": self.host, "port": self.port},
-            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+            logging_config=SERVE_LOGGING,
         )
         serve.run(
             build_app(self.config),

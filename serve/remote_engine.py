@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry.propagate import inject
 
 from serve.config import UpstreamConfig
 from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
@@ -108,7 +109,9 @@ class RemoteEngine(Engine):
             raise EngineUnavailable("upstream session is not started")
         payload = orjson.dumps({**body, "model": self.upstream_model})
         try:
-            resp = await self._session.post(self._url[endpoint], data=payload, headers={"x-request-id": request_id})
+            headers = {"x-request-id": request_id}
+            inject(headers)  # W3C traceparent of the caller's span, when tracing is on
+            resp = await self._session.post(self._url[endpoint], data=payload, headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise EngineUnavailable(f"upstream unreachable: {type(exc).__name__}") from None
         if resp.status >= 300:

@@ -40,6 +40,18 @@ logger = logging.getLogger(__name__)
 _ERROR_PREFIX = 'data: {"error"'
 
 
+def ray_stat_loggers() -> list[Any] | None:
+    """Inside a Ray worker, vLLM's metrics go through Ray's metrics export (one series per
+    replica, tagged ReplicaId, on every node's metrics port) instead of this process's registry."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    return [RayPrometheusStatLogger]
+
+
 def engine_cli_args(
     cfg: ModelDeploymentConfig, model_path: str, served_name: str, quantization: str | None = None
 ) -> list[str]:
@@ -152,6 +164,7 @@ class VLLMEngine(Engine):
                     usage_context=UsageContext.OPENAI_API_SERVER,
                     enable_log_requests=False,
                     disable_log_stats=engine_args.disable_log_stats,
+                    stat_loggers=ray_stat_loggers(),
                 )
             return config, engine
 

@@ -37,9 +37,9 @@ _MESSAGES = {
 def rejection_error(r: Rejection) -> QuotaExceeded:
     message = _MESSAGES[r.kind].format(limit=r.limit, subject=r.subject, retry=r.retry_after_s)
     if r.kind in ("day", "month"):
-        return BudgetExhausted(message, headers=r.headers)
+        return BudgetExhausted(message, headers=r.headers, kind=r.kind)
     cls = TokenRateExceeded if r.kind == "tokens" else QuotaExceeded
-    return cls(message, retry_after_s=r.retry_after_s, headers=r.headers)
+    return cls(message, retry_after_s=r.retry_after_s, headers=r.headers, kind=r.kind)
 
 
 class QuotaLimiter(abc.ABC):

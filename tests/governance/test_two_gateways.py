@@ -65,15 +65,20 @@ def gateways(tmp_path: Path, redis_url: str, pg_url: str) -> Iterator[Gateways]:
     cfg.write_text(yaml.safe_dump({
         "gateway": {"settings": {
             "home": str(tmp_path), "database_url": pg_url, "redis_url": redis_url, "rate_window_s": 4,
-            "routes": {"chat": {"targets": [{"model": "fake-a", "weight": 1}], "fallbacks": ["fake-b"]}},
+            "routes": {"chat": {"targets": [{"model": "fake-a", "weight": 1}], "fallbacks": ["fake-b"]},
+                       "safe": {"targets": [{"model": "broken"}], "fallbacks": ["fake-b"]}},
         }},
         "serve": {"models": [
             {"model": "fake-a", "engine": "fake", "fake": {"itl_ms": 1, "fail_rate": 0.0}},
             {"model": "fake-b", "engine": "fake", "fake": {"itl_ms": 1}},
             {"model": "slow", "engine": "fake", "fake": {"ttft_ms": 1500}},
+            {"model": "broken", "engine": "fake", "fake": {"fail_rate": 1.0}},
         ]},
     }))
-    env = {**os.environ, "RAYGATE_ADMIN_KEY": ADMIN, "RAYGATE_KEY_SECRET": SECRET}
+    metrics_dir = tmp_path / "metrics"  # both processes pool their Prometheus samples here
+    metrics_dir.mkdir()
+    env = {**os.environ, "RAYGATE_ADMIN_KEY": ADMIN, "RAYGATE_KEY_SECRET": SECRET,
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     ports = [free_port(), free_port()]
     logs = [tmp_path / f"gw{i}.log" for i in range(2)]
     procs = [_start(cfg, p, log, env) for p, log in zip(ports, logs)]
@@ -227,3 +232,62 @@ def test_admin_api_refuses_user_keys(gateways: Gateways) -> None:
     assert all("key" not in k and "key_hash" not in k for k in listing)
     for log in gateways.logs:
         assert key not in log.read_text()
+
+
+def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _total(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, lab), v in samples.items() if n == name and all((k, w) in lab for k, w in labels.items()))
+
+
+async def test_metrics_add_up_across_two_processes(gateways: Gateways) -> None:
+    """Traffic spread over two processes; one scrape of either reports all of it."""
+    key_id, key = gateways.new_key(tier="premium", limits={"rpm": 6})
+    _align_to_window()
+    rs = await _burst(gateways, key, 8)
+    assert _codes(rs) == {200: 6, 429: 2}
+    auth = {"authorization": f"Bearer {key}"}
+    other_id, other = gateways.new_key()
+    with httpx.Client(timeout=30) as c:
+        for i in range(3):  # streams on the second process, through a route whose first target is down
+            r = c.post(gateways.urls[1] + "/v1/chat/completions", headers={"authorization": f"Bearer {other}"},
+                       json={"model": "safe", "messages": MSG, "max_tokens": 5, "stream": True})
+            assert r.status_code == 200 and "data: [DONE]" in r.text
+        assert c.post(gateways.urls[0] + "/v1/chat/completions", headers={"authorization": "Bearer rg-wrong-key"},
+                      json={"model": "fake-a", "messages": MSG}).status_code == 401
+    def check(m: dict) -> None:
+        assert _total(m, "raygate_requests_total", tier="premium", status="200", model="fake-a") == 6
+        assert _total(m, "raygate_requests_total", tier="premium", status="429") == 2
+        assert _total(m, "raygate_requests_total", tier="default", status="200", model="safe") == 3
+        assert _total(m, "raygate_requests_total", status="401") == 1
+        assert _total(m, "raygate_quota_rejections_total", kind="requests") == 2
+        assert _total(m, "raygate_fallbacks_total", model="safe", target="fake-b") == 3
+        assert _total(m, "raygate_completion_tokens_total", model="fake-a") == 6 * 4
+        assert _total(m, "raygate_completion_tokens_total", model="safe") == 3 * 5
+        assert _total(m, "raygate_time_to_first_token_seconds_count", model="safe") == 3
+        assert _total(m, "raygate_inter_token_latency_seconds_count", model="safe") == 3
+        assert _total(m, "raygate_request_duration_seconds_count") == 9
+        assert _total(m, "raygate_request_duration_seconds_bucket", le="+Inf") == 9
+        assert _total(m, "raygate_requests_in_flight") == 0
+        assert _total(m, "raygate_slo_requests_total", key=key_id) == 6
+        assert _total(m, "raygate_slo_requests_total", key=other_id, result="met") == 3
+
+    # Each process writes its samples at least once a second; then either scrape reports all of them.
+    for url in gateways.urls:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                check(_samples(url))
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)

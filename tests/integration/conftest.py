@@ -13,6 +13,7 @@ import pytest
 PORT = int(os.environ.get("RAYGATE_TEST_PORT", "18000"))
 REDIS_URL = "redis://127.0.0.1:6379/14"  # this stack's own Redis DB number
 DASHBOARD_PORT = int(os.environ.get("RAYGATE_TEST_DASHBOARD_PORT", "18265"))
+METRICS_PORT = int(os.environ.get("RAYGATE_TEST_METRICS_PORT", "18080"))
 
 
 @dataclass
@@ -22,6 +23,8 @@ class LiveStack:
     model: str
     home: Path
     admin_key: str
+    otlp: Any = None
+    metrics_port: int = METRICS_PORT
     handle_loop: Any = field(default=None, init=False)
 
     def engine_stats(self) -> dict:
@@ -51,15 +54,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     from raygate import home as home_mod
     from raygate.cli import default_app_config
     from raygate.stack import Stack
+    from tests.otlp_receiver import OtlpReceiver
 
     home = tmp_path_factory.mktemp("raygate-home")
+    otlp = OtlpReceiver()
     reg = home_mod.registry(home)
     manifest = home_mod.ensure_default_model(reg)
     _, key = home_mod.ensure_dev_key(home)
     _, admin_key = home_mod.ensure_admin_key(home)
     raw = default_app_config(home, "vllm")
     # Quotas shared through the machine's Redis (a DB number of our own), a route with a fallback.
+    # Traces exported over OTLP to a receiver in this process; the access log on (test_observability_stack).
+    raw["gateway"]["env_vars"] = {
+        "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp.endpoint,
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",  # vLLM's engine core exports too (default grpc)
+        "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_SERVICE_NAME": "raygate-test",
+    }
     raw["gateway"]["settings"].update({
+        "access_log": True,
         "redis_url": REDIS_URL,
         "routes": {"chat": {"targets": [{"model": manifest.name}], "fallbacks": []}},
     })
@@ -67,12 +79,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     raw["serve"]["models"][0].update({"max_num_seqs": 4, "max_queued_requests": 2, "max_model_len": 1024})
     # Roll-outs (test_rollout_lifecycle): follow @stable closely and prefer int8 (W8A8 on this CPU).
     raw["serve"]["models"][0].update({"variants": ["int8", "full"], "registry_poll_s": 1.0})
-    stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT)
+    stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT)
     try:
         stack.start(ready_timeout_s=420)
-        yield LiveStack(base_url=stack.base_url, key=key, model=manifest.name, home=home, admin_key=admin_key)
+        yield LiveStack(base_url=stack.base_url, key=key, model=manifest.name, home=home, admin_key=admin_key,
+                        otlp=otlp)
     finally:
         stack.stop()
+        otlp.close()
         import redis
 
         redis.Redis.from_url(REDIS_URL).flushdb()

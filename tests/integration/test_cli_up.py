@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 pytestmark = pytest.mark.integration
-PORT, DASHBOARD_PORT = 18100, 18365
+PORT, DASHBOARD_PORT, METRICS_PORT = 18100, 18365, 18180
 
 
 def _ray_processes() -> set[int]:
@@ -35,7 +35,7 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("raygate")
     proc = subprocess.Popen(
         [str(exe), "--home", str(tmp_path), "up", "--engine", "fake", "--port", str(PORT),
-         "--dashboard-port", str(DASHBOARD_PORT)],
+         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []

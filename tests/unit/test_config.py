@@ -9,7 +9,9 @@ import yaml
 from pydantic import ValidationError
 
 from gateway.builder import deployment_options
-from gateway.config import AppConfig
+from gateway.builder import check_shared_state
+from gateway.config import AppConfig, AutoscalingConfig, GatewayDeploymentConfig
+from gateway.settings import GatewaySettings
 from serve.config import ModelDeploymentConfig, ServeConfig
 from serve.vllm_engine import engine_cli_args
 
@@ -17,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_field_has_a_description() -> None:
-    for cls in (ModelDeploymentConfig, ServeConfig, AppConfig):
+    for cls in (ModelDeploymentConfig, ServeConfig, AppConfig, GatewayDeploymentConfig, AutoscalingConfig,
+                GatewaySettings):
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no description"
 
@@ -72,3 +75,25 @@ def test_unknown_fields_are_refused() -> None:
         ServeConfig.load({"models": [{"model": "m", "colour": "red"}]})
     with pytest.raises(ValidationError):
         ServeConfig.load({"models": []})
+
+
+def test_autoscaling_env_and_logging_reach_serve() -> None:
+    app = AppConfig.load({
+        "gateway": {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8},
+                    "env_vars": {"OTEL_TRACES_EXPORTER": "otlp"}, "metrics_dir": "/tmp/m",
+                    "settings": {"redis_url": "redis://127.0.0.1:6379/0"}},
+        "serve": {"models": [{"model": "m", "engine": "fake"}]},
+    })
+    opts = deployment_options(app)
+    assert "num_replicas" not in opts
+    assert opts["autoscaling_config"]["max_replicas"] == 3 and opts["autoscaling_config"]["target_ongoing_requests"] == 8
+    env = opts["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["OTEL_TRACES_EXPORTER"] == "otlp" and env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/m"
+    assert env["VLLM_CONFIGURE_LOGGING"] == "0"
+    assert opts["logging_config"] == {"encoding": "JSON", "log_level": "INFO", "enable_access_log": False}
+    check_shared_state(app)
+    app.gateway.settings = {}
+    with pytest.raises(ValueError, match="redis_url"):
+        check_shared_state(app)  # up to 3 replicas without a shared quota store
+    with pytest.raises(ValidationError):
+        AutoscalingConfig(min_replicas=3, max_replicas=2)

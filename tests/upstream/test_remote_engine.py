@@ -95,3 +95,46 @@ def test_openai_engine_needs_upstream() -> None:
         ModelDeploymentConfig(model="x", engine="openai")
     with pytest.raises(ValueError, match="upstream"):
         ModelDeploymentConfig(model="x", engine="fake", upstream=UpstreamConfig(base_url="http://h/v1"))
+
+
+async def test_trace_context_reaches_the_upstream(tmp_path) -> None:
+    """The upstream gets a traceparent whose parent is the gateway's request span (same trace as the caller)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway.app import build_observer
+    from gateway.tracing import Tracing
+
+    seen: list[dict[str, str]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.json_response({
+            "id": "c1", "object": "chat.completion", "created": 1, "model": "up",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    remote = RemoteEngine("traced", "up", UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}/v1"))
+    await remote.start()
+    exporter = InMemorySpanExporter()
+    settings = GatewaySettings(api_keys=[KEY], home=tmp_path)
+    gw = create_app(settings, ModelBackend({"traced": remote}),
+                    observer=build_observer(settings, Tracing.with_exporter(exporter)))
+    trace_id, parent = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174"
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gw") as http:
+            r = await http.post("/v1/chat/completions", json={"model": "traced", "messages": MSG},
+                                headers={"authorization": f"Bearer {KEY}", "traceparent": f"00-{trace_id}-{parent}-01"})
+            assert r.status_code == 200, r.text
+    finally:
+        await remote.shutdown()
+        await server.close()
+    root = next(s for s in exporter.get_finished_spans() if s.name.startswith("POST"))
+    version, got_trace, got_parent, _flags = seen[0]["traceparent"].split("-")
+    assert got_trace == trace_id and got_parent == f"{root.context.span_id:016x}"
