@@ -222,7 +222,7 @@ def create_app(
             watch.mark("auth")
             body = await service.read_json(request, settings.max_request_bytes)
             service.validate(endpoint, body)
-            requested = body["model"]
+            requested = watch.model = body["model"]
             chosen = targets(requested)
             first = backend.resolve(chosen[0])  # 404 for an unknown model, before any quota
             card = first.card
@@ -236,7 +236,7 @@ def create_app(
             watch.fail(exc)
             raise
         streaming = bool(body.get("stream"))
-        watch.admitted(requested, streaming)
+        watch.admitted(requested, streaming, adm.unchecked)
         outcome = Outcome(model=requested)
         headers = {**_id_headers(request, rid), **adm.headers}
         client_wants_usage = service.want_usage(body) if streaming else True

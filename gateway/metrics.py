@@ -37,6 +37,7 @@ METRIC_NAMES = (
     "raygate_completion_tokens_total",
     "raygate_requests_in_flight",
     "raygate_quota_rejections_total",
+    "raygate_quota_unchecked_admissions_total",
     "raygate_fallbacks_total",
     "raygate_slo_requests_total",
 )
@@ -93,6 +94,10 @@ class GatewayMetrics:
             "raygate_quota_rejections", "Requests refused by a quota, by kind "
             "(requests, tokens, concurrent, day, month, unavailable).", ["kind"], registry=reg,
         )
+        self.quota_unchecked = Counter(
+            "raygate_quota_unchecked_admissions", "Requests admitted without a quota check: the quota store was "
+            "unreachable and quota_failure_mode is fail_open.", registry=reg,
+        )
         self.fallbacks = Counter(
             "raygate_fallbacks", "Requests served by a later target of their route than the first.",
             ["model", "target"], registry=reg,
@@ -141,7 +146,7 @@ class GatewayMetrics:
         """Move what gathered since the last flush into the Prometheus values."""
         counts, self._counts = self._counts, {}
         for (counter, labels), n in counts.items():
-            counter.labels(*labels).inc(n)
+            (counter.labels(*labels) if labels else counter).inc(n)
         hists, self._hists = self._hists, {}
         for (hist, label), cells in hists.items():
             child: Any = hist.labels(label)

@@ -83,13 +83,16 @@ class Watch:
         """`phase` ended now."""
         self.marks[phase] = time.time_ns()
 
-    def admitted(self, model: str, stream: bool) -> None:
+    def admitted(self, model: str, stream: bool, unchecked: bool = False) -> None:
+        """Past every check (`unchecked`: the quota store was down and the policy let it through)."""
         self.model = model
         self.stream = stream
         self.in_flight = True
         m = self.obs.metrics
         if m is not None:
             m.in_flight_add(model, 1)
+            if unchecked:
+                m.count(m.quota_unchecked, ())
 
     def first_output(self, target: str, fallbacks: int) -> None:
         """The engine `target` answered (a stream's first event, or a whole response)."""
@@ -143,10 +146,9 @@ class Watch:
         model = self.model
         tier = self.caller.tier if self.caller else ""
         m.count(m.requests, (model, outcome.version or "", tier, str(outcome.status)))
-        if self.in_flight:
-            m.in_flight_add(model, -1)
-        if not model:
-            return
+        if not self.in_flight:
+            return  # refused before admission (auth, validation, quota): counted, not timed
+        m.in_flight_add(model, -1)
         m.observe(m.duration, model, e2e)
         if outcome.prompt_tokens:
             m.count(m.prompt_tokens, (model,), outcome.prompt_tokens)

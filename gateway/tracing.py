@@ -20,8 +20,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context
 
 SCOPE_NAME = "raygate.gateway"
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -118,14 +119,9 @@ def attach_trace(ctx: SpanContext | None) -> object | None:
     """Make `ctx` the current span (engines that forward requests inject its `traceparent`); None: nothing to do."""
     if ctx is None:
         return None
-    from opentelemetry import context
-    from opentelemetry.trace import NonRecordingSpan, set_span_in_context
-
-    return context.attach(set_span_in_context(NonRecordingSpan(ctx)))
+    return otel_context.attach(set_span_in_context(NonRecordingSpan(ctx)))
 
 
 def detach_trace(token: object | None) -> None:
     if token is not None:
-        from opentelemetry import context
-
-        context.detach(token)  # type: ignore[arg-type]
+        otel_context.detach(token)  # type: ignore[arg-type]

@@ -110,6 +110,7 @@ class RedisQuota(QuotaLimiter):
 
         self.prefix = prefix
         self.failure_mode = failure_mode
+        self._last_outage_log = float("-inf")
         self._client: Any = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
         )
@@ -149,9 +150,14 @@ class RedisQuota(QuotaLimiter):
             logger.warning("quota settle failed (lease %s): %s", adm.lease, exc)
 
     def _unreachable(self, adm: Admission, exc: Exception) -> Admission:
+        now = time.monotonic()
+        if now - self._last_outage_log >= 10.0:  # once per 10 s, not once per request during an outage
+            self._last_outage_log = now
+            logger.warning("quota store unreachable (%s): %s (raygate_quota_unchecked_admissions_total and "
+                           "raygate_quota_rejections_total{kind=\"unavailable\"} count the requests)",
+                           self.failure_mode, exc)
         if self.failure_mode == "fail_open":
             self.fail_open_admissions += 1
-            logger.warning("quota store unreachable, admitting (fail_open): %s", exc)
             adm.unchecked = True
             return adm
         raise QuotaUnavailable("The quota service is unavailable; retry shortly.") from exc

@@ -141,3 +141,34 @@ def test_json_formatter_shape() -> None:
 )
 def test_slo_policy(ttft, tpot, e2e, tokens, met) -> None:
     assert slo_met(ttft, tpot, e2e, tokens, ttft_target_s=1.0, tpot_target_s=0.1) is met
+
+
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_quota_store_down_is_counted(tmp_path, mode) -> None:
+    """Redis unreachable: fail_open admits and counts it, fail_closed refuses with 503 and counts that."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    admin = "admin-key-0123456789abcdef"
+    s = GatewaySettings(api_keys=[KEY], home=tmp_path, admin_key=admin, redis_url="redis://127.0.0.1:9/0",
+                        quota_failure_mode=mode, quota_timeout_s=0.2)
+    backend = ModelBackend({"fake": FakeEngine("fake", FakeEngineConfig())}, aliases={})
+    app = create_app(s, backend, observer=build_observer(s, Tracing()))
+    async with _client(app) as http:
+        r = await http.post("/admin/keys", headers={"authorization": f"Bearer {admin}"},
+                            json={"name": "limited", "limits": {"rpm": 5}})
+        assert r.status_code == 201, r.text
+        limited = {"authorization": f"Bearer {r.json()['key']}"}
+        codes = [(await http.post("/v1/chat/completions", headers=limited, json={
+            "model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})).status_code
+            for _ in range(2)]
+        text = (await http.get("/metrics")).text
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for f in text_string_to_metric_families(text) for x in f.samples}
+    if mode == "fail_open":
+        assert codes == [200, 200]
+        assert samples[("raygate_quota_unchecked_admissions_total", ())] == 2
+    else:
+        assert codes == [503, 503]
+        assert samples[("raygate_quota_rejections_total", (("kind", "unavailable"),))] == 2
+        assert samples[("raygate_requests_total", (("model", "fake"), ("status", "503"), ("tier", "default"),
+                                                   ("version", "")))] == 2
