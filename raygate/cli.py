@@ -199,6 +199,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     """One gateway process on uvicorn (tests, benchmarks, several processes sharing Redis)."""
     import asyncio
+    import gc
 
     import uvicorn
 
@@ -221,6 +222,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         server = uvicorn.Server(
             uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning", lifespan="on")
         )
+        # Everything built so far (modules, app, engines) lives as long as the process: keep it out of
+        # the collector's scans, as a Serve replica does in throughput mode.
+        gc.freeze()
         try:
             await server.serve()
         finally:
