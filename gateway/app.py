@@ -236,17 +236,17 @@ def create_app(
             watch.fail(exc)
             raise
         streaming = bool(body.get("stream"))
-        watch.admitted(requested, streaming, adm.unchecked)
+        watch.admitted(streaming, adm.unchecked)
         outcome = Outcome(model=requested)
         headers = {**_id_headers(request, rid), **adm.headers}
         client_wants_usage = service.want_usage(body) if streaming else True
 
-        async def done() -> None:
-            watch.end(outcome)
+        async def done(error: BaseException | None = None) -> None:
+            watch.end(outcome, error)
             await gov.finish(caller, adm, outcome, rid, time.perf_counter() - watch.t0)
 
         try:
-            trace_token = attach_trace(watch.context())
+            trace_token = attach_trace(watch.span)
             try:
                 result, engine, fallbacks = await service.generate(
                     backend, first, chosen, endpoint, body, rid, request, settings.request_timeout_s
@@ -255,8 +255,7 @@ def create_app(
                 detach_trace(trace_token)
         except BaseException as exc:
             outcome.status = 499 if isinstance(exc, service.ClientDisconnected) else spec_for(exc).status
-            watch.fail(exc, outcome.status)
-            await done()
+            await done(exc)
             if isinstance(exc, service.ClientDisconnected):
                 return Response(status_code=499)
             if isinstance(exc, GatewayError | EngineError):
@@ -287,11 +286,11 @@ def create_app(
 
     # Registered for the OpenAPI schema; requests take the fast path (GatewayApp.__call__) to `run`.
     @app.post("/v1/chat/completions", responses={**stream_ok, **ERROR_RESPONSES})
-    async def chat_completions(request: Request, caller: KeyRecord = caller_dep) -> Response:
+    async def chat_completions(request: Request) -> Response:
         return await run("chat", request)
 
     @app.post("/v1/completions", responses={**stream_ok, **ERROR_RESPONSES})
-    async def completions(request: Request, caller: KeyRecord = caller_dep) -> Response:
+    async def completions(request: Request) -> Response:
         return await run("completion", request)
 
     async def fast_chat(request: Request) -> Response:

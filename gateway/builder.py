@@ -31,8 +31,7 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
         "health_check_timeout_s": g.health_check_timeout_s,
         "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env(cfg)},
-        # Serve's per-request access log stays off: the gateway writes its own off the hot path (`access_log`).
-        "logging_config": {"encoding": g.log_encoding, "log_level": "INFO", "enable_access_log": False},
+        "logging_config": g.serve_logging(),
     }
     if g.autoscaling is not None:
         opts["autoscaling_config"] = g.autoscaling.model_dump()

@@ -69,6 +69,13 @@ class GatewayDeploymentConfig(BaseModel):
         default_factory=dict, description="GatewaySettings fields (no secrets here: use api_keys_file)."
     )
 
+    def serve_logging(self) -> dict[str, Any]:
+        """Serve's logging config for the replicas (and `raygate up`'s controller and proxy).
+
+        Serve's per-request access log stays off: the gateway writes its own off the hot path (`access_log`).
+        """
+        return {"encoding": self.log_encoding, "log_level": "INFO", "enable_access_log": False}
+
 
 class AppConfig(BaseModel):
     """`deploy/serve_config.yaml`'s `args.config`, or a file of this shape."""

@@ -56,11 +56,11 @@ def configure(stream: TextIO | None = None, level: int = logging.INFO) -> loggin
     """JSON lines on `stream` (stderr) for raygate's loggers in a process of its own."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler._raygate = True  # type: ignore[attr-defined]
     for name in OWN_LOGGERS:
         own = logging.getLogger(name)
         own.setLevel(level)
         own.handlers = [h for h in own.handlers if not getattr(h, "_raygate", False)]
-        handler._raygate = True  # type: ignore[attr-defined]
         own.addHandler(handler)
         own.propagate = False
     return handler

@@ -120,11 +120,11 @@ class GatewayMetrics:
 
     def observe(self, hist: Histogram, label: str, value: float) -> None:
         key = (hist, label)
+        bounds = self._bounds[id(hist)]
         cells = self._hists.get(key)
         if cells is None:
-            bounds = self._bounds[id(hist)]
             cells = self._hists[key] = [0.0] * (len(bounds) + 2)  # buckets, +Inf, then the sum
-        cells[bisect_left(self._bounds[id(hist)], value)] += 1
+        cells[bisect_left(bounds, value)] += 1
         cells[-1] += value
 
     def in_flight_add(self, model: str, n: int) -> None:

@@ -83,14 +83,13 @@ class Watch:
         """`phase` ended now."""
         self.marks[phase] = time.time_ns()
 
-    def admitted(self, model: str, stream: bool, unchecked: bool = False) -> None:
+    def admitted(self, stream: bool, unchecked: bool = False) -> None:
         """Past every check (`unchecked`: the quota store was down and the policy let it through)."""
-        self.model = model
         self.stream = stream
         self.in_flight = True
         m = self.obs.metrics
         if m is not None:
-            m.in_flight_add(model, 1)
+            m.in_flight_add(self.model, 1)
             if unchecked:
                 m.count(m.quota_unchecked, ())
 
@@ -100,14 +99,9 @@ class Watch:
         self.target = target
         self.fallbacks = fallbacks
 
-    def context(self) -> SpanContext | None:
-        """The request span's context, for engines that pass the trace on (None: tracing off)."""
-        return self.span
-
-    def fail(self, exc: BaseException, status: int | None = None) -> None:
-        """The request ended with `exc` before any output."""
-        if status is None:
-            status = spec_for(exc).status if isinstance(exc, Exception) else 499
+    def fail(self, exc: BaseException) -> None:
+        """The request was refused with `exc` before admission."""
+        status = spec_for(exc).status if isinstance(exc, Exception) else 499
         m = self.obs.metrics
         if m is not None and isinstance(exc, QuotaExceeded | QuotaUnavailable):
             m.count(m.quota_rejections, (getattr(exc, "kind", "unavailable"),))

@@ -30,10 +30,6 @@ SERVE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-# Replica logs as JSON lines (each with the request id the response's x-request-id carries);
-# Serve's per-request access log stays off: the gateway's own (`access_log`) is written off the hot path.
-SERVE_LOGGING = {"encoding": "JSON", "enable_access_log": False, "log_level": "INFO"}
-
 
 @dataclass
 class Stack:
@@ -89,12 +85,11 @@ class Stack:
             for sig, handler in saved.items():
                 if handler is not None:
                     signal.signal(sig, handler)
-        # Gateway metrics are pooled per node; a new cluster starts from zero.
+        # Gateway metrics are pooled per node; a new cluster starts from zero (replicas make the directory).
         shutil.rmtree(self.config.metrics_dir(), ignore_errors=True)
-        os.makedirs(self.config.metrics_dir(), exist_ok=True)
         serve.start(
             http_options={"host": self.host, "port": self.port},
-            logging_config=SERVE_LOGGING,
+            logging_config=self.config.gateway.serve_logging(),
         )
         serve.run(
             build_app(self.config),
