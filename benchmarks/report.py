@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 from benchmarks.scenario import Goal
+
+
+def paired_ratio(point: dict[str, Any], base: dict[str, Any]) -> float | None:
+    """req/s of `point` over `base`: the median of the round-by-round ratios when both were measured in rounds.
+
+    Within a round the two ran seconds apart, so each ratio cancels the machine's slower drift; the
+    median drops the rounds a burst of noise hit.
+    """
+    mine, theirs = point.get("rounds_req_per_s") or [], base.get("rounds_req_per_s") or []
+    if len(mine) > 1 and len(mine) == len(theirs) and all(theirs):
+        return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+    return point["req_per_s"] / base["req_per_s"] if base["req_per_s"] else None
 
 
 def metric(point: dict[str, Any], name: str) -> float | None:
@@ -31,12 +44,14 @@ def check_goals(goals: list[Goal], points: list[dict[str, Any]]) -> list[dict[st
             if g.levels and p["level"] not in g.levels:
                 continue
             value = metric(p, g.metric)
-            ref = None
+            ref = other = None
             if g.vs is not None:
                 other = _find(points, g.vs, p["workload"], p["level"])
                 ref = metric(other, g.metric) if other else None
             if value is None or (g.vs is not None and not ref):
                 figure = None
+            elif g.compare == "ratio" and g.metric == "req_per_s" and other is not None:
+                figure = paired_ratio(p, other)
             elif g.compare == "ratio":
                 figure = value / ref if ref else None
             elif g.compare == "delta":
@@ -58,12 +73,23 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _by_round(p: dict[str, Any], base: dict[str, Any]) -> str:
+    """req/s of `p` over `base`, round by round (each round measured both, back to back)."""
+    mine, theirs = p.get("rounds_req_per_s") or [], base.get("rounds_req_per_s") or []
+    return " ".join(f"{a / b:.2f}" if b else "-" for a, b in zip(mine, theirs, strict=False)) or "-"
+
+
 def markdown(run: dict[str, Any]) -> str:
     sc = run["scenario"]
     pts = run["points"]
     lines = [f"# {sc['name']}", "", sc.get("description", "").strip(), "",
              f"Load: {sc['load']['mode']} loop, {sc['load']['duration_s']:g} s per point; SLO {sc['slo'] or 'none'}; "
              f"{run['machine']['cpus']} CPUs; run took {run['wall_s']:.0f} s.", ""]
+    rounds = sc["load"].get("rounds", 1)
+    if rounds > 1:
+        lines += [f"Every point was measured in {rounds} rounds, the targets interleaved within each round; a row is "
+                  "the target's round with the median req/s; the req/s ratio is the median of the ratios round by "
+                  "round, each of which the last column lists.", ""]
     for name, why in run.get("skipped", {}).items():
         lines.append(f"- **{name} skipped**: {why}")
     unit = "c" if sc["load"]["mode"] == "closed" else "req/s"
@@ -86,8 +112,9 @@ def markdown(run: dict[str, Any]) -> str:
         base = sc.get("baseline")
         if base:
             lines += ["", f"Against **{base}** (same run, interleaved):", "",
-                      f"| {unit} | target | req/s ratio | tok/s ratio | TTFT p50 ratio | E2E p50 added ms |",
-                      "|---|---|---|---|---|---|"]
+                      f"| {unit} | target | req/s ratio | tok/s ratio | TTFT p50 ratio | E2E p50 added ms |"
+                      + (" req/s ratio by round |" if rounds > 1 else ""),
+                      "|---|---|---|---|---|---|" + ("---|" if rounds > 1 else "")]
             for p in mine:
                 b = _find(pts, base, p["workload"], p["level"])
                 if p["target"] == base or b is None:
@@ -95,8 +122,9 @@ def markdown(run: dict[str, Any]) -> str:
                 ratio = lambda k: (p[k] / b[k]) if b[k] else None  # noqa: E731
                 tt = (p["ttft_s"]["p50"] / b["ttft_s"]["p50"]) if p["ttft_s"]["p50"] and b["ttft_s"]["p50"] else None
                 de = (p["e2e_s"]["p50"] - b["e2e_s"]["p50"]) * 1000 if p["e2e_s"]["p50"] and b["e2e_s"]["p50"] else None
-                lines.append(f"| {p['level']:g} | {p['target']} | {_num(ratio('req_per_s'), '.2f')} | "
-                             f"{_num(ratio('output_tok_per_s'), '.2f')} | {_num(tt, '.2f')} | {_num(de, '+.3f')} |")
+                lines.append(f"| {p['level']:g} | {p['target']} | {_num(paired_ratio(p, b), '.2f')} | "
+                             f"{_num(ratio('output_tok_per_s'), '.2f')} | {_num(tt, '.2f')} | {_num(de, '+.3f')} |"
+                             + (f" {_by_round(p, b)} |" if rounds > 1 else ""))
     if run.get("goals"):
         lines += ["", "## Goals", "", "| goal | workload | level | figure | bound | met |", "|---|---|---|---|---|---|"]
         for g in run["goals"]:

@@ -26,7 +26,7 @@ import psutil
 from benchmarks.load import Point, Progress, run_point
 from benchmarks.procs import Watch
 from benchmarks.scenario import Placeholders, Scenario, Target
-from benchmarks.stats import SLO
+from benchmarks.stats import SLO, median_round
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,6 +177,17 @@ class Runner:
                      f"errors {sum(res['errors'].values())}  cpu {res['target_cpu_pct']}%")
         return res
 
+    def measure_rounds(self, measured: list[Running], workload_index: int, point: Point) -> list[dict[str, Any]]:
+        """`point` on every target, `load.rounds` times interleaved; one result per target (its median round)."""
+        rounds = self.sc.load.rounds
+        if rounds == 1:
+            return [self.measure(r, workload_index, point) for r in measured]
+        seen: dict[str, list[dict[str, Any]]] = {r.target.name: [] for r in measured}
+        for k in range(rounds):
+            for r in measured[k % len(measured):] + measured[: k % len(measured)]:
+                seen[r.target.name].append(self.measure(r, workload_index, point))
+        return [median_round(seen[r.target.name]) for r in measured]
+
     def run(self) -> dict[str, Any]:
         started = time.time()
         results: list[dict[str, Any]] = []
@@ -190,8 +201,7 @@ class Runner:
                 skipped.update({r.target.name: r.skipped for r in running if r.skipped})
                 for wi in range(len(self.sc.workloads)):
                     for point in self.points():
-                        for r in measured:
-                            results.append(self.measure(r, wi, point))
+                        results += self.measure_rounds(measured, wi, point)
         return {
             "scenario": self.sc.model_dump(mode="json"),
             "started": started,

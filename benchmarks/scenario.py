@@ -55,6 +55,10 @@ class LoadConfig(BaseModel):
         default=0.0, ge=0, description="Unmeasured seconds at the highest level once a target is ready (compiles, "
         "caches and connection pools warm before the first point).",
     )
+    rounds: int = Field(
+        default=1, ge=1, description="Times every point is measured, the targets interleaved within each round (in "
+        "a rotated order) so that drift of the machine hits all of them alike; a point reports its median round.",
+    )
     max_requests: int = Field(default=1_000_000, ge=1, description="Cap on requests per point.")
     max_inflight: int = Field(default=2048, ge=1, description="Open loop: outstanding requests before arrivals count as errors.")
     timeout_s: float = Field(default=300.0, gt=0, description="Per-request client timeout.")

@@ -119,3 +119,15 @@ def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = Non
         "tpot_s": dist([t for r in ok if (t := r.tpot_s) is not None]),
         "e2e_s": dist([r.e2e_s for r in ok if r.e2e_s is not None]),
     }
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's point measured in several rounds: the round with the median req/s, with every round's req/s.
+
+    A whole round is kept (not a median per statistic), so its latencies, CPU and errors belong together. With
+    an even number of rounds the lower middle one is kept.
+    """
+    ranked = sorted(rounds, key=lambda r: r["req_per_s"])
+    out = dict(ranked[(len(ranked) - 1) // 2])
+    out["rounds_req_per_s"] = [r["req_per_s"] for r in rounds]
+    return out

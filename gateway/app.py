@@ -21,6 +21,7 @@ from gateway.admin import admin_router
 from gateway.backend import ModelBackend
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response, spec_for
 from gateway.governance.gate import Governance, Outcome
+from gateway.governance.quota_policy import unreported_usage
 from gateway.governance.records import KeyRecord
 from gateway.governance.routing import plan, priority_for
 from gateway.logs import REQUEST_ID, access_logger
@@ -206,6 +207,8 @@ def create_app(
             raise ModelNotFound(model_id)  # as OpenAI answers for a model the key cannot access
         return Response(orjson.dumps(card.model_dump(exclude_none=True)), media_type="application/json")
 
+    exact_prompts = settings.prompt_token_count == "engine"
+
     def targets(model: str) -> list[str]:
         route = settings.routes.get(model)
         if route is None:
@@ -230,7 +233,8 @@ def create_app(
             watch.mark("routing")
             if card.scheduling == "priority":
                 body["priority"] = priority_for(caller.tier, settings.tier_priority)
-            adm = await gov.admit(caller, body, card.max_model_len)
+            count = (lambda: first.count_prompt_tokens(endpoint, body)) if exact_prompts else None
+            adm = await gov.admit(caller, body, card.max_model_len, count)
             watch.mark("quota")
         except BaseException as exc:
             watch.fail(exc)
@@ -246,7 +250,9 @@ def create_app(
             await gov.finish(caller, adm, outcome, rid, time.perf_counter() - watch.t0)
 
         try:
-            trace_token = attach_trace(watch.span)
+            # Only an engine that forwards requests reads the current trace (to send `traceparent` on).
+            forwards = first.forwards_trace_context or len(chosen) > 1
+            trace_token = attach_trace(watch.span) if forwards else None
             try:
                 result, engine, fallbacks = await service.generate(
                     backend, first, chosen, endpoint, body, rid, request, settings.request_timeout_s
@@ -275,6 +281,10 @@ def create_app(
         async def finish(client_left: bool) -> None:
             if client_left:
                 outcome.status = 499
+            if not outcome.usage_seen:  # cut short: charge what was sent, not nothing
+                outcome.prompt_tokens, outcome.completion_tokens = unreported_usage(
+                    body, outcome.events, endpoint == "chat"
+                )
             await done()
 
         events = service.relay(result, outcome, client_wants_usage, rid, finish)

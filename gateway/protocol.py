@@ -33,6 +33,9 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
+    prompt_cache_key: str | None = Field(
+        default=None, description="Requests sharing it go to the replica that cached their prefix (conversation routing)."
+    )
 
     @field_validator("stop")
     @classmethod

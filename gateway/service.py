@@ -7,12 +7,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from gateway.backend import ModelBackend
-from gateway.errors import PayloadTooLarge, RequestTimeout, sse_error_event
+from gateway.errors import PayloadTooLarge, RequestTimeout, spec_for, sse_error_event
 from gateway.governance.gate import Outcome
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from serve.engine import Endpoint, Engine
@@ -172,7 +173,8 @@ def want_usage(body: dict[str, Any]) -> bool:
 
 
 def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
-    """Note usage and finish reasons passing by; drop the usage event the client did not ask for."""
+    """Note usage, finish reasons and events passing by; drop the usage event the client did not ask for."""
+    outcome.events += chunk.count(b'"choices":[{')
     if b'"finish_reason":"' in chunk and outcome.finish_reason is None:
         for event in chunk.split(b"\n\n"):
             if b'"finish_reason":"' in event and event.startswith(b"data: {"):
@@ -194,6 +196,7 @@ def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
             usage = doc.get("usage") or {}
             outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+            outcome.usage_seen = True
             if not client_wants_usage and not doc.get("choices"):
                 continue
         if event:
@@ -221,13 +224,18 @@ async def relay(
                 yield chunk
     except Exception as exc:  # noqa: BLE001 - every failure must reach the client as an event
         logger.warning("stream %s failed after start: %s", request_id, exc)
+        outcome.status = spec_for(exc).status  # the ledger and metrics see the failure the client was sent
         yield sse_error_event(exc)
         yield DONE
     except BaseException:  # cancelled or closed: the client went away mid-stream
         client_left = True
         raise
     finally:
-        try:
-            await stream.aclose()
-        finally:
-            await finish(client_left)
+        # Shielded: when the client leaves, Starlette cancels the response's task group, and anyio's
+        # cancellation hits every await after it. Unshielded, the engine's abort, the quota settlement
+        # and the ledger row never ran for a stream the client dropped (Serve replicas).
+        with anyio.CancelScope(shield=True):
+            try:
+                await stream.aclose()
+            finally:
+                await finish(client_left)

@@ -55,6 +55,13 @@ class GatewaySettings(BaseSettings):
     concurrency_lease_s: float = Field(
         default=900.0, gt=0, description="A concurrency slot a crashed process never released frees itself after this."
     )
+    prompt_token_count: Literal["estimate", "engine"] = Field(
+        default="estimate",
+        description="How a request's prompt is counted for the token reservation of keys with token limits: "
+        "`estimate` (4 bytes a token, no tokenizer on the request path) or `engine` (the engine renders the chat "
+        "template and tokenizes, exact but paid twice per request). Either way the reservation settles to the "
+        "engine's real count when the request ends.",
+    )
     ledger_flush_interval_s: float = Field(default=1.0, gt=0, description="How often usage rows are written.")
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict, description="Names clients may send as `model` that split or fall back across models."

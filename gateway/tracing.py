@@ -29,6 +29,23 @@ SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 
 
+_TRACE_ID_MASK = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's lower 64 bits
+
+
+def root_bound(sampler: Any) -> int | None:
+    """For samplers that decide a new trace by its id alone, the bound below which it is sampled; else None."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    root = getattr(sampler, "_root", None) if isinstance(sampler, ParentBased) else sampler
+    if isinstance(root, TraceIdRatioBased):
+        return root.bound
+    if root is ALWAYS_ON:
+        return _TRACE_ID_MASK + 1
+    if root is ALWAYS_OFF:
+        return 0
+    return None
+
+
 def _exporter(name: str) -> Any:
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
@@ -58,6 +75,7 @@ class Tracing:
         self.enabled = bool(self.processors)
         self.propagator: TextMapPropagator = get_global_textmap()  # OTEL_PROPAGATORS (default W3C tracecontext)
         self.sampler: Any = None
+        self._root_bound: int | None = None
         self.resource: Any = None
         self.scope: Any = None
         if self.enabled:
@@ -66,6 +84,7 @@ class Tracing:
             from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
             self.sampler = _get_from_env_or_default()  # OTEL_TRACES_SAMPLER, default parentbased_always_on
+            self._root_bound = root_bound(self.sampler)
             service = os.environ.get("OTEL_SERVICE_NAME") or "raygate-gateway"
             self.resource = Resource.create({"service.name": service})
             self.scope = InstrumentationScope(SCOPE_NAME)
@@ -100,9 +119,13 @@ class Tracing:
             if not parent.is_valid:
                 parent, ctx = None, None
         trace_id = parent.trace_id if parent is not None else random.getrandbits(128)
-        decision = self.sampler.should_sample(ctx, trace_id, name, SpanKind.SERVER)
-        flags = SAMPLED if decision.decision.is_sampled() else UNSAMPLED
-        return SpanContext(trace_id, random.getrandbits(64), False, flags), parent
+        if parent is None and self._root_bound is not None:
+            # A new trace under a trace-id ratio (or always on/off) sampler: the SDK's own rule, without
+            # building its SamplingResult for every request.
+            sampled = trace_id & _TRACE_ID_MASK < self._root_bound
+        else:
+            sampled = self.sampler.should_sample(ctx, trace_id, name, SpanKind.SERVER).decision.is_sampled()
+        return SpanContext(trace_id, random.getrandbits(64), False, SAMPLED if sampled else UNSAMPLED), parent
 
     def emit(self, spans: list[Any]) -> None:
         for processor in self.processors:

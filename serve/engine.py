@@ -49,6 +49,9 @@ class EngineStats(BaseModel):
 class Engine(abc.ABC):
     """A text-generation engine behind the OpenAI API."""
 
+    # True for engines that pass requests to another server and send it the current trace context.
+    forwards_trace_context: bool = False
+
     @property
     @abc.abstractmethod
     def card(self) -> ModelCard:
@@ -72,6 +75,14 @@ class Engine(abc.ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""
+
+    async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
+        """The prompt's length in tokens as this engine will see it (chat template included), or None.
+
+        None: the engine cannot tell (an upstream API), or the request is one it will refuse
+        anyway; callers fall back to an estimate.
+        """
+        return None
 
     def busy(self) -> int:
         """Requests still in flight (what a drain waits for)."""

@@ -35,6 +35,11 @@ def _words(value: Any) -> int:
     return 0
 
 
+def _prompt_words(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """The fake engine's token count of a prompt: its words."""
+    return _words(body.get("messages") if endpoint == "chat" else body.get("prompt"))
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -71,9 +76,11 @@ class FakeEngine(Engine):
         self._admission.limit = self.cfg.max_running
         return await self._admission.admit(lambda: self._generate(endpoint, body, request_id))
 
+    async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
+        return _prompt_words(endpoint, body)
+
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
-        prompt = body.get("messages") if endpoint == "chat" else body.get("prompt")
-        prompt_tokens = _words(prompt)
+        prompt_tokens = _prompt_words(endpoint, body)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
         if prompt_tokens + max_tokens > self.cfg.max_model_len:
             raise ContextLengthExceeded(

@@ -62,6 +62,8 @@ async def reframe(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
 class RemoteEngine(Engine):
     """Forwards requests to `cfg.base_url` with one pooled aiohttp session."""
 
+    forwards_trace_context = True
+
     def __init__(self, served_name: str, upstream_model: str, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
         self.upstream_model = upstream_model

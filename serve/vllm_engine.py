@@ -215,6 +215,33 @@ class VLLMEngine(Engine):
         if self._models is not None:
             await self._models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
 
+    def _for_engine(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` naming what this engine serves: the adapter asked for, else the served model (not an alias)."""
+        model = body.get("model")
+        return {**body, "model": model if model in self.adapters else self.served_name}
+
+    async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
+        """vLLM's own rendering of the request (chat template, tokenizer), as `generate` will do it again."""
+        if self._engine is None:
+            return None
+        body = self._for_engine(body)
+        try:
+            if endpoint == "chat":
+                rendered = await self._chat.render_chat_request(self._chat_request_cls.model_validate(body))
+            else:
+                rendered = await self._completion.render_completion_request(
+                    self._completion_request_cls.model_validate(body)
+                )
+        except Exception:  # noqa: BLE001 - a request vLLM refuses is refused by `generate`, with its message
+            return None
+        if getattr(rendered, "error", None) is not None:
+            return None
+        inputs = rendered[1] if endpoint == "chat" else rendered  # chat: (conversation, engine inputs)
+        if not inputs:
+            return None
+        counts = [len(i.get("prompt_token_ids") or ()) for i in inputs if isinstance(i, dict)]
+        return sum(counts) if counts and all(counts) else None
+
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         if self._engine is None:
             raise EngineUnavailable("engine is starting")
@@ -223,8 +250,7 @@ class VLLMEngine(Engine):
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         from pydantic import ValidationError
 
-        model = body.get("model")
-        body = {**body, "model": model if model in self.adapters else self.served_name, "request_id": request_id}
+        body = {**self._for_engine(body), "request_id": request_id}
         prompt_param = "messages" if endpoint == "chat" else "prompt"
         serving = self._chat if endpoint == "chat" else self._completion
         try:
@@ -259,9 +285,11 @@ class VLLMEngine(Engine):
             await gen.aclose()
 
     async def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            # Off the event loop: vLLM joins its engine-core process here (seconds), and this replica
+            # goes on serving the new version's traffic meanwhile.
+            await asyncio.to_thread(engine.shutdown)
 
 
 # Fields vLLM sets to null where OpenAI's spec allows only an object/array or absence.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,8 @@ class Outcome:
     finish_reason: str | None = None
     version: str | None = None
     model: str | None = None
+    usage_seen: bool = False  # the engine reported usage (a full body, or a stream's usage event)
+    events: int = 0  # stream events with choices relayed so far (what the client was sent)
 
 
 class Governance:
@@ -135,9 +138,16 @@ class Governance:
             out.append(Subject(f"team:{record.team}", record.team_limits))
         return out
 
-    async def admit(self, record: KeyRecord, body: dict[str, Any], max_model_len: int | None) -> Admission:
+    async def admit(
+        self, record: KeyRecord, body: dict[str, Any], max_model_len: int | None,
+        count_prompt: Callable[[], Awaitable[int | None]] | None = None,
+    ) -> Admission:
+        """Reserve the request's tokens; `count_prompt` (the engine's exact count) is asked only when a limit applies."""
         subjects = self.subjects(record)
-        reserve = reservation(body, max_model_len) if subjects else 0
+        reserve = 0
+        if subjects:
+            counted = await count_prompt() if count_prompt is not None else None
+            reserve = reservation(body, max_model_len, counted)
         return await self.limiter.admit(subjects, reserve)
 
     async def finish(

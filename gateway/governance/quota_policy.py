@@ -180,12 +180,27 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     return len(str(prompt).encode()) // 4 + 1
 
 
-def reservation(body: dict[str, Any], max_model_len: int | None) -> int:
-    """Tokens to reserve: the prompt estimate plus the most the request may generate."""
-    prompt = estimate_prompt_tokens(body)
+def reservation(body: dict[str, Any], max_model_len: int | None, prompt_tokens: int | None = None) -> int:
+    """Tokens to reserve: the prompt (`prompt_tokens` if counted, else estimated) plus the most it may generate."""
+    prompt = estimate_prompt_tokens(body) if prompt_tokens is None else prompt_tokens
     n = body.get("n") or 1
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if not isinstance(max_tokens, int) or max_tokens <= 0:
         max_tokens = max(1, (max_model_len or 4096) - prompt)
     n = n if isinstance(n, int) and n > 0 else 1
     return prompt + max_tokens * n
+
+
+def unreported_usage(body: dict[str, Any], events: int, chat: bool) -> tuple[int, int]:
+    """Prompt and completion tokens to charge a stream that ended before the engine reported usage (pure).
+
+    The client left, the engine failed mid-stream, or an upstream ignored `include_usage`: the
+    prompt was processed (a stream's first event comes after prefill), so it costs its estimate;
+    every event relayed with choices counts one token, except the role-only event a chat stream
+    opens each choice with. What the client was sent is charged, not nothing.
+    """
+    if events <= 0:
+        return 0, 0
+    n = body.get("n") or 1
+    role_events = (n if isinstance(n, int) and n > 0 else 1) if chat else 0
+    return estimate_prompt_tokens(body), max(0, events - role_events)

@@ -73,6 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     raw["gateway"]["settings"].update({
         "access_log": True,
         "redis_url": REDIS_URL,
+        "prompt_token_count": "engine",  # token reservations from vLLM's own count (test_governance_vllm)
         "routes": {"chat": {"targets": [{"model": manifest.name}], "fallbacks": []}},
     })
     # Small limits so saturation is reachable from a test: 4 running + 2 queued.

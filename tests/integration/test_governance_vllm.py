@@ -19,6 +19,16 @@ def _admin(stack: LiveStack, method: str, path: str, **kw: object) -> httpx.Resp
     )
 
 
+def _usage_rows(stack: LiveStack, key_id: str, timeout_s: float = 10.0) -> list[dict]:
+    """The key's ledger rows once there are any (a row is written when the request ends on the server)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = _admin(stack, "GET", f"/admin/usage?key_id={key_id}").json()["data"]
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
 def _client(stack: LiveStack, key: str) -> openai.OpenAI:
     return openai.OpenAI(api_key=key, base_url=stack.base_url + "/v1", max_retries=0, _strict_response_validation=True)
 
@@ -49,6 +59,17 @@ def test_quota_headers_then_429_on_vllm(stack: LiveStack, limited: tuple[str, st
     assert info.value.body["type"] == "requests"  # type: ignore[index]
 
 
+def test_token_reservation_is_vllms_exact_prompt_count(stack: LiveStack, limited: tuple[str, str]) -> None:
+    """`prompt_token_count: engine`: the reservation is vLLM's prompt length (chat template included) + max_tokens."""
+    _, key = limited
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Count the tokens of this sentence, template and all, exactly."}]
+    raw = _client(stack, key).chat.completions.with_raw_response.create(model="chat", messages=messages, max_tokens=7)
+    usage = raw.parse().usage
+    assert usage is not None and usage.prompt_tokens > 0
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 100_000 - (usage.prompt_tokens + 7)
+
+
 def test_allow_list_and_usage_ledger_on_vllm(stack: LiveStack, limited: tuple[str, str]) -> None:
     key_id, key = limited
     client = _client(stack, key)
@@ -57,9 +78,25 @@ def test_allow_list_and_usage_ledger_on_vllm(stack: LiveStack, limited: tuple[st
     stream = client.chat.completions.create(model="chat", messages=MSG, max_tokens=5, stream=True)
     chunks = list(stream)
     assert chunks and all(c.usage is None for c in chunks)  # the usage chunk we asked for is not passed on
-    rows = _admin(stack, "GET", f"/admin/usage?key_id={key_id}").json()["data"]
+    rows = _usage_rows(stack, key_id)  # written as the stream ends, which the client may see first
     assert len(rows) == 1 and rows[0]["model"] == "chat" and rows[0]["requests"] == 1
     assert rows[0]["completion_tokens"] == 5 and rows[0]["prompt_tokens"] > 0
+
+
+def test_a_stream_the_client_leaves_is_charged_what_it_was_sent(stack: LiveStack, limited: tuple[str, str]) -> None:
+    """No usage event reaches the gateway when the client goes: the ledger (and the quota) get the tokens relayed."""
+    key_id, key = limited
+    body = {"model": "chat", "messages": MSG, "max_tokens": 400, "min_tokens": 400, "stream": True}
+    with httpx.Client(base_url=stack.base_url, timeout=60, headers={"authorization": f"Bearer {key}"}) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got >= 4:  # the role event and three tokens
+                    break
+    rows = _usage_rows(stack, key_id)
+    assert len(rows) == 1 and rows[0]["requests"] == 1, rows
+    assert 3 <= rows[0]["completion_tokens"] < 400 and rows[0]["prompt_tokens"] > 0
 
 
 def test_revoked_key_refused_within_a_second(stack: LiveStack, limited: tuple[str, str]) -> None:

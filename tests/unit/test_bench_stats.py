@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.report import check_goals, markdown
 from benchmarks.scenario import Goal, Placeholders, Scenario
-from benchmarks.stats import SLO, RequestRecord, percentile, summarize
+from benchmarks.stats import SLO, RequestRecord, median_round, percentile, summarize
 from benchmarks.workload import Length, Workload
 
 
@@ -149,3 +149,48 @@ def test_process_titles() -> None:
         "vllm.entrypoints.openai.api_server"
     assert title(["/usr/lib/ray/raylet", "--x"], "raylet") == "raylet"
     assert title([], "kworker") == "kworker"
+
+
+def test_median_round_keeps_a_whole_round() -> None:
+    rounds = [_point("gw", 1, rps, e2e) for rps, e2e in ((90.0, 0.3), (120.0, 0.1), (100.0, 0.2), (95.0, 0.25))]
+    kept = median_round(rounds)
+    # Even count: the lower middle round (95 req/s), with its own latency, and every round's req/s in run order.
+    assert kept["req_per_s"] == 95.0 and kept["e2e_s"]["p50"] == pytest.approx(0.25)
+    assert kept["rounds_req_per_s"] == [90.0, 120.0, 100.0, 95.0]
+    assert median_round(rounds[:3])["req_per_s"] == 100.0
+
+
+def test_rounds_interleave_targets_in_rotated_order(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from benchmarks.load import Point
+    from benchmarks.runner import Runner, Running
+
+    sc = Scenario.model_validate({"name": "s", "targets": [{"name": n, "model": "m"} for n in "abc"],
+                                  "load": {"levels": [1], "rounds": 3}})
+    runner = Runner(sc, tmp_path, workdir=tmp_path, quiet=True)
+    order: list[str] = []
+    speed = {"a": [10.0, 30.0, 20.0], "b": [5.0, 5.0, 6.0], "c": [1.0, 3.0, 2.0]}
+
+    def measure(r: Running, wi: int, point: Point) -> dict:
+        n = sum(1 for t in order if t == r.target.name)
+        order.append(r.target.name)
+        return _point(r.target.name, point.level, speed[r.target.name][n], 0.01)
+
+    monkeypatch.setattr(runner, "measure", measure)
+    running = [Running(t, "http://x/v1", None) for t in sc.targets]
+    out = runner.measure_rounds(running, 0, runner.points()[0])
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [(p["target"], p["req_per_s"]) for p in out] == [("a", 20.0), ("b", 5.0), ("c", 2.0)]
+    run = {"scenario": {**sc.model_dump(mode="json"), "baseline": "a", "workloads": [{"name": "w", "stream": False,
+                                                                                      "endpoint": "chat"}]},
+           "wall_s": 1.0, "machine": {"cpus": 2}, "points": out}
+    md = markdown(run)
+    assert "3 rounds" in md and "| 1 | c | 0.10 |" in md and "0.10 0.10 0.10 |" in md
+
+
+def test_goal_ratio_pairs_the_rounds() -> None:
+    """Each round measured both back to back: the figure is the median of the round ratios, not of the medians."""
+    base = median_round([_point("base", 1, r, 0.01) for r in (100.0, 50.0)])
+    gw = median_round([_point("gw", 1, r, 0.01) for r in (90.0, 50.0)])
+    (out,) = check_goals([Goal(name="g", target="gw", vs="base", metric="req_per_s", min=0.95)], [base, gw])
+    assert out["figure"] == pytest.approx(0.95) and out["met"]
+    assert base["req_per_s"] == gw["req_per_s"] == 50.0  # the medians alone would say 1.0

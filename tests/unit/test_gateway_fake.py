@@ -72,6 +72,7 @@ async def test_stop_and_completions(client: openai.AsyncOpenAI) -> None:
         ({"model": "fake", "messages": MSG, "n": 0}, 400, "n", None),
         ({"model": "fake", "messages": MSG, "max_tokens": 100}, 400, "max_tokens", "context_length_exceeded"),
         ({"messages": MSG}, 400, "model", None),
+        ({"model": "fake", "messages": MSG, "prompt_cache_key": 7}, 400, "prompt_cache_key", None),
     ],
 )
 async def test_bad_input_gets_the_envelope(http, body, status, param, code) -> None:
@@ -107,6 +108,45 @@ async def test_error_after_stream_start_is_one_event_then_done(http) -> None:
     assert events[-1] == "[DONE]"
     assert '"error"' in events[-2] and '"code":"engine_error"' in events[-2]
     assert sum('"error"' in e for e in events) == 1
+
+
+async def test_a_stream_that_fails_midway_is_settled_on_what_was_sent(http) -> None:
+    """No usage event came: the quota and the ledger are charged the prompt and the tokens relayed, status 500."""
+    gov = http._transport.app.state.governance
+    seen = []
+    finish = gov.finish
+
+    async def spy(record, adm, outcome, request_id, latency_s):  # noqa: ANN001, ANN202
+        seen.append(outcome)
+        await finish(record, adm, outcome, request_id, latency_s)
+
+    gov.finish = spy
+    body = {"model": "broken", "messages": MSG, "max_tokens": 5, "stream": True}
+    r = await http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == 200 and '"error"' in r.text
+    (outcome,) = seen
+    # fail_after_tokens=2: the role event and two tokens went out before the failure.
+    assert (outcome.status, outcome.usage_seen, outcome.completion_tokens) == (500, False, 2)
+    assert outcome.prompt_tokens == 4 + len(b"hello there") // 4 + 2
+    # A stream that ends normally keeps the engine's own count.
+    seen.clear()
+    r = await http.post("/v1/chat/completions", json={**body, "model": "fake"}, headers=AUTH)
+    assert (seen[0].status, seen[0].usage_seen, seen[0].completion_tokens) == (200, True, 5)
+
+
+@pytest.mark.parametrize(("mode", "reserved"), [("engine", 2 + 9), ("estimate", (4 + len(b"hello there") // 4 + 2) + 9)])
+async def test_token_reservation_counts_the_prompt_as_configured(engines, tmp_path, mode, reserved) -> None:
+    from gateway.governance.limits import Limits
+
+    settings = GatewaySettings(api_keys=[KEY], home=tmp_path, prompt_token_count=mode)
+    app = create_app(settings, ModelBackend(engines))
+    record, key = app.state.governance.store.create_key(name="t", limits=Limits(tpm=1000))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        r = await http.post("/v1/chat/completions", json={"model": "fake", "messages": MSG, "max_tokens": 9},
+                            headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    # The fake engine counts a prompt in words: "hello there" is 2.
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == 1000 - reserved
 
 
 async def test_overload_is_503_with_retry_after(engines, http) -> None:

@@ -17,7 +17,7 @@ from gateway.backend import ModelBackend
 from gateway.logs import JsonFormatter, configure
 from gateway.observe import slo_met
 from gateway.settings import GatewaySettings
-from gateway.tracing import Tracing
+from gateway.tracing import Tracing, root_bound
 from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine
 
@@ -172,3 +172,34 @@ async def test_quota_store_down_is_counted(tmp_path, mode) -> None:
         assert samples[("raygate_quota_rejections_total", (("kind", "unavailable"),))] == 2
         assert samples[("raygate_requests_total", (("model", "fake"), ("status", "503"), ("tier", "default"),
                                                    ("version", "")))] == 2
+
+
+@pytest.mark.parametrize("env", [
+    {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.3"},
+    {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+    {"OTEL_TRACES_SAMPLER": "always_on"},
+    {"OTEL_TRACES_SAMPLER": "parentbased_always_off"},
+    {},  # the default, parentbased_always_on
+])
+def test_new_trace_sampling_is_the_sdks_decision(monkeypatch, env) -> None:
+    """The request path decides a new trace without the SDK's sampler call; it must decide exactly as the SDK."""
+    import random
+
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import SpanKind
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    tr = Tracing([SimpleSpanProcessor(InMemorySpanExporter())])
+    assert tr._root_bound is not None  # these samplers take the short path
+    assert root_bound(object()) is None  # any other sampler is asked as usual
+    random.seed(7)
+    for _ in range(3000):
+        ctx, parent = tr.start({}, "/v1/chat/completions")
+        sdk = tr.sampler.should_sample(None, ctx.trace_id, "x", SpanKind.SERVER).decision.is_sampled()
+        assert ctx.trace_flags.sampled is sdk and parent is None
+    # With a caller's traceparent the SDK's sampler decides (parent-based): an unsampled parent stays unsampled.
+    ctx, parent = tr.start({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"}, "/v1/chat/completions")
+    assert parent is not None and ctx.trace_id == parent.trace_id
+    if env.get("OTEL_TRACES_SAMPLER", "parentbased").startswith("parentbased"):
+        assert not ctx.trace_flags.sampled

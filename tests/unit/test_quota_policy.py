@@ -17,6 +17,7 @@ from gateway.governance.quota_policy import (
     rate_headers,
     reservation,
     retry_after,
+    unreported_usage,
 )
 from gateway.governance.routing import RouteConfig, pick, plan, priority_for
 
@@ -69,6 +70,17 @@ def test_reservation_is_prompt_estimate_plus_max_tokens_times_n() -> None:
     assert reservation({"prompt": "abcd" * 3, "max_tokens": 5}, 2048) == 4 + 5
     # no max_tokens: the rest of the context may be generated
     assert reservation({"prompt": "abcd"}, 100) == 100
+
+
+def test_a_stream_cut_short_is_charged_what_was_sent() -> None:
+    chat = {"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 100}
+    # A chat stream opens with a role-only event; the rest carried a token each.
+    assert unreported_usage(chat, 1 + 7, chat=True) == (4 + 10 + 2, 7)
+    assert unreported_usage({**chat, "n": 2}, 2 + 6, chat=True) == (16, 6)
+    assert unreported_usage({"prompt": "abcd" * 3, "max_tokens": 9}, 5, chat=False) == (4, 5)
+    # Nothing reached the client: the engine never answered, nothing is charged.
+    assert unreported_usage(chat, 0, chat=True) == (0, 0)
+    assert unreported_usage(chat, 1, chat=True) == (16, 0)
 
 
 def test_canary_split_within_five_percent_over_2000_decisions() -> None:
