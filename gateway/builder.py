@@ -33,6 +33,15 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env(cfg)},
         "logging_config": g.serve_logging(),
     }
+    if g.conversation_routing.enabled:
+        from ray.serve.config import RequestRouterConfig
+
+        opts["request_router_config"] = RequestRouterConfig(
+            request_router_class="gateway.replica_router:ConversationRequestRouter",
+            request_router_kwargs={"max_load_gap": g.conversation_routing.max_load_gap},
+            request_routing_stats_period_s=g.conversation_routing.stats_period_s,
+            request_routing_stats_timeout_s=max(g.conversation_routing.stats_period_s, 5.0),
+        )
     if g.autoscaling is not None:
         opts["autoscaling_config"] = g.autoscaling.model_dump()
     else:
@@ -75,4 +84,22 @@ def build_app(args: dict[str, Any] | AppConfig | str | Path) -> Application:
         args = args["config"]
     cfg = AppConfig.load(args)
     check_shared_state(cfg)
-    return serve.deployment(GatewayIngress).options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
+    app = serve.deployment(GatewayIngress).options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
+    return with_conversation_router(app, cfg)
+
+
+def with_conversation_router(app: Application, cfg: AppConfig) -> Application:
+    """Behind HAProxy, attach the router deployment it asks for each POST's replica (conversation routing)."""
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
+
+    routing = cfg.gateway.conversation_routing
+    if not routing.enabled or not RAY_SERVE_ENABLE_HA_PROXY:
+        return app  # Serve's own proxy and handles use the request router directly
+    from gateway.replica_router import ConversationRouter
+
+    router = serve.deployment(ConversationRouter).options(
+        name=f"{cfg.gateway.name}-router", num_replicas=routing.router_replicas, max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0}, logging_config=cfg.gateway.serve_logging(),
+    ).bind(app)
+    # Ray's hook for an ingress request router (the one Ray Serve LLM's direct streaming uses).
+    return app._with_ingress_request_router(router)

@@ -34,6 +34,31 @@ class AutoscalingConfig(BaseModel):
         return self
 
 
+class ConversationRoutingConfig(BaseModel):
+    """Sticky routing of a conversation to the gateway replica whose engines cached its prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=False,
+        description="Route by conversation (`prompt_cache_key`, the x-session-id header, or the messages up to the "
+        "first user turn) instead of by load alone. With HAProxy, every POST first asks a small router deployment "
+        "(about a millisecond); worth it with several replicas and long shared prefixes.",
+    )
+    max_load_gap: int = Field(
+        default=16, ge=0,
+        description="A conversation's replica is passed over while it has this many more requests in flight than "
+        "the least busy replica.",
+    )
+    stats_period_s: float = Field(
+        default=1.0, gt=0, description="How often each replica reports its in-flight requests to the routers."
+    )
+    replica_header: bool = Field(
+        default=False, description="Name the replica that answered in an `x-raygate-replica` response header."
+    )
+    router_replicas: int = Field(default=1, ge=1, description="Replicas of the router deployment HAProxy asks.")
+
+
 class GatewayDeploymentConfig(BaseModel):
     """Ray Serve options of the gateway (ingress) deployment."""
 
@@ -67,6 +92,9 @@ class GatewayDeploymentConfig(BaseModel):
     )
     settings: dict[str, Any] = Field(
         default_factory=dict, description="GatewaySettings fields (no secrets here: use api_keys_file)."
+    )
+    conversation_routing: ConversationRoutingConfig = Field(
+        default_factory=ConversationRoutingConfig, description="Sticky routing of conversations across replicas."
     )
 
     def serve_logging(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from gateway.config import AppConfig
 from gateway.governance.gate import Governance
 from gateway.logs import OWN_LOGGERS
 from gateway.metrics import multiprocess_dir
+from gateway.replica_router import IN_FLIGHT_STAT
 from gateway.settings import GatewaySettings
 from models.registry import Registry
 from serve.errors import EngineUnavailable
@@ -49,6 +50,23 @@ def route_logs_to_serve() -> None:
         own.propagate = False
 
 
+def with_header(app: Any, name: bytes, value: bytes) -> Any:
+    """`app` with one more header on every HTTP response."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (name, value)]
+            await send(message)
+
+        return await app(scope, receive, send_with_header)
+
+    return wrapped
+
+
 @serve.ingress()
 class GatewayIngress:
     """One replica: the FastAPI gateway plus the engines of its co-located models."""
@@ -63,9 +81,17 @@ class GatewayIngress:
         self.backend = build_backend(cfg.serve, registry_for(cfg, self.settings))
         await self.backend.start()
         self.governance = Governance.build(self.settings)
+        self.replica_header = cfg.gateway.conversation_routing.replica_header
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.settings, self.backend, self.governance)
+        app = create_app(self.settings, self.backend, self.governance)
+        if self.replica_header:
+            return with_header(app, b"x-raygate-replica", serve.get_replica_context().replica_id.unique_id.encode())
+        return app
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What this replica tells Serve's request routers (conversation routing passes over busy replicas)."""
+        return {IN_FLIGHT_STAT: sum(e.busy() for e in self.backend.engines.values())}
 
     async def check_health(self) -> None:
         states = await self.backend.readiness()
