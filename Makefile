@@ -61,9 +61,11 @@ bench-lifecycle: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate --home .bench/home train deploy/train/demo.yaml --report benchmarks/results/lifecycle/pipeline.json
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/quantized.yaml
 
-# Metrics + tracing on vs off: gateway req/s, tracing sampled 1%, 10% and 100% (about 8 min).
+# Metrics + tracing on vs off: gateway req/s, tracing sampled 1%, 10% and 100% (about 8 min), then the
+# same gateways measured at the same time for their CPU cost per request (about 3 min).
 bench-observability: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability.yaml
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability_capacity.yaml
 
 bench-peers: .bench/litellm-venv/bin/litellm
 

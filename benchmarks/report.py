@@ -10,16 +10,17 @@ from typing import Any
 from benchmarks.scenario import Goal
 
 
-def paired_ratio(point: dict[str, Any], base: dict[str, Any]) -> float | None:
-    """req/s of `point` over `base`: the median of the round-by-round ratios when both were measured in rounds.
+def paired_ratio(point: dict[str, Any], base: dict[str, Any], key: str = "req_per_s") -> float | None:
+    """`key` (req/s, or req per CPU-second) of `point` over `base`: the median of the round-by-round ratios when
+    both were measured in rounds.
 
-    Within a round the two ran seconds apart, so each ratio cancels the machine's slower drift; the
-    median drops the rounds a burst of noise hit.
+    Within a round the two ran seconds apart (or at the same time), so each ratio cancels the machine's
+    slower drift; the median drops the rounds a burst of noise hit.
     """
-    mine, theirs = point.get("rounds_req_per_s") or [], base.get("rounds_req_per_s") or []
+    mine, theirs = point.get("rounds_" + key) or [], base.get("rounds_" + key) or []
     if len(mine) > 1 and len(mine) == len(theirs) and all(theirs):
         return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
-    return point["req_per_s"] / base["req_per_s"] if base["req_per_s"] else None
+    return point[key] / base[key] if base.get(key) and point.get(key) is not None else None
 
 
 def metric(point: dict[str, Any], name: str) -> float | None:
@@ -50,8 +51,8 @@ def check_goals(goals: list[Goal], points: list[dict[str, Any]]) -> list[dict[st
                 ref = metric(other, g.metric) if other else None
             if value is None or (g.vs is not None and not ref):
                 figure = None
-            elif g.compare == "ratio" and g.metric == "req_per_s" and other is not None:
-                figure = paired_ratio(p, other)
+            elif g.compare == "ratio" and g.metric in ("req_per_s", "req_per_cpu_s") and other is not None:
+                figure = paired_ratio(p, other, g.metric)
             elif g.compare == "ratio":
                 figure = value / ref if ref else None
             elif g.compare == "delta":
@@ -73,9 +74,9 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _by_round(p: dict[str, Any], base: dict[str, Any]) -> str:
-    """req/s of `p` over `base`, round by round (each round measured both, back to back)."""
-    mine, theirs = p.get("rounds_req_per_s") or [], base.get("rounds_req_per_s") or []
+def _by_round(p: dict[str, Any], base: dict[str, Any], key: str = "req_per_s") -> str:
+    """`key` of `p` over `base`, round by round (each round measured both)."""
+    mine, theirs = p.get("rounds_" + key) or [], base.get("rounds_" + key) or []
     return " ".join(f"{a / b:.2f}" if b else "-" for a, b in zip(mine, theirs, strict=False)) or "-"
 
 
@@ -86,7 +87,14 @@ def markdown(run: dict[str, Any]) -> str:
              f"Load: {sc['load']['mode']} loop, {sc['load']['duration_s']:g} s per point; SLO {sc['slo'] or 'none'}; "
              f"{run['machine']['cpus']} CPUs; run took {run['wall_s']:.0f} s.", ""]
     rounds = sc["load"].get("rounds", 1)
-    if rounds > 1:
+    together = bool(sc["load"].get("together"))
+    if together:
+        lines += [f"Every point was measured in {rounds} round(s); within a round **all targets ran at the same "
+                  "time**, each with its own clients at the level, so the machine's bursts and drift hit them alike. "
+                  "`req/CPU-s` is requests per CPU-second of the target's own processes (its cost per request, "
+                  "inverted); its ratio is the median of the round-by-round ratios. Sharing the cores with one load "
+                  "generator, req/s ratios understate differences (the generator's cost is common to all).", ""]
+    elif rounds > 1:
         lines += [f"Every point was measured in {rounds} rounds, the targets interleaved within each round; a row is "
                   "the target's round with the median req/s; the req/s ratio is the median of the ratios round by "
                   "round, each of which the last column lists.", ""]
@@ -99,8 +107,8 @@ def markdown(run: dict[str, Any]) -> str:
             continue
         lines += ["", f"## {wl['name']} ({wl['endpoint']}, {'streaming' if wl['stream'] else 'non-streaming'})", "",
                   f"| {unit} | target | req/s | out tok/s | goodput req/s | TTFT p50/p99 ms | ITL p50 ms | "
-                  "TPOT p50 ms | E2E p50/p90/p99 ms | errors | target CPU% | other CPU% |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "TPOT p50 ms | E2E p50/p90/p99 ms | errors | target CPU% | other CPU% |" + (" req/CPU-s |" if together else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if together else "")]
         for p in mine:
             errs = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "0"
             lines.append(
@@ -108,13 +116,15 @@ def markdown(run: dict[str, Any]) -> str:
                 f"{p['goodput_req_per_s']:.1f} | {_ms(p['ttft_s']['p50'])}/{_ms(p['ttft_s']['p99'])} | "
                 f"{_ms(p['itl_s']['p50'])} | {_ms(p['tpot_s']['p50'])} | "
                 f"{_ms(p['e2e_s']['p50'])}/{_ms(p['e2e_s']['p90'])}/{_ms(p['e2e_s']['p99'])} | {errs} | "
-                f"{p.get('target_cpu_pct', '-')} | {p.get('other_cpu_pct', '-')} |")
+                f"{p.get('target_cpu_pct', '-')} | {p.get('other_cpu_pct', '-')} |"
+                + (f" {_num(p.get('req_per_cpu_s'))} |" if together else ""))
         base = sc.get("baseline")
         if base:
             lines += ["", f"Against **{base}** (same run, interleaved):", "",
                       f"| {unit} | target | req/s ratio | tok/s ratio | TTFT p50 ratio | E2E p50 added ms |"
-                      + (" req/s ratio by round |" if rounds > 1 else ""),
-                      "|---|---|---|---|---|---|" + ("---|" if rounds > 1 else "")]
+                      + (" req/s ratio by round |" if rounds > 1 else "")
+                      + (" req/CPU-s ratio | req/CPU-s ratio by round |" if together else ""),
+                      "|---|---|---|---|---|---|" + ("---|" if rounds > 1 else "") + ("---|---|" if together else "")]
             for p in mine:
                 b = _find(pts, base, p["workload"], p["level"])
                 if p["target"] == base or b is None:
@@ -124,7 +134,9 @@ def markdown(run: dict[str, Any]) -> str:
                 de = (p["e2e_s"]["p50"] - b["e2e_s"]["p50"]) * 1000 if p["e2e_s"]["p50"] and b["e2e_s"]["p50"] else None
                 lines.append(f"| {p['level']:g} | {p['target']} | {_num(paired_ratio(p, b), '.2f')} | "
                              f"{_num(ratio('output_tok_per_s'), '.2f')} | {_num(tt, '.2f')} | {_num(de, '+.3f')} |"
-                             + (f" {_by_round(p, b)} |" if rounds > 1 else ""))
+                             + (f" {_by_round(p, b)} |" if rounds > 1 else "")
+                             + (f" {_num(paired_ratio(p, b, 'req_per_cpu_s'), '.2f')} |"
+                                f" {_by_round(p, b, 'req_per_cpu_s')} |" if together else ""))
     if run.get("goals"):
         lines += ["", "## Goals", "", "| goal | workload | level | figure | bound | met |", "|---|---|---|---|---|---|"]
         for g in run["goals"]:

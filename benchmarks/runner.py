@@ -177,12 +177,41 @@ class Runner:
                      f"errors {sum(res['errors'].values())}  cpu {res['target_cpu_pct']}%")
         return res
 
+    def measure_together(self, measured: list[Running], workload_index: int, point: Point) -> list[dict[str, Any]]:
+        """`point` on every target at once, each with its own clients; one result per target."""
+        wl = self.sc.workloads[workload_index]
+
+        async def one(r: Running) -> dict[str, Any]:
+            return await run_point(r.base_url, r.key, wl.bodies(r.target.model), wl.path(), point, self.slo,
+                                   None, seed=wl.seed, timeout_s=self.sc.load.timeout_s)
+
+        async def all_of() -> list[dict[str, Any]]:
+            return list(await asyncio.gather(*(one(r) for r in measured)))
+
+        with contextlib.ExitStack() as stack:
+            watches = [stack.enter_context(Watch(r.pids)) for r in measured]  # CPU of each target's own processes
+            results = asyncio.run(all_of())
+        for r, res, watch in zip(measured, results, watches, strict=True):
+            res.update(watch.result)
+            cpu_s = res["target_cpu_pct"] / 100
+            res.update({"target": r.target.name, "workload": wl.name, "stream": wl.stream, "together": True,
+                        "req_per_cpu_s": round(res["req_per_s"] / cpu_s, 1) if cpu_s > 0 else None})
+            self.say(f"  {r.target.name:14s} {wl.name:14s} {point.label:12s} {res['req_per_s']:9.1f} req/s "
+                     f"cpu {res['target_cpu_pct']}%  {res['req_per_cpu_s']} req/cpu-s  errors "
+                     f"{sum(res['errors'].values())}  (together)")
+        return results
+
     def measure_rounds(self, measured: list[Running], workload_index: int, point: Point) -> list[dict[str, Any]]:
         """`point` on every target, `load.rounds` times interleaved; one result per target (its median round)."""
         rounds = self.sc.load.rounds
+        seen: dict[str, list[dict[str, Any]]] = {r.target.name: [] for r in measured}
+        if self.sc.load.together:
+            for _ in range(rounds):
+                for r, res in zip(measured, self.measure_together(measured, workload_index, point), strict=True):
+                    seen[r.target.name].append(res)
+            return [median_round(seen[r.target.name]) if rounds > 1 else seen[r.target.name][0] for r in measured]
         if rounds == 1:
             return [self.measure(r, workload_index, point) for r in measured]
-        seen: dict[str, list[dict[str, Any]]] = {r.target.name: [] for r in measured}
         for k in range(rounds):
             for r in measured[k % len(measured):] + measured[: k % len(measured)]:
                 seen[r.target.name].append(self.measure(r, workload_index, point))

@@ -59,6 +59,11 @@ class LoadConfig(BaseModel):
         default=1, ge=1, description="Times every point is measured, the targets interleaved within each round (in "
         "a rotated order) so that drift of the machine hits all of them alike; a point reports its median round.",
     )
+    together: bool = Field(
+        default=False, description="Measure the targets of a round at the same time, each with its own clients at "
+        "the level: bursts and drift of the machine then hit them alike at every instant. Where targets are "
+        "CPU-bound and share the cores, their req/s ratio is the inverse ratio of their CPU cost per request.",
+    )
     max_requests: int = Field(default=1_000_000, ge=1, description="Cap on requests per point.")
     max_inflight: int = Field(default=2048, ge=1, description="Open loop: outstanding requests before arrivals count as errors.")
     timeout_s: float = Field(default=300.0, gt=0, description="Per-request client timeout.")
@@ -72,7 +77,11 @@ class Goal(BaseModel):
     name: str = Field(description="What the goal says, in words.")
     target: str = Field(description="Target whose figure is checked.")
     vs: str | None = Field(default=None, description="Target it is compared with (None: absolute).")
-    metric: Literal["req_per_s", "output_tok_per_s", "goodput_req_per_s", "e2e_p50_ms", "ttft_p50_ms", "itl_p50_ms"]
+    metric: Literal["req_per_s", "req_per_cpu_s", "output_tok_per_s", "goodput_req_per_s", "e2e_p50_ms",
+                    "ttft_p50_ms", "itl_p50_ms"] = Field(
+        description="req_per_cpu_s: requests per CPU-second of the target's own processes (its cost per request, "
+        "inverted; measured with `load.together`).",
+    )
     compare: Literal["ratio", "delta", "value"] = Field(default="ratio", description="target/vs, target-vs, or target.")
     workloads: list[str] | None = Field(default=None, description="Workloads it applies to (None: all).")
     levels: list[float] | None = Field(default=None, description="Load levels it applies to (None: all).")

@@ -130,4 +130,6 @@ def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     ranked = sorted(rounds, key=lambda r: r["req_per_s"])
     out = dict(ranked[(len(ranked) - 1) // 2])
     out["rounds_req_per_s"] = [r["req_per_s"] for r in rounds]
+    if all(r.get("req_per_cpu_s") for r in rounds):
+        out["rounds_req_per_cpu_s"] = [r["req_per_cpu_s"] for r in rounds]
     return out

@@ -6,6 +6,7 @@ Usable from a Serve config file: `import_path: gateway.builder:build_app` with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,17 @@ def build_app(args: dict[str, Any] | AppConfig | str | Path) -> Application:
 
 def with_conversation_router(app: Application, cfg: AppConfig) -> Application:
     """Behind HAProxy, attach the router deployment it asks for each POST's replica (conversation routing)."""
-    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
-
     routing = cfg.gateway.conversation_routing
-    if not routing.enabled or not RAY_SERVE_ENABLE_HA_PROXY:
+    # The environment now, not Serve's import-time constant: this process may have imported Serve before
+    # `raygate up` set the variable for the cluster it starts.
+    if not routing.enabled or os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return app  # Serve's own proxy and handles use the request router directly
     from gateway.replica_router import ConversationRouter
 
     router = serve.deployment(ConversationRouter).options(
-        name=f"{cfg.gateway.name}-router", num_replicas=routing.router_replicas, max_ongoing_requests=1000,
+        # Serve places RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE replicas of it beside each proxy (num_replicas
+        # does not apply); HAProxy tries the next one when a router cannot be reached.
+        name=f"{cfg.gateway.name}-router", max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0}, logging_config=cfg.gateway.serve_logging(),
     ).bind(app)
     # Ray's hook for an ingress request router (the one Ray Serve LLM's direct streaming uses).

@@ -56,7 +56,6 @@ class ConversationRoutingConfig(BaseModel):
     replica_header: bool = Field(
         default=False, description="Name the replica that answered in an `x-raygate-replica` response header."
     )
-    router_replicas: int = Field(default=1, ge=1, description="Replicas of the router deployment HAProxy asks.")
 
 
 class GatewayDeploymentConfig(BaseModel):

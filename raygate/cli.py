@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"raygate: starting Ray and deploying {wanted} (engine start takes up to a minute)...", flush=True)
     try:
         stack.start()
-        models = served_models(stack.base_url, key)
+        try:
+            models = served_models(stack.base_url, key)
+        except urllib.error.HTTPError:  # the config names its own keys and left the dev key out
+            models = [{"id": m.model, "root": ""} for m in cfg.serve.models]
         print(
             "\nraygate is up\n"
             f"  base URL   {stack.base_url}/v1\n"

@@ -23,6 +23,7 @@ SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",  # bundled HAProxy instead of the Python HTTP proxy
     # HAProxy hands each POST's body to the conversation router (gateway.conversation_routing); unused without it.
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+    "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE": "2",  # two routers per node: HAProxy moves to the other while Serve restarts one
     # Throughput mode buffers 1,000 replica log records before writing any; Serve's own access log is off
     # and the gateway logs little per request (its access log from a thread of its own), so write at once.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",

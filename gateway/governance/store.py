@@ -256,7 +256,8 @@ class KeyStore:
         if not rows:
             return
         # One executemany through Core: an ORM unit of work per row cost the gateway ~20% of its CPU under load.
-        values = [{**dict(r), "day": r.created_at.astimezone(UTC).date().isoformat()} for r in rows]
+        # `__dict__`: a pydantic model's fields as they are (iterating the model costs ~10 µs a row).
+        values = [{**r.__dict__, "day": r.created_at.astimezone(UTC).date().isoformat()} for r in rows]
         with self.engine.begin() as conn:
             conn.execute(insert(UsageRecordRow.__table__), values)
 

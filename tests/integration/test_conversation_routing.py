@@ -7,11 +7,22 @@ asks the router deployment for each POST's replica, which ranks replicas with th
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
+import yaml
 
 from gateway.governance.affinity import conversation_key, rank_replicas
 
@@ -22,41 +33,77 @@ REDIS_URL = "redis://127.0.0.1:6379/11"  # two replicas share quotas: a Redis DB
 KEY = "affinity-key-0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from gateway.config import AppConfig
-    from raygate.stack import Stack
+@dataclass
+class _Up:
+    base_url: str
+    proc: subprocess.Popen[bytes]
 
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Up]:
+    # `raygate up` in a process of its own, as a user runs it: Serve reads its HAProxy flags when first
+    # imported, which this test process did at collection, before any stack set them.
     home = tmp_path_factory.mktemp("affinity")
-    (home / "keys").write_text(KEY + "\n")
-    cfg = AppConfig.load({
+    (home / "raygate.yaml").write_text(yaml.safe_dump({
         "gateway": {
             "num_replicas": 2, "num_cpus": 0.25,
             "conversation_routing": {"enabled": True, "replica_header": True, "stats_period_s": 0.5},
-            "settings": {"home": str(home), "api_keys_file": str(home / "keys"), "redis_url": REDIS_URL},
+            "settings": {"home": str(home), "api_keys": [KEY], "redis_url": REDIS_URL},
         },
         "serve": {"models": [{"model": "chat", "engine": "fake", "num_cpus": 0}]},
-    })
-    stack = Stack(cfg, port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT, num_cpus=2)
+    }))
+    exe = Path(sys.executable).with_name("raygate")
+    log = open(home / "up.log", "wb")  # noqa: SIM115 - open for the stack's lifetime
+    proc = subprocess.Popen(
+        [str(exe), "--home", str(home), "up", "--config", str(home / "raygate.yaml"), "--port", str(PORT),
+         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    up = _Up(f"http://127.0.0.1:{PORT}", proc)
     try:
-        stack.start(ready_timeout_s=180)
-        yield stack
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (home / "up.log").read_text()[-3000:]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{up.base_url}/ready", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        else:
+            raise AssertionError("raygate up not ready: " + (home / "up.log").read_text()[-3000:])
+        _wait_for_routing(up)
+        yield up
     finally:
-        stack.stop()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
         import redis
 
         redis.Redis.from_url(REDIS_URL).flushdb()
 
 
-def _client(stack) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+def _wait_for_routing(up: _Up, timeout_s: float = 120) -> None:
+    """HAProxy asks the routers once a config reload lists them, seconds after the app is ready; connections
+    opened before that reload stay with the old HAProxy process. Wait for three sticky checks in a row."""
+    deadline = time.monotonic() + timeout_s
+    body = {"model": "chat", "max_tokens": 1, "messages": [{"role": "user", "content": "warm-up"}]}
+    streak = 0
+    while streak < 3:
+        assert time.monotonic() < deadline, "HAProxy never routed through the conversation routers"
+        with httpx.Client(base_url=up.base_url, headers={"authorization": f"Bearer {KEY}"}) as c:
+            sticky = len(_routers()) == 2 and len(
+                {c.post("/v1/chat/completions", json=body).headers["x-raygate-replica"] for _ in range(8)}) == 1
+        streak = streak + 1 if sticky else 0
+        time.sleep(2)
+
+
+def _client(stack: _Up) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
-def _replica_ids(stack) -> list[str]:  # type: ignore[no-untyped-def]
-    from ray import serve
-
-    dep = serve.status().applications["raygate"].deployments["gateway"]
-    assert sum(dep.replica_states.values()) == 2
+def _replica_ids(stack: _Up) -> list[str]:
     seen: set[str] = set()
     with httpx.Client(base_url=stack.base_url, headers={"authorization": f"Bearer {KEY}"}) as c:
         for i in range(40):  # distinct conversations reach both replicas
@@ -68,7 +115,12 @@ def _replica_ids(stack) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(seen)
 
 
-def test_every_turn_of_a_conversation_reaches_the_replica_the_policy_picks(stack) -> None:  # type: ignore[no-untyped-def]
+def _routers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "ServeReplica:raygate:gateway-router" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_every_turn_of_a_conversation_reaches_the_replica_the_policy_picks(stack: _Up) -> None:
     client = _client(stack)
     replicas = _replica_ids(stack)
     served: dict[int, list[str]] = defaultdict(list)
@@ -88,7 +140,7 @@ def test_every_turn_of_a_conversation_reaches_the_replica_the_policy_picks(stack
     assert {s[0] for s in served.values()} == set(replicas), "12 conversations, one replica: no spreading"
 
 
-def test_prompt_cache_key_and_session_header_pin_unrelated_requests(stack) -> None:  # type: ignore[no-untyped-def]
+def test_prompt_cache_key_and_session_header_pin_unrelated_requests(stack: _Up) -> None:
     client = _client(stack)
     replicas = _replica_ids(stack)
     for i in range(6):
@@ -104,7 +156,7 @@ def test_prompt_cache_key_and_session_header_pin_unrelated_requests(stack) -> No
         assert got == {rank_replicas(f"s:session-{i}", dict.fromkeys(replicas, 0), 16)[0]}
 
 
-def test_bad_bodies_still_get_openai_errors_through_the_router(stack) -> None:  # type: ignore[no-untyped-def]
+def test_bad_bodies_still_get_openai_errors_through_the_router(stack: _Up) -> None:
     with httpx.Client(base_url=stack.base_url, headers={"authorization": f"Bearer {KEY}"}) as c:
         r = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
@@ -113,3 +165,30 @@ def test_bad_bodies_still_get_openai_errors_through_the_router(stack) -> None:  
         r = c.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "x"}],
                                                  "prompt_cache_key": 7})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_cache_key"
+
+
+def test_losing_a_router_replica_fails_no_request(stack: _Up) -> None:
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=stack.base_url, headers={"authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                r = c.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 2,
+                                                         "messages": [{"role": "user", "content": f"load {i}"}]})
+                codes.append(r.status_code)
+                i += 1
+
+    routers = _routers()
+    assert len(routers) == 2, "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE=2: two routers beside the proxy"
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        time.sleep(1)
+        routers[0].kill()  # a router process dies mid-traffic
+        time.sleep(4)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert len(codes) > 50 and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}

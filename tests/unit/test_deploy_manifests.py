@@ -131,7 +131,8 @@ def test_rayservice() -> None:
         assert group["rayStartParams"]["metrics-export-port"] == str(METRICS_PORT)
         (container,) = group["template"]["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in container["env"]}
-        for flag in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"):
+        for flag in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY",
+                     "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE"):
             assert env[flag] == SERVE_ENV[flag]
         assert "RAYGATE_REDIS_URL" in env and "RAYGATE_KEY_SECRET" in env
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -150,7 +151,8 @@ def test_cluster_launcher() -> None:
     assert {"head", "cpu_worker", "gpu_worker"} == set(doc["available_node_types"])
     for cmd in doc["head_start_ray_commands"][1:] + doc["worker_start_ray_commands"][1:]:
         assert f"--metrics-export-port={METRICS_PORT}" in cmd
-        for flag in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"):
+        for flag in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY",
+                     "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE"):
             assert f"{flag}={SERVE_ENV[flag]}" in cmd
 
 
