@@ -80,3 +80,48 @@ def test_bad_scenario_is_refused(tmp_path: Path) -> None:
     bad.write_text("name: x\ntargets: [{name: a, model: m}]\nbaseline: nope\nload: {levels: [1]}\n")
     proc = _bench("run", str(bad))
     assert proc.returncode != 0 and "unknown target" in proc.stderr
+
+
+def test_together_mode_measures_each_target_s_own_cpu(tmp_path: Path) -> None:
+    """Targets loaded at the same time; each gets its own CPU share, so the heavier server shows fewer req/CPU-s."""
+    scenario = tmp_path / "together.yaml"
+    scenario.write_text("""
+name: together
+targets:
+  - name: fake-direct
+    model: fake
+    start: ["{python}", "-m", "serve.fake_server", "--port", "{port}", "--model", "fake"]
+  - name: gateway
+    model: fake
+    key: "{key}"
+    start: ["{python}", "-m", "raygate.cli", "gateway", "--config", "{workdir}/gw.yaml", "--port", "{port}"]
+    files:
+      gw.yaml: |
+        gateway:
+          settings:
+            home: {workdir}/home
+            api_keys: ["{key}"]
+        serve:
+          models:
+            - model: fake
+              engine: fake
+baseline: fake-direct
+workloads: [{name: json, stream: false, output_tokens: 4}]
+load: {mode: closed, levels: [4], duration_s: 1.5, warmup_s: 0.2, rounds: 2, together: true}
+goals:
+  - {name: cost, target: gateway, vs: fake-direct, metric: req_per_cpu_s, compare: ratio, max: 1.0}
+""")
+    out = tmp_path / "out"
+    proc = _bench("run", str(scenario), "--out", str(out), "--no-plots")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = json.loads((out / "results.json").read_text())
+    by = {p["target"]: p for p in run["points"]}
+    for p in by.values():
+        assert p["together"] and p["errors"] == {} and len(p["rounds_req_per_cpu_s"]) == 2
+        assert 0 < p["target_cpu_pct"] < 200 and p["req_per_cpu_s"] > 0
+    # raygate's gateway does more per request (auth, validation, quota, metrics) than the bare fake server.
+    assert by["gateway"]["req_per_cpu_s"] < by["fake-direct"]["req_per_cpu_s"]
+    (goal,) = run["goals"]
+    assert goal["met"] and 0 < goal["figure"] < 1
+    md = (out / "results.md").read_text()
+    assert "all targets ran at the same time" in md and "req/CPU-s ratio by round" in md

@@ -194,3 +194,17 @@ def test_goal_ratio_pairs_the_rounds() -> None:
     (out,) = check_goals([Goal(name="g", target="gw", vs="base", metric="req_per_s", min=0.95)], [base, gw])
     assert out["figure"] == pytest.approx(0.95) and out["met"]
     assert base["req_per_s"] == gw["req_per_s"] == 50.0  # the medians alone would say 1.0
+
+
+def test_cpu_cost_goal_pairs_the_rounds_too() -> None:
+    """Together mode: rounds keep req per CPU-second; its goal is the median of the round ratios."""
+    def rnd(target: str, rps: float, per_cpu: float) -> dict:
+        return {**_point(target, 1, rps, 0.01), "req_per_cpu_s": per_cpu}
+
+    base = median_round([rnd("base", 100.0, 2000.0), rnd("base", 100.0, 1000.0), rnd("base", 100.0, 1500.0)])
+    gw = median_round([rnd("gw", 100.0, 1900.0), rnd("gw", 100.0, 900.0), rnd("gw", 100.0, 1500.0)])
+    assert gw["rounds_req_per_cpu_s"] == [1900.0, 900.0, 1500.0]
+    (out,) = check_goals([Goal(name="g", target="gw", vs="base", metric="req_per_cpu_s", min=0.95)], [base, gw])
+    assert out["figure"] == pytest.approx(0.95) and out["met"]  # ratios 0.95, 0.90, 1.00: the median
+    missing = median_round([_point("x", 1, 10.0, 0.01), rnd("x", 10.0, 5.0)])
+    assert "rounds_req_per_cpu_s" not in missing  # only when every round measured it
