@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -12,6 +13,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from gateway.config import AppConfig
 
@@ -27,6 +30,9 @@ SERVE_ENV = {
     # Throughput mode buffers 1,000 replica log records before writing any; Serve's own access log is off
     # and the gateway logs little per request (its access log from a thread of its own), so write at once.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    # Each Ray worker in a process group of its own, killed whole when the worker exits: a replica that crashes
+    # or is killed takes its vLLM engine processes with it instead of leaving them running as orphans.
+    "RAY_process_group_cleanup_enabled": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "VLLM_NO_USAGE_STATS": "1",
     "VLLM_DO_NOT_TRACK": "1",
@@ -124,6 +130,7 @@ class Stack:
         import ray
         from ray import serve
 
+        engines = engine_processes()
         try:
             serve.shutdown()
         finally:
@@ -131,6 +138,41 @@ class Stack:
             self.started = False
             if self._saved_cores:
                 os.sched_setaffinity(0, self._saved_cores)
+            reap(engines)
+
+
+ENGINE_PROCESS_PREFIX = "VLLM::"  # vLLM names its engine-core and worker processes so
+
+
+def engine_processes() -> list[psutil.Process]:
+    """vLLM engine processes this stack started (descendants of this process, through Ray's workers)."""
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for p in children:
+        with contextlib.suppress(psutil.Error):
+            if p.name().startswith(ENGINE_PROCESS_PREFIX):
+                out.append(p)
+    return out
+
+
+def reap(procs: list[psutil.Process], grace_s: float = 10.0) -> list[int]:
+    """Kill what is left of `procs` after `grace_s`; the pids that had to be killed.
+
+    A replica Ray killed (a stop that timed out) cannot close its engine: vLLM's engine core then
+    lives on as an orphan, holding its KV cache and, on CPUs, spinning its worker's threads.
+    """
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    if alive:
+        psutil.wait_procs(alive, timeout=5)
+        logger.warning("killed %d vLLM engine processes left behind by the stop: %s", len(alive),
+                       [p.pid for p in alive])
+    return [p.pid for p in alive]
 
 
 def apply_core_split(config: AppConfig) -> list[int] | None:

@@ -132,7 +132,7 @@ def test_rayservice() -> None:
         (container,) = group["template"]["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in container["env"]}
         for flag in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY",
-                     "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE"):
+                     "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE", "RAY_process_group_cleanup_enabled"):
             assert env[flag] == SERVE_ENV[flag]
         assert "RAYGATE_REDIS_URL" in env and "RAYGATE_KEY_SECRET" in env
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -152,7 +152,7 @@ def test_cluster_launcher() -> None:
     for cmd in doc["head_start_ray_commands"][1:] + doc["worker_start_ray_commands"][1:]:
         assert f"--metrics-export-port={METRICS_PORT}" in cmd
         for flag in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY",
-                     "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE"):
+                     "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE", "RAY_process_group_cleanup_enabled"):
             assert f"{flag}={SERVE_ENV[flag]}" in cmd
 
 
