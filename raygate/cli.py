@@ -229,6 +229,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         # Everything built so far (modules, app, engines) lives as long as the process: keep it out of
         # the collector's scans, as a Serve replica does in throughput mode.
         gc.freeze()
+        # uvicorn puts back the handlers it found and raises the signal it caught again once it has
+        # stopped: with the default ones the process died there, before the engines were shut down, and
+        # vLLM's engine processes lived on. Handlers that do nothing let the shutdown below run.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         try:
             await server.serve()
         finally:

@@ -184,12 +184,18 @@ def lora_gateway(stack, tmp_path: Path):  # type: ignore[no-untyped-def]
             raise AssertionError("the LoRA gateway did not become ready")
         yield url, proc
     finally:
+        engines = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name().startswith("VLLM::")]
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        # SIGTERM shuts the engines down with the gateway: none lives on as an orphan.
+        _, alive = psutil.wait_procs(engines, timeout=15)
+        for p in alive:
+            p.kill()
+        assert engines and not alive, f"vLLM processes outlived `raygate gateway`: {[p.pid for p in alive]}"
 
 
 def test_lora_adapter_is_served_live_as_its_own_model(stack, registry: Registry, lora_gateway) -> None:  # type: ignore[no-untyped-def]
