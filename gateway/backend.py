@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
+from typing import Any
 
 from models.registry import Registry
 from serve.config import ServeConfig
@@ -61,18 +62,29 @@ class ModelBackend:
             with contextlib.suppress(Exception):
                 await live.shutdown()
 
-    async def readiness(self) -> dict[str, bool]:
-        """Health of every model, checked concurrently."""
-        results = await asyncio.gather(*(live.readiness() for live in self.models.values()))
-        return dict(zip(self.models, results))
+    async def readiness(self, in_process_only: bool = False) -> dict[str, bool]:
+        """Health of every model (or of those whose engines run in this process), checked concurrently."""
+        models = {k: v for k, v in self.models.items() if v.in_process or not in_process_only}
+        results = await asyncio.gather(*(live.readiness() for live in models.values()))
+        return dict(zip(models, results))
 
 
-def build_backend(cfg: ServeConfig, registry: Registry | None) -> ModelBackend:
-    """The models of a Serve config (not started): served id -> live model."""
+def build_backend(cfg: ServeConfig, registry: Registry | None, handles: Mapping[str, Any] | None = None) -> ModelBackend:
+    """The models of a Serve config (not started): served id -> live model.
+
+    `handles`: the Serve handles of `placement: deployment` models, by served id.
+    """
     models: dict[str, LiveModel] = {}
     for model_cfg in cfg.models:
         served = served_id(model_cfg)
         if served in models:
             raise ValueError(f"two deployments serve {served!r}: set served_name")
-        models[served] = LiveModel(model_cfg, registry)
+        if model_cfg.placement == "deployment":
+            if not handles or served not in handles:
+                raise ValueError(f"{served!r} has placement `deployment` but no deployment handle was given")
+            from serve.handle_engine import HandleModel
+
+            models[served] = HandleModel(model_cfg, handles[served])
+        else:
+            models[served] = LiveModel(model_cfg, registry)
     return ModelBackend(models)

@@ -6,6 +6,7 @@ Usable from a Serve config file: `import_path: gateway.builder:build_app` with
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -14,25 +15,25 @@ from ray import serve
 from ray.serve import Application
 
 from gateway.config import AppConfig
-from gateway.deployment import GatewayIngress
+from gateway.deployment import GatewayIngress, registry_location
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import GatewaySettings
+from models.refs import ModelRef
+from serve.config import AutoscalingConfig, ModelDeploymentConfig
+from serve.factory import checkpoint_dir, served_id
 
 
 def deployment_options(cfg: AppConfig) -> dict[str, Any]:
     """Serve options of the ingress, with the resources of the engines it hosts."""
     g = cfg.gateway
-    num_cpus = g.num_cpus + sum(m.num_cpus for m in cfg.serve.models)
-    num_gpus = sum(m.num_gpus for m in cfg.serve.models)
-    opts: dict[str, Any] = {
+    colocated = [m for m in cfg.serve.models if m.placement == "gateway"]
+    opts = {
         "name": g.name,
         "max_ongoing_requests": g.max_ongoing_requests,
         "max_queued_requests": g.max_queued_requests,
-        "health_check_period_s": g.health_check_period_s,
-        "health_check_timeout_s": g.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
-        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env(cfg)},
-        "logging_config": g.serve_logging(),
+        **_common_options(cfg),
+        **_resources(g.num_cpus + sum(m.num_cpus for m in colocated), colocated, runtime_env(cfg)),
+        **_scaling(g.autoscaling, g.num_replicas),
     }
     if g.conversation_routing.enabled:
         from ray.serve.config import RequestRouterConfig
@@ -43,29 +44,67 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
             request_routing_stats_period_s=g.conversation_routing.stats_period_s,
             request_routing_stats_timeout_s=max(g.conversation_routing.stats_period_s, 5.0),
         )
-    if g.autoscaling is not None:
-        opts["autoscaling_config"] = g.autoscaling.model_dump()
-    else:
-        opts["num_replicas"] = g.num_replicas
-    parallel = [m for m in cfg.serve.models if m.tensor_parallel_size * m.pipeline_parallel_size > 1]
-    if parallel:
-        # vLLM's Ray executor places its workers in the replica's placement group.
-        workers = sum(m.tensor_parallel_size * m.pipeline_parallel_size for m in parallel)
-        opts["ray_actor_options"] = {**opts["ray_actor_options"], "num_gpus": 0}
-        opts["placement_group_bundles"] = [{"CPU": num_cpus}] + [{"GPU": 1}] * workers
-        opts["placement_group_strategy"] = "STRICT_PACK"
     return opts
+
+
+def model_deployment_name(model: ModelDeploymentConfig) -> str:
+    """`<model>@<version>` (or `@<alias>` it follows), the name a `placement: deployment` model has in Serve."""
+    if model.engine != "openai" and checkpoint_dir(model) is None:
+        with contextlib.suppress(ValueError):
+            ref = ModelRef.parse(model.model)
+            return f"{served_id(model)}@{ref.version if ref.version is not None else ref.alias}"
+    return served_id(model)
+
+
+def model_options(cfg: AppConfig, model: ModelDeploymentConfig) -> dict[str, Any]:
+    """Serve options of a model's own deployment (`placement: deployment`)."""
+    return {
+        "name": model_deployment_name(model),
+        "max_ongoing_requests": model.max_ongoing_requests,
+        "max_queued_requests": model.max_queued_requests,
+        **_common_options(cfg),
+        **_resources(model.num_cpus, [model], {"env_vars": engine_env(cfg)}),
+        **_scaling(model.autoscaling, model.num_replicas),
+    }
+
+
+def _common_options(cfg: AppConfig) -> dict[str, Any]:
+    g = cfg.gateway
+    return {
+        "health_check_period_s": g.health_check_period_s,
+        "health_check_timeout_s": g.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
+        "logging_config": g.serve_logging(),
+    }
+
+
+def _scaling(autoscaling: AutoscalingConfig | None, num_replicas: int) -> dict[str, Any]:
+    return {"autoscaling_config": autoscaling.model_dump()} if autoscaling else {"num_replicas": num_replicas}
+
+
+def _resources(num_cpus: float, models: list[ModelDeploymentConfig], env: dict[str, Any]) -> dict[str, Any]:
+    """Actor resources of a replica hosting `models`' engines; GPU workers of parallel ones in its placement group."""
+    actor = {"num_cpus": num_cpus, "num_gpus": sum(m.num_gpus for m in models), "runtime_env": env}
+    workers = sum(m.tensor_parallel_size * m.pipeline_parallel_size for m in models
+                  if m.tensor_parallel_size * m.pipeline_parallel_size > 1)
+    if not workers:
+        return {"ray_actor_options": actor}
+    # vLLM's Ray executor places its workers in the replica's placement group.
+    return {"ray_actor_options": {**actor, "num_gpus": 0},
+            "placement_group_bundles": [{"CPU": num_cpus}] + [{"GPU": 1}] * workers,
+            "placement_group_strategy": "STRICT_PACK"}
 
 
 def runtime_env(cfg: AppConfig) -> dict[str, Any]:
     """Environment of every gateway replica, set before it imports anything."""
-    return {"env_vars": {
-        # vLLM's logging setup runs logging.config.dictConfig, which closes every handler in the
-        # process, Serve's replica log among them: nothing after the engine's import reached the log.
-        "VLLM_CONFIGURE_LOGGING": "0",
-        **cfg.gateway.env_vars,
-        MULTIPROC_ENV: cfg.metrics_dir(),
-    }}
+    return {"env_vars": {**engine_env(cfg), MULTIPROC_ENV: cfg.metrics_dir()}}
+
+
+def engine_env(cfg: AppConfig) -> dict[str, str]:
+    """Environment of every replica that runs engines."""
+    # vLLM's logging setup runs logging.config.dictConfig, which closes every handler in the
+    # process, Serve's replica log among them: nothing after the engine's import reached the log.
+    return {"VLLM_CONFIGURE_LOGGING": "0", **cfg.gateway.env_vars}
 
 
 def check_shared_state(cfg: AppConfig) -> None:
@@ -85,8 +124,21 @@ def build_app(args: dict[str, Any] | AppConfig | str | Path) -> Application:
         args = args["config"]
     cfg = AppConfig.load(args)
     check_shared_state(cfg)
-    app = serve.deployment(GatewayIngress).options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
+    app = serve.deployment(GatewayIngress).options(**deployment_options(cfg)).bind(
+        cfg.model_dump(mode="json"), model_apps(cfg))
     return with_conversation_router(app, cfg)
+
+
+def model_apps(cfg: AppConfig) -> dict[str, Application]:
+    """The own deployment of every `placement: deployment` model, by the id clients send (the ingress gets handles)."""
+    from serve.model_deployment import ModelServer
+
+    root, cache = registry_location(cfg, GatewaySettings(**cfg.gateway.settings))
+    return {
+        served_id(m): serve.deployment(ModelServer).options(**model_options(cfg, m)).bind(
+            m.model_dump(mode="json"), root, cache)
+        for m in cfg.serve.models if m.placement == "deployment"
+    }
 
 
 def with_conversation_router(app: Application, cfg: AppConfig) -> Application:

@@ -7,31 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from serve.config import ServeConfig
-
-
-class AutoscalingConfig(BaseModel):
-    """Serve autoscaling of the gateway replicas (each hosts the engines of its models)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas, also at start.")
-    max_replicas: int = Field(default=2, ge=1, description="Most replicas.")
-    target_ongoing_requests: float = Field(
-        default=64, gt=0, description="Requests in flight per replica that Serve steers towards."
-    )
-    upscale_delay_s: float = Field(default=10.0, ge=0, description="Load must stay above target this long to add.")
-    downscale_delay_s: float = Field(default=120.0, ge=0, description="Load must stay below target this long to remove.")
-    metrics_interval_s: float = Field(default=2.0, gt=0, description="How often replicas report their load.")
-    look_back_period_s: float = Field(default=10.0, gt=0, description="Window the load is averaged over.")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must not exceed max_replicas")
-        return self
+from serve.config import AutoscalingConfig, ServeConfig
 
 
 class ConversationRoutingConfig(BaseModel):

@@ -21,33 +21,24 @@ from gateway.metrics import multiprocess_dir
 from gateway.replica_router import IN_FLIGHT_STAT
 from gateway.settings import GatewaySettings
 from models.registry import Registry
+from serve.engine import stats_by_version
 from serve.errors import EngineUnavailable
+from serve.replica_logs import route_logs_to_serve
 
 logger = logging.getLogger(__name__)
 
 
-def registry_for(cfg: AppConfig, settings: GatewaySettings) -> Registry:
+def registry_location(cfg: AppConfig, settings: GatewaySettings) -> tuple[str, str]:
+    """The registry's root (directory or fsspec URL) and the local cache of a remote one."""
     root = cfg.serve.registry or str(settings.home / "registry")
     if "://" not in root:
         root = os.path.expanduser(root)
-    return Registry(root, cache_dir=settings.home / "cache")
+    return root, str(settings.home / "cache")
 
 
-class _ToServeLog(logging.Handler):
-    """Hands records to Serve's `ray.serve` logger, whose handlers write the replica's log file."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger("ray.serve").handle(record)
-
-
-def route_logs_to_serve() -> None:
-    """Send raygate's own loggers to the replica's Serve log (the dashboard shows it); Serve only wires `ray.serve`."""
-    for name in OWN_LOGGERS:
-        own = logging.getLogger(name)
-        own.setLevel(logging.INFO)
-        if not any(isinstance(h, _ToServeLog) for h in own.handlers):
-            own.addHandler(_ToServeLog())
-        own.propagate = False
+def registry_for(cfg: AppConfig, settings: GatewaySettings) -> Registry:
+    root, cache = registry_location(cfg, settings)
+    return Registry(root, cache_dir=cache)
 
 
 def with_header(app: Any, name: bytes, value: bytes) -> Any:
@@ -71,16 +62,18 @@ def with_header(app: Any, name: bytes, value: bytes) -> Any:
 class GatewayIngress:
     """One replica: the FastAPI gateway plus the engines of its co-located models."""
 
-    async def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any], models: dict[str, Any] | None = None) -> None:
+        """`models`: handles of the models in deployments of their own, by the id clients send."""
         shared = multiprocess_dir()
         if shared is not None:
             shared.mkdir(parents=True, exist_ok=True)  # the builder set it; `serve deploy` has no Stack to make it
-        route_logs_to_serve()
+        route_logs_to_serve(OWN_LOGGERS)
         cfg = AppConfig.load(config)
         self.settings = GatewaySettings(**cfg.gateway.settings)
-        self.backend = build_backend(cfg.serve, registry_for(cfg, self.settings))
-        await self.backend.start()
+        # Governance first: a configuration error (keys, store) fails in a second, not after an engine's load.
         self.governance = Governance.build(self.settings)
+        self.backend = build_backend(cfg.serve, registry_for(cfg, self.settings), models)
+        await self.backend.start()
         self.replica_header = cfg.gateway.conversation_routing.replica_header
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -94,19 +87,23 @@ class GatewayIngress:
         return {IN_FLIGHT_STAT: sum(e.busy() for e in self.backend.engines.values())}
 
     async def check_health(self) -> None:
-        states = await self.backend.readiness()
+        # Only co-located engines: restarting this replica cannot mend a model's own deployment (Serve checks it).
+        states = await self.backend.readiness(in_process_only=True)
         bad = [m for m, ok in states.items() if not ok]
         if bad:
             raise EngineUnavailable(f"unhealthy engines: {', '.join(bad)}")
 
     async def engine_stats(self) -> dict[str, dict[str, Any]]:
         """Load of each engine by the version it serves (used by `raygate status` and tests)."""
-        return {ref: {**e.stats().model_dump(), "model": e.card.id, "variant": e.card.variant}
-                for ref, e in self.backend.engines.items()}
+        return stats_by_version(self.backend.engines.values())
 
     async def __del__(self) -> None:
-        try:
-            await self.governance.close()  # writes the pending usage rows
-        except Exception:  # pragma: no cover - best effort at teardown
-            logger.exception("governance shutdown failed")
-        await self.backend.shutdown()
+        governance = getattr(self, "governance", None)  # absent when __init__ failed before it
+        if governance is not None:
+            try:
+                await governance.close()  # writes the pending usage rows
+            except Exception:  # pragma: no cover - best effort at teardown
+                logger.exception("governance shutdown failed")
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            await backend.shutdown()

@@ -1,7 +1,6 @@
 """The gateway's logs: JSON lines carrying the request id, and an access log off the hot path.
 
-Inside a Serve replica, records go to Serve's own handlers (`route_logs_to_serve` in
-deployment.py); with `logging_config.encoding: JSON` Serve writes them as JSON with the
+Inside a Serve replica, records go to Serve's own handlers (`serve.replica_logs`); with `logging_config.encoding: JSON` Serve writes them as JSON with the
 request id that HAProxy puts in `x-request-id` and the response echoes. A standalone
 gateway process (`raygate gateway`) writes JSON lines itself (`configure`).
 

@@ -9,6 +9,28 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class AutoscalingConfig(BaseModel):
+    """Serve autoscaling of a deployment's replicas (the gateway's, or a model's own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas, also at start.")
+    max_replicas: int = Field(default=2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        default=64, gt=0, description="Requests in flight per replica that Serve steers towards."
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="Load must stay above target this long to add.")
+    downscale_delay_s: float = Field(default=120.0, ge=0, description="Load must stay below target this long to remove.")
+    metrics_interval_s: float = Field(default=2.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(default=10.0, gt=0, description="Window the load is averaged over.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
 class FakeEngineConfig(BaseModel):
     """Knobs of the deterministic fake engine."""
 
@@ -51,7 +73,7 @@ class LoraConfig(BaseModel):
 
 
 class ModelDeploymentConfig(BaseModel):
-    """One model version; its engine runs inside each gateway replica (co-located, no handle hop)."""
+    """One model: its engine runs inside each gateway replica (co-located, no handle hop) or in a deployment of its own."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -100,6 +122,24 @@ class ModelDeploymentConfig(BaseModel):
     lora: LoraConfig | None = Field(
         default=None, description="Enable LoRA adapters (vLLM only): published adapters of the served version load live."
     )
+    placement: Literal["gateway", "deployment"] = Field(
+        default="gateway",
+        description="`gateway`: the engine runs inside every gateway replica (no Ray hop per response: the fastest). "
+        "`deployment`: a Serve deployment of its own, named `<model>@<version>` in the dashboard, with its own "
+        "replicas and autoscaling; the gateway reaches it through a handle, streams coalesced per message.",
+    )
+    num_replicas: int = Field(default=1, ge=1, description="Replicas of a `deployment` placement (without autoscaling).")
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="Scale a `deployment` placement's replicas with its load instead of num_replicas."
+    )
+    max_ongoing_requests: int = Field(
+        default=1024, ge=1, description="Requests in flight per replica of a `deployment` placement (Serve's limit)."
+    )
+    stream_coalesce_ms: float = Field(
+        default=25.0, ge=0,
+        description="A `deployment` placement sends a stream's first event at once, then what the engine made within "
+        "this window as one Ray message (one message per token costs throughput; 0: one per event).",
+    )
 
     @model_validator(mode="after")
     def _parallel(self) -> ModelDeploymentConfig:
@@ -110,6 +150,11 @@ class ModelDeploymentConfig(BaseModel):
             raise ValueError("engine `openai` needs `upstream` (and only it takes one)")
         if not self.variants:
             raise ValueError("variants needs at least one name")
+        if self.placement == "deployment" and self.lora is not None:
+            raise ValueError("LoRA adapters are served with placement `gateway` only")
+        if self.placement == "gateway" and (self.autoscaling is not None or self.num_replicas != 1):
+            raise ValueError("num_replicas and autoscaling of a model need placement `deployment` "
+                             "(co-located engines scale with gateway.autoscaling)")
         return self
 
     @property

@@ -10,7 +10,7 @@ Cancelling the awaiting task (or closing the iterator) aborts the request in the
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -96,6 +96,12 @@ class Engine(abc.ABC):
     async def unload_adapter(self, name: str) -> None:
         """Stop serving adapter `name`."""
         raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
+
+
+def stats_by_version(engines: Iterable[Engine]) -> dict[str, dict[str, Any]]:
+    """Each engine's load and what it serves, by its version's reference (`raygate status` prints this)."""
+    return {e.card.root or e.card.id: {**e.stats().model_dump(), "model": e.card.id, "variant": e.card.variant}
+            for e in engines}
 
 
 class InflightLimiter:

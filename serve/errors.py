@@ -57,6 +57,30 @@ class EngineFailure(EngineError):
     default_code = "engine_error"
 
 
+_WIRE_TYPES: dict[str, type[EngineError]] = {
+    t.__name__: t for t in (EngineError, InvalidRequest, ContextLengthExceeded, EngineOverloaded, EngineUnavailable,
+                            EngineFailure)
+}
+
+
+def to_wire(exc: EngineError) -> dict[str, object]:
+    """An engine error as plain data, to cross a process boundary (a Serve handle) with its type and fields."""
+    return {"error": type(exc).__name__, "message": exc.message, "param": exc.param, "code": exc.code,
+            "retry_after_s": getattr(exc, "retry_after_s", None)}
+
+
+def from_wire(data: dict[str, object]) -> EngineError:
+    """The engine error `to_wire` described (an unknown type becomes an EngineFailure)."""
+    kind = _WIRE_TYPES.get(str(data.get("error")), EngineFailure)
+    message = str(data.get("message") or "engine error")
+    if kind is EngineOverloaded:
+        return EngineOverloaded(message, retry_after_s=int(data.get("retry_after_s") or 1))  # type: ignore[call-overload]
+    exc = kind(message)
+    exc.param = data.get("param")  # type: ignore[assignment]
+    exc.code = data.get("code")  # type: ignore[assignment]
+    return exc
+
+
 def param_from_validation_error(exc: object) -> str | None:
     """The offending parameter of a pydantic ValidationError, as a dotted path."""
     errors = getattr(exc, "errors", None)

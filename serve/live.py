@@ -36,6 +36,8 @@ RETRY_FAILED_S = 60.0  # a version whose engine failed to start is tried again a
 class LiveModel:
     """One model id: its engine(s) by version, their traffic shares and the adapters they serve."""
 
+    in_process = True  # its engines run in this process (a replica restart restarts them)
+
     def __init__(
         self,
         cfg: ModelDeploymentConfig | None,
@@ -243,11 +245,15 @@ class LiveModel:
             return False
         return True
 
-    async def shutdown(self) -> None:
+    async def stop_polling(self) -> None:
+        """Stop following the registry (or, for a mirror, the replicas)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+    async def shutdown(self) -> None:
+        await self.stop_polling()
         for task in list(self._drains):
             task.cancel()
         for engine in [*self.engines.values(), *self.draining]:

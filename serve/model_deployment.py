@@ -1,0 +1,86 @@
+"""A model in a Serve deployment of its own (`placement: deployment`): its engines behind handle calls.
+
+Each replica runs the model's `LiveModel` (so alias following, canary splits and drains
+work as they do co-located); the gateway reaches it through `serve.handle_engine`.
+Engine errors cross the handle as plain data (`serve.errors.to_wire`), never as a Ray
+exception, so their type, param and Retry-After survive. Streams are coalesced: the
+first event goes at once, later ones in batches of `stream_coalesce_ms`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from models.registry import Registry
+from serve.coalesce import coalesce
+from serve.config import ModelDeploymentConfig
+from serve.engine import Endpoint, Engine, stats_by_version
+from serve.errors import EngineError, EngineUnavailable, to_wire
+from serve.live import LiveModel
+from serve.replica_logs import route_logs_to_serve
+
+logger = logging.getLogger(__name__)
+
+Wire = bytes | dict[str, Any]
+
+
+class ModelServer:
+    """One replica of a model's deployment (wrapped with `serve.deployment` by the builder)."""
+
+    async def __init__(self, model: dict[str, Any], registry: str | None = None, cache_dir: str | None = None) -> None:
+        route_logs_to_serve(("serve", "models"))
+        self.cfg = ModelDeploymentConfig.model_validate(model)
+        self.live = LiveModel(self.cfg, Registry(registry, cache_dir=cache_dir) if registry else None)
+        await self.live.start()
+        self.window_s = self.cfg.stream_coalesce_ms / 1000
+
+    def table(self) -> dict[str, Any]:
+        """The versions this replica serves now: traffic shares and model cards, by engine key."""
+        return {"weights": dict(self.live.weights),
+                "cards": {key: e.card.model_dump() for key, e in self.live.engines.items()}}
+
+    def _engine(self, key: int) -> Engine:
+        # A gateway's table can lag a roll-out by a poll: a version this replica no longer runs takes its split.
+        engine = self.live.engines.get(key)
+        return engine if engine is not None and key in self.live.weights else self.live.pick()
+
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str, key: int) -> Wire:
+        """A full (non-streaming) response, or the engine's error as data."""
+        try:
+            result = await self._engine(key).generate(endpoint, body, request_id)
+            if not isinstance(result, bytes):
+                return b"".join([chunk async for chunk in result])
+            return result
+        except EngineError as exc:
+            return to_wire(exc)
+
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any], request_id: str, key: int) -> AsyncIterator[Wire]:
+        """A stream's SSE events in coalesced batches; an error (before or after output) as its last item."""
+        try:
+            result = await self._engine(key).generate(endpoint, body, request_id)
+            if isinstance(result, bytes):
+                yield result
+                return
+            async for batch in coalesce(result, self.window_s):
+                yield batch
+        except EngineError as exc:
+            yield to_wire(exc)
+
+    async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any], key: int) -> int | None:
+        try:
+            return await self._engine(key).count_prompt_tokens(endpoint, body)
+        except EngineError:
+            return None
+
+    async def check_health(self) -> None:
+        if not await self.live.readiness():
+            raise EngineUnavailable(f"{self.cfg.model}: engine unhealthy")
+
+    async def engine_stats(self) -> dict[str, dict[str, Any]]:
+        """Load of each engine by the version it serves (`raygate status`)."""
+        return stats_by_version(self.live.all_engines())
+
+    async def __del__(self) -> None:
+        await self.live.shutdown()

@@ -1,0 +1,178 @@
+"""Models in deployments of their own (`placement: deployment`) on the real stack.
+
+vLLM on the tiny model as `raygate/tiny-chat@stable` and an autoscaled fake model as
+`slow@1`, each its own Serve deployment beside the gateway: the OpenAI API through the
+handle (official client, streams, errors, disconnects), the names operators see in
+`serve status` and `raygate status`, and a model deployment scaling up under load and
+back down while the gateway stays at one replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PORT, DASHBOARD_PORT, METRICS_PORT = 18600, 18665, 18680
+APP, VLLM_DEP, SLOW_DEP = "raygate", "raygate/tiny-chat@stable", "slow@1"
+
+
+class _Placed:
+    def __init__(self, base_url: str, key: str) -> None:
+        self.base_url, self.key = base_url, key
+        self.loop = asyncio.new_event_loop()  # Serve's handle routes from the loop it was first used on
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def call(self, deployment: str, method: str) -> Any:
+        from ray import serve
+
+        async def go() -> Any:
+            return await getattr(serve.get_deployment_handle(deployment, app_name=APP), method).remote()
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout=60)
+
+    def running(self) -> int:
+        return sum(s["running"] for s in self.call(VLLM_DEP, "engine_stats").values())
+
+    def wait_idle(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert self.running() == 0
+
+
+def _replicas(deployment: str) -> int:
+    from ray import serve
+
+    dep = serve.status().applications[APP].deployments[deployment]
+    return sum(n for state, n in dep.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
+
+
+@pytest.fixture(scope="module")
+def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
+    from gateway.config import AppConfig
+    from raygate import home as home_mod
+    from raygate.cli import default_app_config
+    from raygate.stack import Stack
+
+    home = tmp_path_factory.mktemp("placed-home")
+    home_mod.ensure_default_model(home_mod.registry(home))
+    _, key = home_mod.ensure_dev_key(home)
+    home_mod.ensure_admin_key(home)
+    raw = default_app_config(home, "vllm")
+    raw["serve"]["models"][0].update({"placement": "deployment", "max_model_len": 1024, "num_cpus": 0.5})
+    raw["serve"]["models"].append({
+        "model": "slow@1", "served_name": "slow", "engine": "fake", "placement": "deployment", "num_cpus": 0,
+        "fake": {"ttft_ms": 50, "itl_ms": 50},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
+                        "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2},
+    })
+    stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT,
+                  num_cpus=2)
+    try:
+        stack.start(ready_timeout_s=420)
+        yield _Placed(stack.base_url, key)
+    finally:
+        stack.stop()
+
+
+def test_each_model_is_a_named_deployment_the_operator_sees(placed: _Placed) -> None:
+    from ray import serve
+
+    deployments = serve.status().applications[APP].deployments
+    assert {"gateway", VLLM_DEP, SLOW_DEP} <= set(deployments), set(deployments)
+    assert all(str(getattr(d.status, "value", d.status)) == "HEALTHY" for d in deployments.values())
+    exe = [str(Path(sys.executable).parent / "raygate"), "status", "--dashboard-port", str(DASHBOARD_PORT)]
+    status = subprocess.run(exe, check=False, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert f"deployment {VLLM_DEP}: HEALTHY" in status.stdout, status.stdout
+    assert "engine raygate/tiny-chat@1: variant full, running 0, healthy" in status.stdout, status.stdout
+    assert f"deployment {SLOW_DEP}: HEALTHY" in status.stdout
+
+
+def test_the_openai_api_through_the_models_deployment(placed: _Placed) -> None:
+    client = openai.OpenAI(api_key=placed.key, base_url=placed.base_url + "/v1", max_retries=0,
+                           _strict_response_validation=True)
+    assert {m.id for m in client.models.list().data} == {"raygate/tiny-chat", "slow"}
+    raw = client.chat.completions.with_raw_response.create(
+        model="raygate/tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
+    assert raw.headers["x-raygate-model-version"] == "raygate/tiny-chat@1"
+    assert raw.parse().usage.completion_tokens == 5
+    messages = [{"role": "user", "content": "def f("}]
+    chunks = list(client.chat.completions.create(model="raygate/tiny-chat", messages=messages, max_tokens=24,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+    same = client.chat.completions.create(model="raygate/tiny-chat", messages=messages, max_tokens=24, temperature=0)
+    assert same.choices[0].message.content == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # The engine's own errors keep their status, param and code across the handle.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="raygate/tiny-chat", prompt="x", max_tokens=5000)
+    assert info.value.status_code == 400 and info.value.body["param"] is not None
+    r = httpx.post(placed.base_url + "/v1/completions", headers={"authorization": f"Bearer {placed.key}"},
+                   json={"model": "raygate/tiny-chat", "prompt": "x", "max_tokens": 5000})
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_client_leaving_aborts_the_request_in_the_models_replica(placed: _Placed) -> None:
+    placed.wait_idle()
+    body = {"model": "raygate/tiny-chat", "prompt": "a", "max_tokens": 900, "min_tokens": 900, "stream": True}
+    auth = {"authorization": f"Bearer {placed.key}"}
+    with (httpx.Client(base_url=placed.base_url, timeout=60, headers=auth) as c,
+          c.stream("POST", "/v1/completions", json=body) as r):
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 3:
+                break
+        assert placed.running() == 1
+    started = time.monotonic()
+    placed.wait_idle(timeout_s=10)
+    assert time.monotonic() - started < 3, "aborted only after the tokens ran out"
+
+
+def test_a_model_deployment_scales_up_under_load_and_back_down(placed: _Placed) -> None:
+    stop = threading.Event()
+    codes: list[int] = []
+
+    async def load() -> None:
+        async with httpx.AsyncClient(base_url=placed.base_url, timeout=60,
+                                     headers={"authorization": f"Bearer {placed.key}"}) as c:
+            async def worker() -> None:
+                while not stop.is_set():
+                    r = await c.post("/v1/chat/completions", json={
+                        "model": "slow", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20,
+                        "stream": True})
+                    whole = r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+                    codes.append(r.status_code if whole else -1)  # -1: a 200 whose stream did not end properly
+
+            await asyncio.gather(*(worker() for _ in range(12)))
+
+    assert _replicas(SLOW_DEP) == 1
+    loader = threading.Thread(target=lambda: asyncio.run(load()), daemon=True)
+    loader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while _replicas(SLOW_DEP) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _replicas(SLOW_DEP) == 2, "no second replica of slow@1 under 12 concurrent requests with target 2"
+        assert _replicas("gateway") == 1 and _replicas(VLLM_DEP) == 1  # only the loaded model scaled
+    finally:
+        stop.set()
+        loader.join(60)
+    deadline = time.monotonic() + 90
+    while _replicas(SLOW_DEP) > 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _replicas(SLOW_DEP) == 1, "did not scale back down when idle"
+    assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}

@@ -1,0 +1,314 @@
+"""A model in a deployment of its own: coalesced streams, errors across the handle, the gateway's mirror, config.
+
+The handle here is an in-process stand-in that calls a real `ModelServer` on the fake
+engine (the real Serve path is tests/integration/test_deployment_placement.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from gateway.backend import ModelBackend, build_backend
+from gateway.builder import deployment_options, model_deployment_name, model_options
+from gateway.config import AppConfig
+from serve.coalesce import coalesce
+from serve.config import ModelDeploymentConfig, ServeConfig
+from serve.errors import (
+    ContextLengthExceeded,
+    EngineFailure,
+    EngineOverloaded,
+    EngineUnavailable,
+    InvalidRequest,
+    from_wire,
+    to_wire,
+)
+from serve.handle_engine import HandleEngine, HandleModel, handle_error
+from serve.model_deployment import ModelServer
+
+
+async def _timed(events: list[tuple[float, bytes]], fail: Exception | None = None) -> AsyncIterator[bytes]:
+    start = time.monotonic()
+    for at, event in events:
+        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+        yield event
+    if fail is not None:
+        raise fail
+
+
+def test_coalesce_sends_the_first_event_at_once_then_batches_by_window() -> None:
+    async def run() -> list[tuple[float, bytes]]:
+        start = time.monotonic()
+        events = [(0.0, b"a"), (0.01, b"b"), (0.02, b"c"), (0.03, b"d"), (0.25, b"e")]
+        return [(time.monotonic() - start, batch) async for batch in coalesce(_timed(events), 0.1)]
+
+    out = asyncio.run(run())
+    assert [b for _, b in out] == [b"a", b"bcd", b"e"]
+    assert out[0][0] < 0.05  # not held back for the window
+    assert out[1][0] < 0.2  # sent when its window closed, not when the next event came
+
+
+def test_coalesce_flushes_what_it_holds_before_an_error_and_the_end() -> None:
+    async def run(fail: Exception | None) -> tuple[list[bytes], Exception | None]:
+        got: list[bytes] = []
+        try:
+            async for batch in coalesce(_timed([(0, b"a"), (0.001, b"b"), (0.002, b"c")], fail), 1.0):
+                got.append(batch)
+        except EngineFailure as exc:
+            return got, exc
+        return got, None
+
+    assert asyncio.run(run(None)) == ([b"a", b"bc"], None)
+    got, err = asyncio.run(run(EngineFailure("boom")))
+    assert got == [b"a", b"bc"] and isinstance(err, EngineFailure)
+
+
+def test_closing_a_coalesced_stream_closes_its_source() -> None:
+    closed = asyncio.Event()
+
+    async def source() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"x"
+                await asyncio.sleep(0.001)
+        finally:
+            closed.set()
+
+    async def run() -> None:
+        stream = coalesce(source(), 0.05)
+        assert await anext(stream) == b"x"
+        await anext(stream)
+        await stream.aclose()
+        assert closed.is_set()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("exc", [
+    InvalidRequest("bad temperature", param="temperature"),
+    ContextLengthExceeded("too long", param="messages"),
+    EngineOverloaded("busy", retry_after_s=7),
+    EngineUnavailable("down"),
+    EngineFailure("broke", code="engine_error"),
+])
+def test_engine_errors_cross_the_handle_with_type_param_code_and_retry_after(exc: Exception) -> None:
+    wire = to_wire(exc)  # type: ignore[arg-type]
+    assert orjson.loads(orjson.dumps(wire)) == wire  # plain data
+    back = from_wire(wire)
+    assert type(back) is type(exc)
+    assert (back.message, back.param, back.code) == (exc.message, exc.param, exc.code)  # type: ignore[attr-defined]
+    assert getattr(back, "retry_after_s", None) == getattr(exc, "retry_after_s", None)
+
+
+def test_handle_failures_map_to_errors_the_gateway_can_act_on() -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    assert isinstance(handle_error(BackPressureError(num_queued_requests=3, max_queued_requests=3)), EngineOverloaded)
+    assert isinstance(handle_error(RuntimeError("actor died")), EngineUnavailable)  # retryable: fallback may run
+    assert isinstance(handle_error(RuntimeError("actor died"), started=True), EngineFailure)
+
+
+# ---- the gateway's side against a real ModelServer, through an in-process handle ---------------------------
+class _Call:
+    def __init__(self, coro: Any) -> None:
+        self.task = asyncio.ensure_future(coro)
+        self.cancelled = False
+
+    def __await__(self) -> Any:
+        return self.task.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.task.cancel()
+
+
+class _Stream:
+    def __init__(self, gen: AsyncIterator[Any]) -> None:
+        self.gen = gen
+        self.cancelled = False
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await anext(self.gen)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        asyncio.ensure_future(self.gen.aclose())
+
+
+class _Method:
+    def __init__(self, fn: Any, stream: bool) -> None:
+        self.fn, self.stream = fn, stream
+
+    def remote(self, *args: Any) -> Any:
+        return _Stream(self.fn(*args)) if self.stream else _Call(self._call(*args))
+
+    async def _call(self, *args: Any) -> Any:
+        out = self.fn(*args)
+        return await out if asyncio.iscoroutine(out) else out
+
+
+class _Handle:
+    """What the gateway uses of a DeploymentHandle, calling the replica object in-process."""
+
+    deployment_name = "m@1"
+
+    def __init__(self, replica: ModelServer, streaming: bool = False) -> None:
+        self._replica, self._streaming = replica, streaming
+
+    def options(self, stream: bool = False) -> _Handle:
+        return _Handle(self._replica, stream)
+
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(getattr(self._replica, name), self._streaming)
+
+
+class _Replica(ModelServer):
+    def __del__(self) -> None:  # Serve awaits the async one; the tests shut the engine down themselves
+        pass
+
+
+async def _replica(**fake: Any) -> ModelServer:
+    cfg = ModelDeploymentConfig(model="m", engine="fake", placement="deployment", stream_coalesce_ms=20, fake=fake)
+    replica = _Replica.__new__(_Replica)
+    await replica.__init__(cfg.model_dump(mode="json"))  # type: ignore[misc]  # Serve awaits async __init__
+    return replica
+
+
+def _backend(replica: ModelServer) -> ModelBackend:
+    cfg = ServeConfig(models=[replica.cfg])
+    return build_backend(cfg, None, {"m": _Handle(replica)})
+
+
+def test_the_gateway_serves_a_deployment_model_like_a_colocated_one() -> None:
+    async def run() -> None:
+        replica = await _replica(itl_ms=2)
+        backend = _backend(replica)
+        await backend.start()
+        engine = backend.resolve("m")
+        assert isinstance(engine, HandleEngine) and engine.card.id == "m" and engine.card.engine == "fake"
+        full = orjson.loads(await engine.generate("chat", {"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 5}, "r1"))
+        assert full["usage"]["completion_tokens"] == 5
+        stream = await engine.generate("completion", {"prompt": "a b c", "max_tokens": 40, "stream": True,
+                                                      "stream_options": {"include_usage": True}}, "r2")
+        batches = [b async for b in stream]
+        events = b"".join(batches).split(b"\n\n")[:-1]
+        assert events[-1] == b"data: [DONE]" and orjson.loads(events[-2][6:])["usage"]["completion_tokens"] == 40
+        assert 2 <= len(batches) < 42  # coalesced: fewer messages than events, the first alone
+        assert len(batches[0].split(b"\n\n")) == 2
+        assert await engine.count_prompt_tokens("completion", {"prompt": "a b c"}) == 3  # the replica engine counts
+        assert await backend.readiness() == {"m": True}
+        assert await backend.readiness(in_process_only=True) == {}  # the gateway's health check leaves it to Serve
+        assert engine.busy() == 0 and replica.live.primary.busy() == 0
+        await backend.shutdown()
+        await replica.live.shutdown()
+
+    asyncio.run(run())
+
+
+def test_engine_errors_reach_the_gateway_as_themselves_before_and_after_output() -> None:
+    async def run() -> None:
+        replica = await _replica(max_model_len=32, fail_rate=1.0, fail_after_tokens=3)
+        engine = HandleEngine(_Handle(replica), 0, replica.live.primary.card)
+        with pytest.raises(ContextLengthExceeded) as info:
+            await engine.generate("completion", {"prompt": "w " * 40, "max_tokens": 4}, "r1")
+        assert info.value.param is not None
+        stream = await engine.generate("completion", {"prompt": "a", "max_tokens": 10, "stream": True}, "r2")
+        got = []
+        with pytest.raises(EngineFailure):
+            async for batch in stream:
+                got.append(batch)
+        assert b"".join(got).count(b"data: {") == 3  # the tokens before the failure still arrived
+        assert engine.busy() == 0
+        await replica.live.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_client_leaving_aborts_the_request_in_the_replica() -> None:
+    async def run() -> None:
+        replica = await _replica(itl_ms=5)
+        handle = _Handle(replica)
+        engine = HandleEngine(handle, 0, replica.live.primary.card)
+        stream = await engine.generate("completion", {"prompt": "a", "max_tokens": 1_500, "stream": True}, "r1")
+        await anext(stream)
+        assert replica.live.primary.busy() == 1
+        await stream.aclose()  # what the gateway does when the client disconnects
+        task = asyncio.ensure_future(engine.generate("completion", {"prompt": "a", "max_tokens": 1_500}, "r2"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if replica.live.primary.busy() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert replica.live.primary.busy() == 0 and engine.busy() == 0
+        await replica.live.shutdown()
+
+    asyncio.run(run())
+
+
+def test_the_mirror_follows_the_versions_the_replicas_serve() -> None:
+    async def run() -> None:
+        replica = await _replica()
+        model = HandleModel(replica.cfg, _Handle(replica))
+        await model.sync(initial=True)
+        first = model.pick()
+        # A roll-out in the replica: a second version takes 30% of the traffic.
+        from serve.fake_engine import FakeEngine
+
+        replica.live.engines[2] = FakeEngine("m", root="m@2")
+        replica.live.weights = {0: 70.0, 2: 30.0}
+        assert await model.sync() is True
+        assert model.engines[0] is first  # the same engine object keeps its in-flight count
+        assert {e.card.root for e in model.engines.values()} == {"m", "m@2"}
+        picks = [model.pick().card.root for _ in range(2000)]
+        assert 0.25 < picks.count("m@2") / len(picks) < 0.35
+        assert await model.sync() is False
+        await replica.live.shutdown()
+
+    asyncio.run(run())
+
+
+# ---- config and Serve options -------------------------------------------------------------------------------
+def _app(**model: Any) -> AppConfig:
+    return AppConfig.load({"serve": {"models": [
+        {"model": "raygate/tiny-chat@stable", "engine": "fake", "placement": "deployment", **model},
+        {"model": "side", "engine": "fake", "num_cpus": 0.25},
+    ]}})
+
+
+def test_a_deployment_model_gets_its_own_named_deployment_and_scaling() -> None:
+    app = _app(num_cpus=1.5, autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+               max_ongoing_requests=300)
+    model = app.serve.models[0]
+    opts = model_options(app, model)
+    assert opts["name"] == "raygate/tiny-chat@stable" == model_deployment_name(model)
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
+    assert opts["max_ongoing_requests"] == 300 and opts["ray_actor_options"]["num_cpus"] == 1.5
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["VLLM_CONFIGURE_LOGGING"] == "0"
+    # The gateway replica reserves only the co-located engine's CPUs.
+    assert deployment_options(app)["ray_actor_options"]["num_cpus"] == 0.5 + 0.25
+    assert model_deployment_name(ModelDeploymentConfig(model="raygate/tiny-chat@3", served_name="chat")) == "chat@3"
+    assert model_deployment_name(ModelDeploymentConfig(model="raygate/tiny-chat")) == "raygate/tiny-chat@latest"
+
+
+def test_placement_options_are_refused_where_they_cannot_apply() -> None:
+    with pytest.raises(ValidationError, match="placement `deployment`"):
+        ModelDeploymentConfig(model="m", autoscaling={"max_replicas": 2})
+    with pytest.raises(ValidationError, match="placement `deployment`"):
+        ModelDeploymentConfig(model="m", num_replicas=3)
+    with pytest.raises(ValidationError, match="LoRA"):
+        ModelDeploymentConfig(model="m", placement="deployment", lora={})
+    with pytest.raises(ValueError, match="no deployment handle"):
+        build_backend(ServeConfig(models=[{"model": "m", "engine": "fake", "placement": "deployment"}]), None)
