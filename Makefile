@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-lifecycle: $(VENV)/.installed-bench
 
 # Metrics + tracing on vs off: gateway req/s, tracing sampled 1%, 10% and 100% (about 8 min), then the
 # same gateways measured at the same time for their CPU cost per request (about 3 min).
+# Co-located engine vs the model in a deployment of its own vs vLLM's server (< 15 min).
+bench-placement: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/placement.yaml
+
 bench-observability: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability.yaml
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability_capacity.yaml
