@@ -29,8 +29,6 @@ def handle_error(exc: BaseException, started: bool = False) -> EngineError:
     """The engine error for a failed handle call (before or after a stream's first output)."""
     from ray.serve.exceptions import BackPressureError
 
-    if isinstance(exc, EngineError):
-        return exc
     name = type(exc).__name__
     if isinstance(exc, BackPressureError):
         return EngineOverloaded("The model's deployment is at its queue limit; retry later.")

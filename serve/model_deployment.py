@@ -9,7 +9,6 @@ first event goes at once, later ones in batches of `stream_coalesce_ms`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,8 +19,6 @@ from serve.engine import Endpoint, Engine, stats_by_version
 from serve.errors import EngineError, EngineUnavailable, to_wire
 from serve.live import LiveModel
 from serve.replica_logs import route_logs_to_serve
-
-logger = logging.getLogger(__name__)
 
 Wire = bytes | dict[str, Any]
 
@@ -49,10 +46,7 @@ class ModelServer:
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str, key: int) -> Wire:
         """A full (non-streaming) response, or the engine's error as data."""
         try:
-            result = await self._engine(key).generate(endpoint, body, request_id)
-            if not isinstance(result, bytes):
-                return b"".join([chunk async for chunk in result])
-            return result
+            return await self._engine(key).generate(endpoint, body, request_id)  # type: ignore[return-value]
         except EngineError as exc:
             return to_wire(exc)
 
@@ -60,10 +54,7 @@ class ModelServer:
         """A stream's SSE events in coalesced batches; an error (before or after output) as its last item."""
         try:
             result = await self._engine(key).generate(endpoint, body, request_id)
-            if isinstance(result, bytes):
-                yield result
-                return
-            async for batch in coalesce(result, self.window_s):
+            async for batch in coalesce(result, self.window_s):  # type: ignore[arg-type]
                 yield batch
         except EngineError as exc:
             yield to_wire(exc)
