@@ -86,7 +86,8 @@ def markdown(run: dict[str, Any]) -> str:
     lines = [f"# {sc['name']}", "", sc.get("description", "").strip(), "",
              f"Load: {sc['load']['mode']} loop, {sc['load']['duration_s']:g} s per point; SLO {sc['slo'] or 'none'}; "
              f"{run['machine']['cpus']} CPUs; run took {run['wall_s']:.0f} s.", ""]
-    rounds = sc["load"].get("rounds", 1)
+    cycles = sc["load"].get("cycles", 1)
+    rounds = sc["load"].get("rounds", 1) * cycles
     together = bool(sc["load"].get("together"))
     if together:
         lines += [f"Every point was measured in {rounds} round(s); within a round **all targets ran at the same "
@@ -94,6 +95,10 @@ def markdown(run: dict[str, Any]) -> str:
                   "`req/CPU-s` is requests per CPU-second of the target's own processes (its cost per request, "
                   "inverted); its ratio is the median of the round-by-round ratios. Sharing the cores with one load "
                   "generator, req/s ratios understate differences (the generator's cost is common to all).", ""]
+    elif cycles > 1:
+        lines += [f"The targets were started, measured and stopped one after another in {cycles} cycles, in a "
+                  "rotated order each cycle; a row is the target's cycle with the median req/s; the req/s ratio is "
+                  "the median of the ratios cycle by cycle, each of which the last column lists.", ""]
     elif rounds > 1:
         lines += [f"Every point was measured in {rounds} rounds, the targets interleaved within each round; a row is "
                   "the target's round with the median req/s; the req/s ratio is the median of the ratios round by "

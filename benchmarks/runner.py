@@ -224,13 +224,22 @@ class Runner:
         groups = [self.sc.targets] if self.sc.lifecycle == "together" else [
             [h for h in self.sc.targets if not h.measure] + [t] for t in self.sc.targets if t.measure
         ]
-        for group in groups:
-            with self.up(group) as running:
-                measured = [r for r in running if r.target.measure and not r.skipped]
-                skipped.update({r.target.name: r.skipped for r in running if r.skipped})
-                for wi in range(len(self.sc.workloads)):
-                    for point in self.points():
-                        results += self.measure_rounds(measured, wi, point)
+        seen: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+        for cycle in range(self.sc.load.cycles):
+            if self.sc.load.cycles > 1:
+                self.say(f"cycle {cycle + 1}/{self.sc.load.cycles}")
+            k = cycle % len(groups)
+            for group in groups[k:] + groups[:k]:
+                with self.up(group) as running:
+                    measured = [r for r in running if r.target.measure and not r.skipped]
+                    skipped.update({r.target.name: r.skipped for r in running if r.skipped})
+                    for wi in range(len(self.sc.workloads)):
+                        for point in self.points():
+                            for res in self.measure_rounds(measured, wi, point):
+                                seen.setdefault((res["target"], res["workload"], res["level"]), []).append(res)
+        order = {t.name: i for i, t in enumerate(self.sc.targets)}
+        for key in sorted(seen, key=lambda key: order[key[0]]):  # stable: workloads and levels keep their order
+            results.append(median_round(seen[key]) if len(seen[key]) > 1 else seen[key][0])
         return {
             "scenario": self.sc.model_dump(mode="json"),
             "started": started,

@@ -59,6 +59,11 @@ class LoadConfig(BaseModel):
         default=1, ge=1, description="Times every point is measured, the targets interleaved within each round (in "
         "a rotated order) so that drift of the machine hits all of them alike; a point reports its median round.",
     )
+    cycles: int = Field(
+        default=1, ge=1, description="Sequential lifecycle: times the whole sequence of targets is started, measured "
+        "and stopped, in a rotated order each cycle, so that the machine's drift over minutes hits every target "
+        "alike; a point reports its median cycle, and ratios are the median of the cycle-by-cycle ratios.",
+    )
     together: bool = Field(
         default=False, description="Measure the targets of a round at the same time, each with its own clients at "
         "the level: bursts and drift of the machine then hit them alike at every instant. Where targets are "
@@ -116,6 +121,8 @@ class Scenario(BaseModel):
         for ref in [self.baseline] + [g.target for g in self.goals] + [g.vs for g in self.goals]:
             if ref is not None and ref not in names:
                 raise ValueError(f"unknown target {ref!r}")
+        if self.load.cycles > 1 and (self.lifecycle != "sequential" or self.load.rounds > 1):
+            raise ValueError("load.cycles needs lifecycle: sequential and load.rounds: 1")
         if len({w.name for w in self.workloads}) != len(self.workloads):
             raise ValueError("workload names must be unique")
         return self

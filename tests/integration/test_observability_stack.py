@@ -85,11 +85,13 @@ def test_metrics_traces_and_logs_after_traffic(stack) -> None:
     names: set[str] = set()
     while time.monotonic() < deadline:
         names = {n for n, _ in _scrape(f"http://127.0.0.1:{stack.metrics_port}/metrics")}
-        if any(n.startswith("ray_serve_") for n in names) and any("vllm" in n for n in names):
+        if any(n.startswith("ray_serve_") for n in names) and "ray_vllm_time_to_first_token_seconds_count" in names:
             break
         time.sleep(2)
     assert any(n.startswith("ray_serve_") for n in names), sorted(names)[:40]
-    assert any(n.startswith("ray_vllm_") for n in names), sorted(n for n in names if "vllm" in n)
+    assert "ray_vllm_time_to_first_token_seconds_count" in names, sorted(n for n in names if "vllm" in n)
+    # vLLM's per-token histogram is left out of Ray's export (the agent replays each observation).
+    assert not any(n.startswith("ray_vllm_inter_token_latency") for n in names)
 
     # Replica logs: JSON lines, the access line carries the response's request id; no key, no prompt.
     deadline = time.monotonic() + 20

@@ -187,6 +187,41 @@ def test_rounds_interleave_targets_in_rotated_order(tmp_path, monkeypatch) -> No
     assert "3 rounds" in md and "| 1 | c | 0.10 |" in md and "0.10 0.10 0.10 |" in md
 
 
+def test_cycles_restart_sequential_targets_in_rotated_order(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Sequential targets: each cycle starts, measures and stops them all, in a rotated order; median cycle kept."""
+    import contextlib
+
+    from benchmarks.load import Point
+    from benchmarks.runner import Runner, Running
+
+    sc = Scenario.model_validate({"name": "s", "targets": [{"name": n, "model": "m"} for n in "ab"],
+                                  "lifecycle": "sequential", "load": {"levels": [1, 2], "cycles": 3}})
+    runner = Runner(sc, tmp_path, workdir=tmp_path, quiet=True)
+    started: list[str] = []
+    speed = {"a": [10.0, 30.0, 20.0], "b": [5.0, 4.0, 6.0]}
+
+    @contextlib.contextmanager
+    def up(group):  # noqa: ANN001, ANN202
+        started.append(group[0].name)
+        yield [Running(t, "http://x/v1", None) for t in group]
+
+    def measure(r: Running, wi: int, point: Point) -> dict:
+        return _point(r.target.name, point.level, speed[r.target.name][started.count(r.target.name) - 1], 0.01)
+
+    monkeypatch.setattr(runner, "up", up)
+    monkeypatch.setattr(runner, "measure", measure)
+    out = runner.run()["points"]
+    assert started == ["a", "b", "b", "a", "a", "b"]
+    assert [(p["target"], p["level"], p["req_per_s"]) for p in out] == [("a", 1, 20.0), ("a", 2, 20.0),
+                                                                        ("b", 1, 5.0), ("b", 2, 5.0)]
+    assert out[0]["rounds_req_per_s"] == [10.0, 30.0, 20.0]
+    (goal,) = check_goals([Goal(name="g", target="a", vs="b", metric="req_per_s", levels=[1])], out)
+    assert goal["figure"] == pytest.approx(20 / 6)  # cycle ratios 2, 7.5, 3.33: their median, not 20/5
+    with pytest.raises(ValueError, match="cycles"):
+        Scenario.model_validate({"name": "s", "targets": [{"name": "a", "model": "m"}],
+                                 "load": {"levels": [1], "cycles": 2}})
+
+
 def test_goal_ratio_pairs_the_rounds() -> None:
     """Each round measured both back to back: the figure is the median of the round ratios, not of the medians."""
     base = median_round([_point("base", 1, r, 0.01) for r in (100.0, 50.0)])

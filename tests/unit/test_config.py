@@ -97,3 +97,37 @@ def test_autoscaling_env_and_logging_reach_serve() -> None:
         check_shared_state(app)  # up to 3 replicas without a shared quota store
     with pytest.raises(ValidationError):
         AutoscalingConfig(min_replicas=3, max_replicas=2)
+
+
+def test_engine_stat_logger_drops_only_per_token_histograms() -> None:
+    """Ray's agent replays every histogram observation in Python; the per-token one is left out."""
+    from serve.vllm_engine import PER_TOKEN_HISTOGRAMS, without_per_token_histograms
+
+    class Recorded:
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def observe(self, value: float) -> None:
+            self.values.append(value)
+
+    class VllmLogger:  # the shape of vLLM's PrometheusStatLogger: one histogram per engine index
+        def __init__(self, vllm_config, engine_indexes=None) -> None:
+            self.config = vllm_config
+            self.histogram_inter_token_latency = {i: Recorded() for i in engine_indexes or [0]}
+            self.histogram_time_to_first_token = {i: Recorded() for i in engine_indexes or [0]}
+
+    logger = without_per_token_histograms(VllmLogger)("cfg", [0, 1])
+    assert logger.config == "cfg" and isinstance(logger, VllmLogger)
+    for idx in (0, 1):
+        logger.histogram_inter_token_latency[idx].observe(0.01)
+        logger.histogram_time_to_first_token[idx].observe(0.2)
+        assert logger.histogram_time_to_first_token[idx].values == [0.2]
+    assert not any(isinstance(h, Recorded) for h in logger.histogram_inter_token_latency.values())
+
+    # The attribute names still exist in the installed vLLM (a rename would silently re-enable them).
+    import inspect
+
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    source = inspect.getsource(PrometheusStatLogger)
+    assert all(f"self.{attr}" in source for attr in PER_TOKEN_HISTOGRAMS)
