@@ -8,27 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.scenario import Goal
+from benchmarks.stats import PAIRED, metric
 
 
 def paired_ratio(point: dict[str, Any], base: dict[str, Any], key: str = "req_per_s") -> float | None:
-    """`key` (req/s, or req per CPU-second) of `point` over `base`: the median of the round-by-round ratios when
-    both were measured in rounds.
+    """`key` (req/s, req per CPU-second, tok/s, TTFT p50 in ms) of `point` over `base`: the median of the
+    round-by-round ratios when both were measured in the same rounds or cycles.
 
     Within a round the two ran seconds apart (or at the same time), so each ratio cancels the machine's
-    slower drift; the median drops the rounds a burst of noise hit.
+    slower drift; the median drops the rounds a burst of noise hit. Each figure is paired on its own: the row
+    shown for a target is its median-req/s round, whose TTFT may be an outlier.
     """
     mine, theirs = point.get("rounds_" + key) or [], base.get("rounds_" + key) or []
     if len(mine) > 1 and len(mine) == len(theirs) and all(theirs):
         return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
-    return point[key] / base[key] if base.get(key) and point.get(key) is not None else None
-
-
-def metric(point: dict[str, Any], name: str) -> float | None:
-    """A point's figure by goal-metric name (latencies in ms)."""
-    if name.endswith("_p50_ms"):
-        value = point[name[: -len("_p50_ms")] + "_s"]["p50"]
-        return None if value is None else value * 1000
-    return point.get(name)
+    value, ref = metric(point, key), metric(base, key)
+    return value / ref if ref and value is not None else None
 
 
 def _find(points: list[dict[str, Any]], target: str, workload: str, level: float) -> dict[str, Any] | None:
@@ -51,7 +46,7 @@ def check_goals(goals: list[Goal], points: list[dict[str, Any]]) -> list[dict[st
                 ref = metric(other, g.metric) if other else None
             if value is None or (g.vs is not None and not ref):
                 figure = None
-            elif g.compare == "ratio" and g.metric in ("req_per_s", "req_per_cpu_s") and other is not None:
+            elif g.compare == "ratio" and g.metric in PAIRED and other is not None:
                 figure = paired_ratio(p, other, g.metric)
             elif g.compare == "ratio":
                 figure = value / ref if ref else None
@@ -97,12 +92,13 @@ def markdown(run: dict[str, Any]) -> str:
                   "generator, req/s ratios understate differences (the generator's cost is common to all).", ""]
     elif cycles > 1:
         lines += [f"The targets were started, measured and stopped one after another in {cycles} cycles, in a "
-                  "rotated order each cycle; a row is the target's cycle with the median req/s; the req/s ratio is "
-                  "the median of the ratios cycle by cycle, each of which the last column lists.", ""]
+                  "rotated order each cycle; a row is the target's cycle with the median req/s; each ratio (req/s, "
+                  "tok/s, TTFT p50) is the median of that figure's ratios cycle by cycle, which the last columns "
+                  "list for req/s and TTFT p50.", ""]
     elif rounds > 1:
         lines += [f"Every point was measured in {rounds} rounds, the targets interleaved within each round; a row is "
-                  "the target's round with the median req/s; the req/s ratio is the median of the ratios round by "
-                  "round, each of which the last column lists.", ""]
+                  "the target's round with the median req/s; each ratio (req/s, tok/s, TTFT p50) is the median of "
+                  "that figure's ratios round by round, which the last columns list for req/s and TTFT p50.", ""]
     for name, why in run.get("skipped", {}).items():
         lines.append(f"- **{name} skipped**: {why}")
     unit = "c" if sc["load"]["mode"] == "closed" else "req/s"
@@ -127,19 +123,18 @@ def markdown(run: dict[str, Any]) -> str:
         if base:
             lines += ["", f"Against **{base}** (same run, interleaved):", "",
                       f"| {unit} | target | req/s ratio | tok/s ratio | TTFT p50 ratio | E2E p50 added ms |"
-                      + (" req/s ratio by round |" if rounds > 1 else "")
+                      + (" req/s ratio by round | TTFT p50 ratio by round |" if rounds > 1 else "")
                       + (" req/CPU-s ratio | req/CPU-s ratio by round |" if together else ""),
-                      "|---|---|---|---|---|---|" + ("---|" if rounds > 1 else "") + ("---|---|" if together else "")]
+                      "|---|---|---|---|---|---|" + ("---|---|" if rounds > 1 else "") + ("---|---|" if together else "")]
             for p in mine:
                 b = _find(pts, base, p["workload"], p["level"])
                 if p["target"] == base or b is None:
                     continue
-                ratio = lambda k: (p[k] / b[k]) if b[k] else None  # noqa: E731
-                tt = (p["ttft_s"]["p50"] / b["ttft_s"]["p50"]) if p["ttft_s"]["p50"] and b["ttft_s"]["p50"] else None
                 de = (p["e2e_s"]["p50"] - b["e2e_s"]["p50"]) * 1000 if p["e2e_s"]["p50"] and b["e2e_s"]["p50"] else None
                 lines.append(f"| {p['level']:g} | {p['target']} | {_num(paired_ratio(p, b), '.2f')} | "
-                             f"{_num(ratio('output_tok_per_s'), '.2f')} | {_num(tt, '.2f')} | {_num(de, '+.3f')} |"
-                             + (f" {_by_round(p, b)} |" if rounds > 1 else "")
+                             f"{_num(paired_ratio(p, b, 'output_tok_per_s'), '.2f')} | "
+                             f"{_num(paired_ratio(p, b, 'ttft_p50_ms'), '.2f')} | {_num(de, '+.3f')} |"
+                             + (f" {_by_round(p, b)} | {_by_round(p, b, 'ttft_p50_ms')} |" if rounds > 1 else "")
                              + (f" {_num(paired_ratio(p, b, 'req_per_cpu_s'), '.2f')} |"
                                 f" {_by_round(p, b, 'req_per_cpu_s')} |" if together else ""))
     if run.get("goals"):

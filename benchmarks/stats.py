@@ -121,15 +121,29 @@ def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = Non
     }
 
 
+# Figures kept round by round, so a ratio between two targets pairs the rounds (see `report.paired_ratio`).
+PAIRED = ("req_per_s", "req_per_cpu_s", "output_tok_per_s", "ttft_p50_ms")
+
+
+def metric(point: dict[str, Any], name: str) -> float | None:
+    """A point's figure by goal-metric name (latencies in ms)."""
+    if name.endswith("_p50_ms"):
+        value = (point.get(name[: -len("_p50_ms")] + "_s") or {}).get("p50")
+        return None if value is None else value * 1000
+    return point.get(name)
+
+
 def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One target's point measured in several rounds: the round with the median req/s, with every round's req/s.
+    """One target's point measured in several rounds: the round with the median req/s, with every round's figures.
 
     A whole round is kept (not a median per statistic), so its latencies, CPU and errors belong together. With
-    an even number of rounds the lower middle one is kept.
+    an even number of rounds the lower middle one is kept. `rounds_<figure>` lists each figure of `PAIRED` round by
+    round, where every round measured it.
     """
     ranked = sorted(rounds, key=lambda r: r["req_per_s"])
     out = dict(ranked[(len(ranked) - 1) // 2])
-    out["rounds_req_per_s"] = [r["req_per_s"] for r in rounds]
-    if all(r.get("req_per_cpu_s") for r in rounds):
-        out["rounds_req_per_cpu_s"] = [r["req_per_cpu_s"] for r in rounds]
+    for name in PAIRED:
+        values = [metric(r, name) for r in rounds]
+        if all(v is not None and v != 0 for v in values) or name == "req_per_s":
+            out["rounds_" + name] = values
     return out

@@ -243,3 +243,27 @@ def test_cpu_cost_goal_pairs_the_rounds_too() -> None:
     assert out["figure"] == pytest.approx(0.95) and out["met"]  # ratios 0.95, 0.90, 1.00: the median
     missing = median_round([_point("x", 1, 10.0, 0.01), rnd("x", 10.0, 5.0)])
     assert "rounds_req_per_cpu_s" not in missing  # only when every round measured it
+
+
+def test_every_ratio_pairs_the_rounds_not_the_median_rows() -> None:
+    """TTFT and tok/s ratios are medians of round ratios too: the median-req/s row may hold an outlier TTFT."""
+    def rnd(target: str, rps: float, ttft: float) -> dict:
+        s = summarize([RequestRecord(ok=True, ttft_s=ttft, e2e_s=ttft + 0.1, output_tokens=4)], wall_s=1.0)
+        s.update({"target": target, "workload": "w", "level": 1, "stream": True, "req_per_s": rps,
+                  "output_tok_per_s": rps * 4})
+        return s
+
+    base = median_round([rnd("base", 100.0, 0.05), rnd("base", 50.0, 0.05), rnd("base", 80.0, 1.0)])
+    gw = median_round([rnd("gw", 90.0, 0.06), rnd("gw", 45.0, 0.06), rnd("gw", 85.0, 0.06)])
+    assert base["ttft_s"]["p50"] == 1.0 and gw["ttft_s"]["p50"] == 0.06  # the rows alone would say 0.06x
+    assert gw["rounds_ttft_p50_ms"] == pytest.approx([60.0, 60.0, 60.0])
+    goals = [Goal(name="ttft", target="gw", vs="base", metric="ttft_p50_ms", max=1.2),
+             Goal(name="tok", target="gw", vs="base", metric="output_tok_per_s", min=0.9)]
+    ttft, tok = check_goals(goals, [base, gw])
+    assert ttft["figure"] == pytest.approx(1.2) and ttft["met"]  # round ratios 1.2, 1.2, 0.06
+    assert tok["figure"] == pytest.approx(0.9) and tok["met"]  # round ratios 0.9, 0.9, 1.0625
+    report = markdown({"scenario": {"name": "s", "load": {"mode": "closed", "duration_s": 1, "rounds": 3},
+                                    "baseline": "base", "slo": None,
+                                    "workloads": [{"name": "w", "endpoint": "chat", "stream": True}]},
+                       "machine": {"cpus": 2}, "wall_s": 1, "points": [base, gw]})
+    assert "| 1 | gw | 0.90 | 0.90 | 1.20 |" in report and "1.20 1.20 0.06" in report
