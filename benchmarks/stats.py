@@ -144,6 +144,6 @@ def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(ranked[(len(ranked) - 1) // 2])
     for name in PAIRED:
         values = [metric(r, name) for r in rounds]
-        if all(v is not None and v != 0 for v in values) or name == "req_per_s":
+        if all(v is not None for v in values):
             out["rounds_" + name] = values
     return out

@@ -54,10 +54,6 @@ class _Placed:
         assert self.running() == 0
 
 
-def _replicas(deployment: str) -> int:
-    return running_replicas(deployment, APP)
-
-
 @pytest.fixture(scope="module")
 def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
     from gateway.config import AppConfig
@@ -143,10 +139,10 @@ def test_a_client_leaving_aborts_the_request_in_the_models_replica(placed: _Plac
 
 def test_a_model_deployment_scales_up_under_load_and_back_down(placed: _Placed) -> None:
     body = {"model": "slow", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20, "stream": True}
-    assert _replicas(SLOW_DEP) == 1
+    assert running_replicas(SLOW_DEP) == 1
     with ClosedLoad(placed.base_url, placed.key, body, workers=12) as load:
-        assert wait_until(lambda: _replicas(SLOW_DEP) >= 2, 90), \
+        assert wait_until(lambda: running_replicas(SLOW_DEP) >= 2, 90), \
             "no second replica of slow@1 under 12 concurrent requests with target 2"
-        assert _replicas("gateway") == 1 and _replicas(VLLM_DEP) == 1  # only the loaded model scaled
-    assert wait_until(lambda: _replicas(SLOW_DEP) == 1, 90), "did not scale back down when idle"
+        assert running_replicas("gateway") == 1 and running_replicas(VLLM_DEP) == 1  # only the loaded model scaled
+    assert wait_until(lambda: running_replicas(SLOW_DEP) == 1, 90), "did not scale back down when idle"
     assert load.codes and set(load.codes) == {200}, load.outcomes()
