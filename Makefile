@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +49,7 @@ train: install
 test: install-test
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
 
-# Scenarios (a) gateway overhead and (b) vLLM server vs the full stack, then the goal table (< 10 min).
+# Scenarios (a) gateway overhead and (b) vLLM server vs the full stack in 3 cycles, then the goal table (about 17 min).
 bench: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/overhead.yaml
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/vllm.yaml
@@ -66,6 +66,10 @@ bench-lifecycle: $(VENV)/.installed-bench
 # Co-located engine vs the model in a deployment of its own vs vLLM's server (< 15 min).
 bench-placement: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/placement.yaml
+
+# Ray's bookkeeping processes at nice 19 (the default) vs at 0 (where Ray starts them) vs vLLM's server (about 25 min).
+bench-priorities: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/priorities.yaml
 
 bench-observability: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability.yaml

@@ -43,7 +43,7 @@ def served_models(base_url: str, key: str) -> list[dict[str, Any]]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from gateway.config import AppConfig
-    from raygate.stack import Stack, token_hint
+    from raygate.stack import DAEMON_NICE, Stack, token_hint
 
     home = home_mod.home_dir(args.home)
     reg = home_mod.registry(home)
@@ -61,6 +61,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(
         cfg, host=args.host, port=args.port, dashboard_port=args.dashboard_port,
         metrics_export_port=args.metrics_port, split_cores=args.core_split,
+        daemon_nice=DAEMON_NICE if args.ray_daemon_nice is None else args.ray_daemon_nice,
     )
     stop = threading.Event()
 
@@ -260,6 +261,11 @@ def parser() -> argparse.ArgumentParser:
         "--core-split", action="store_true",
         help="give CPU vLLM workers cores of their own, Ray the rest: more tok/s, slower first token "
         "(benchmarks/results/core_split)",
+    )
+    up.add_argument(
+        "--ray-daemon-nice", type=int, default=None, choices=range(20), metavar="0-19",
+        help="nice level of Ray's bookkeeping processes (GCS, dashboard, agents, monitors, Serve's controller; "
+        "Ray starts them at 0); default 19, below the workers' 15 (benchmarks/results/vllm)",
     )
     up.set_defaults(func=cmd_up)
 

@@ -40,6 +40,13 @@ SERVE_ENV = {
 }
 
 
+# Ray's bookkeeping processes run at the lowest priority (Ray starts them at nice 0, its workers at 15):
+# on a small CPU host their wake-ups (dashboard agent, GCS, monitors, the Serve controller's loop)
+# otherwise pre-empt the gateway relaying tokens and the engine computing them. The raylet stays: it
+# starts the workers at its own niceness + 15.
+DAEMON_NICE = 19
+
+
 @dataclass
 class Stack:
     """A local Ray cluster running the raygate Serve application."""
@@ -52,6 +59,7 @@ class Stack:
     num_cpus: int | None = None
     env: dict[str, str] = field(default_factory=lambda: dict(SERVE_ENV))
     split_cores: bool = False
+    daemon_nice: int = DAEMON_NICE  # Ray's bookkeeping processes; 0 leaves them where Ray starts them
     started: bool = False
     _saved_cores: set[int] | None = None
 
@@ -90,6 +98,7 @@ class Stack:
             configure_logging=True,
         )
         self.started = True
+        lower_priority(ray_daemons(), self.daemon_nice)
         if threading.current_thread() is threading.main_thread():
             for sig, handler in saved.items():
                 if handler is not None:
@@ -100,6 +109,7 @@ class Stack:
             http_options={"host": self.host, "port": self.port},
             logging_config=self.config.gateway.serve_logging(),
         )
+        lower_priority(ray_daemons(), self.daemon_nice)  # now with Serve's controller
         serve.run(
             build_app(self.config),
             name=self.config.app_name,
@@ -139,6 +149,50 @@ class Stack:
             if self._saved_cores:
                 os.sched_setaffinity(0, self._saved_cores)
             reap(engines)
+
+
+_DAEMON_MARKERS = (
+    "/gcs/gcs_server", "dashboard/dashboard.py", "ray-dashboard-", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
+    "_private/log_monitor.py", "autoscaler/_private/monitor.py", "ray::ServeController",
+)
+
+
+def is_ray_daemon(argv: list[str]) -> bool:
+    """A Ray system process that serves no request (never the raylet, a worker or a replica).
+
+    Only the program (or its process title) and its script count: the raylet's own arguments name the
+    agents it starts.
+    """
+    if not argv:
+        return False
+    head = argv[0] + " " + next((a for a in argv[1:3] if a.endswith(".py")), "")
+    return any(marker in head for marker in _DAEMON_MARKERS)
+
+
+def ray_daemons() -> list[psutil.Process]:
+    """Ray's system processes that this process started, with what they started in turn."""
+    found: dict[int, psutil.Process] = {}
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    for p in children:
+        with contextlib.suppress(psutil.Error):
+            if is_ray_daemon(p.cmdline()):
+                found[p.pid] = p
+                found.update((c.pid, c) for c in p.children(recursive=True))
+    return list(found.values())
+
+
+def lower_priority(procs: list[psutil.Process], nice: int) -> None:
+    """Set every thread of `procs` to at least `nice` (Linux schedules threads: each has its own)."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            for t in p.threads():
+                with contextlib.suppress(psutil.Error):
+                    thread = psutil.Process(t.id)
+                    if thread.nice() < nice:
+                        thread.nice(nice)
 
 
 ENGINE_PROCESS_PREFIX = "VLLM::"  # vLLM names its engine-core and worker processes so

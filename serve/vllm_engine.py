@@ -14,8 +14,9 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ERROR_PREFIX = 'data: {"error"'
+T = TypeVar("T")
 
 
 # vLLM histograms observed once per generated token. Ray's metrics agent rebuilds a histogram by
@@ -163,6 +165,11 @@ class VLLMEngine(Engine):
     def card(self) -> ModelCard:
         return self._card
 
+    @property
+    def engine_nice(self) -> int:
+        """Nice levels the engine's processes run below this replica (CPU engines only)."""
+        return self.cfg.engine_nice if self.cfg.num_gpus == 0 else 0
+
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
         from starlette.datastructures import State
@@ -187,7 +194,7 @@ class VLLMEngine(Engine):
             config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
             # The engine-core process inherits the mask of the thread that spawns it; vLLM's own
             # `auto` OpenMP binding then stays inside it. Everything else in this process keeps its own.
-            with _thread_affinity(self.cfg.cpu_affinity):
+            with _thread_affinity(self.cfg.cpu_affinity), _thread_nice(self.engine_nice):
                 engine = AsyncLLM.from_vllm_config(
                     vllm_config=config,
                     usage_context=UsageContext.OPENAI_API_SERVER,
@@ -197,7 +204,7 @@ class VLLMEngine(Engine):
                 )
             return config, engine
 
-        vllm_config, self._engine = await asyncio.to_thread(build)
+        vllm_config, self._engine = await in_own_thread(build)
         state = State()
         tasks = await self._engine.get_supported_tasks()
         await init_app_state(self._engine, state, args, tasks)
@@ -210,7 +217,8 @@ class VLLMEngine(Engine):
         self._card = self._card.model_copy(
             update={"max_model_len": model_config.max_model_len, "dtype": str(model_config.dtype).removeprefix("torch.")}
         )
-        logger.info("vLLM engine ready: %s (%s) on cores %s", self.served_name, self.model_path, self.cfg.cpu_affinity or "all")
+        logger.info("vLLM engine ready: %s (%s) on cores %s, %d nice levels below its replica", self.served_name,
+                    self.model_path, self.cfg.cpu_affinity or "all", self.engine_nice)
 
     async def check_health(self) -> None:
         if self._engine is None:
@@ -345,6 +353,28 @@ def spec_clean(body: dict[str, Any]) -> dict[str, Any]:
 def _first_message(exc: Any) -> str:
     errs = exc.errors()
     return errs[0].get("msg", str(exc)) if errs else str(exc)
+
+
+async def in_own_thread(fn: Callable[[], T]) -> T:
+    """`fn()` off the event loop in a thread that ends with it: what `fn` sets for its thread
+    (niceness cannot be raised back without privileges) never reaches a pooled thread."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-engine-start")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@contextlib.contextmanager
+def _thread_nice(increment: int) -> Iterator[None]:
+    """Run the body with the calling thread `increment` nice levels lower (processes it spawns inherit it).
+
+    On Linux niceness is per thread: the rest of the process keeps its own. It is not restored
+    (lowering it again takes CAP_SYS_NICE): run this in a thread of its own (`in_own_thread`).
+    """
+    if increment:
+        os.nice(increment)
+    yield
 
 
 @contextlib.contextmanager

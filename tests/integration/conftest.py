@@ -80,6 +80,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     raw["serve"]["models"][0].update({"max_num_seqs": 4, "max_queued_requests": 2, "max_model_len": 1024})
     # Roll-outs (test_rollout_lifecycle): follow @stable closely and prefer int8 (W8A8 on this CPU).
     raw["serve"]["models"][0].update({"variants": ["int8", "full"], "registry_poll_s": 1.0})
+    # The engine below its replica's priority (test_openai_vllm checks the processes' nice levels).
+    raw["serve"]["models"][0]["engine_nice"] = 4
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT)
     try:
         stack.start(ready_timeout_s=420)

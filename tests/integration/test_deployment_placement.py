@@ -128,10 +128,13 @@ def test_a_client_leaving_aborts_the_request_in_the_models_replica(placed: _Plac
     auth = {"authorization": f"Bearer {placed.key}"}
     with (httpx.Client(base_url=placed.base_url, timeout=60, headers=auth) as c,
           c.stream("POST", "/v1/completions", json=body) as r):
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                break
-        assert placed.running() == 1, "the request ended before the client left"
+        lines = r.iter_lines()
+        first = next((line for line in lines if line.startswith("data: ")), None)
+        if placed.running() != 1:  # say what the client got: a rare CI failure here is not yet explained
+            rest = list(lines) if first is not None else []
+            pytest.fail(f"the request ended before the client left: status {r.status_code}, request id "
+                        f"{r.headers.get('x-request-id')}, first event {str(first)[:200]}, then {len(rest)} lines "
+                        f"ending {rest[-3:]}")
     started = time.monotonic()
     placed.wait_idle(timeout_s=10)
     assert time.monotonic() - started < 3, "aborted only after the tokens ran out"

@@ -8,8 +8,10 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
+from raygate.stack import DAEMON_NICE, is_ray_daemon
 from tests.oai_schema import assert_valid
 
 pytestmark = pytest.mark.integration
@@ -228,3 +230,24 @@ def test_health_and_ready(stack) -> None:
     assert httpx.get(f"{stack.base_url}/health").status_code == 200
     ready = httpx.get(f"{stack.base_url}/ready").json()
     assert ready == {"status": "ready", "models": {stack.model: True}}
+
+
+def _nices(p: psutil.Process) -> set[int]:
+    return {psutil.Process(t.id).nice() for t in p.threads()}
+
+
+def test_engine_runs_below_its_replica_and_ray_daemons_lowest(stack) -> None:
+    """vLLM's CPU engine processes run `engine_nice` levels below the gateway replica that hosts them
+    (this stack sets 4; the default is 0); Ray's bookkeeping daemons are lowest."""
+    procs = psutil.Process().children(recursive=True)
+    engines = [p for p in procs if p.name().startswith("VLLM::")]
+    assert engines, "no vLLM engine process under this stack"
+    for engine in engines:
+        replica = next(a for a in engine.parents() if "ServeReplica" in " ".join(a.cmdline()))
+        assert replica.nice() == 15, "Ray runs its workers at 15"
+        assert _nices(engine) == {min(19, replica.nice() + 4)}, engine.name()
+    daemons = {f"{p.pid} {p.cmdline()[0]}": _nices(p) for p in procs if is_ray_daemon(p.cmdline())}
+    assert any("gcs_server" in name for name in daemons) and any("ServeController" in name for name in daemons)
+    assert all(nices == {DAEMON_NICE} for nices in daemons.values()), daemons
+    raylet = next(p for p in procs if "raylet/raylet" in " ".join(p.cmdline()))
+    assert raylet.nice() == psutil.Process().nice(), "the raylet keeps its level (workers start at it + 15)"
