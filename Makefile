@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ bench-placement: $(VENV)/.installed-bench
 # Ray's bookkeeping processes at nice 19 (the default) vs at 0 (where Ray starts them) vs vLLM's server (about 25 min).
 bench-priorities: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/priorities.yaml
+
+# Serve's controller loop 0.1 s and 4 HAProxy threads vs 0.5 s and threads = cores, vs vLLM's server (about 25 min).
+bench-trim: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/trim.yaml
 
 bench-observability: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability.yaml

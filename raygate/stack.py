@@ -72,7 +72,7 @@ class Stack:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, ready_timeout_s: float = 600.0) -> None:
-        for key, value in self.env.items():
+        for key, value in {**self.env, "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}.items():
             os.environ.setdefault(key, value)
         import ray
         from ray import serve
@@ -155,6 +155,13 @@ _DAEMON_MARKERS = (
     "/gcs/gcs_server", "dashboard/dashboard.py", "ray-dashboard-", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
     "_private/log_monitor.py", "autoscaler/_private/monitor.py", "ray::ServeController",
 )
+
+
+def haproxy_threads() -> int:
+    """HAProxy's threads: Serve's 4, but no more than this host's cores, where more threads only take
+    turns with the engine (measured together with a slower controller loop: benchmarks/results/trim;
+    1 thread on 2 cores was worse than 4)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def is_ray_daemon(argv: list[str]) -> bool:

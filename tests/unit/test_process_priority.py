@@ -101,3 +101,11 @@ def test_lower_priority_reaches_every_thread_and_never_raises_one() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_haproxy_never_gets_more_threads_than_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from raygate.stack import haproxy_threads
+
+    for cores, threads in (({0}, 1), ({0, 1}, 2), (set(range(4)), 4), (set(range(32)), 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, c=cores: c)
+        assert haproxy_threads() == threads
