@@ -265,7 +265,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--ray-daemon-nice", type=int, default=None, choices=range(20), metavar="0-19",
         help="nice level of Ray's bookkeeping processes (GCS, dashboard, agents, monitors, Serve's controller; "
-        "Ray starts them at 0); default 19, below the workers' 15 (benchmarks/results/vllm)",
+        "Ray starts them at 0); default 19, below the workers' 15 (benchmarks/results/priorities)",
     )
     up.set_defaults(func=cmd_up)
 

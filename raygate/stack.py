@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,9 @@ class Stack:
     dashboard_port: int = 8265
     metrics_export_port: int = 8080  # Ray's Prometheus endpoint: ray_serve_*, vLLM's engine metrics, ray_* (scraped per node)
     num_cpus: int | None = None
-    env: dict[str, str] = field(default_factory=lambda: dict(SERVE_ENV))
+    env: dict[str, str] = field(
+        default_factory=lambda: {**SERVE_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}
+    )
     split_cores: bool = False
     daemon_nice: int = DAEMON_NICE  # Ray's bookkeeping processes; 0 leaves them where Ray starts them
     started: bool = False
@@ -72,7 +75,7 @@ class Stack:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, ready_timeout_s: float = 600.0) -> None:
-        for key, value in {**self.env, "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}.items():
+        for key, value in self.env.items():
             os.environ.setdefault(key, value)
         import ray
         from ray import serve
@@ -176,19 +179,28 @@ def is_ray_daemon(argv: list[str]) -> bool:
     return any(marker in head for marker in _DAEMON_MARKERS)
 
 
-def ray_daemons() -> list[psutil.Process]:
-    """Ray's system processes that this process started, with what they started in turn."""
-    found: dict[int, psutil.Process] = {}
+def _descendants_where(match: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
+    """This process's descendants that `match` (those that vanish or cannot be read are left out)."""
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
+    out = []
     for p in children:
         with contextlib.suppress(psutil.Error):
-            if is_ray_daemon(p.cmdline()):
-                found[p.pid] = p
-                found.update((c.pid, c) for c in p.children(recursive=True))
-    return list(found.values())
+            if match(p):
+                out.append(p)
+    return out
+
+
+def ray_daemons() -> list[psutil.Process]:
+    """Ray's system processes that this process started, with what they started in turn."""
+    daemons = {p.pid for p in _descendants_where(lambda p: is_ray_daemon(p.cmdline()))}
+
+    def under_a_daemon(p: psutil.Process) -> bool:
+        return p.pid in daemons or any(a.pid in daemons for a in p.parents())
+
+    return _descendants_where(under_a_daemon)
 
 
 def lower_priority(procs: list[psutil.Process], nice: int) -> None:
@@ -207,16 +219,7 @@ ENGINE_PROCESS_PREFIX = "VLLM::"  # vLLM names its engine-core and worker proces
 
 def engine_processes() -> list[psutil.Process]:
     """vLLM engine processes this stack started (descendants of this process, through Ray's workers)."""
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return []
-    out = []
-    for p in children:
-        with contextlib.suppress(psutil.Error):
-            if p.name().startswith(ENGINE_PROCESS_PREFIX):
-                out.append(p)
-    return out
+    return _descendants_where(lambda p: p.name().startswith(ENGINE_PROCESS_PREFIX))
 
 
 def reap(procs: list[psutil.Process], grace_s: float = 10.0) -> list[int]:
