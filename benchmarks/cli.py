@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -169,8 +170,15 @@ def parser(prog: str = "raygate bench") -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    # A plain SIGTERM ends Python at once, with the targets it started left running: unwind instead, so
+    # the runner stops each one (its process group) on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None, prog: str = "raygate bench") -> int:
     args = parser(prog).parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.func(args))
     except (ValueError, OSError, RuntimeError, TimeoutError) as exc:  # bad scenario, target failed to start

@@ -132,7 +132,12 @@ class Runner:
             run.pids = [run.proc.pid]
         started = time.monotonic()
         if t.ready_path is not None:
-            wait_ready(_origin(run.base_url) + t.ready_path, t.ready_timeout_s, run.proc, run.log)
+            try:
+                wait_ready(_origin(run.base_url) + t.ready_path, t.ready_timeout_s, run.proc, run.log)
+            except BaseException:  # never ready, or the run itself stopped (Ctrl-C, SIGTERM): not left running
+                if run.proc is not None:
+                    stop(run.proc)
+                raise
         self.say(f"[{t.name}] ready at {run.base_url} ({time.monotonic() - started:.0f} s)")
         return run
 

@@ -43,7 +43,7 @@ def served_models(base_url: str, key: str) -> list[dict[str, Any]]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from gateway.config import AppConfig
-    from raygate.stack import DAEMON_NICE, Stack, token_hint
+    from raygate.stack import DAEMON_NICE, Stack, StartCancelled, StartFailed, token_hint
 
     home = home_mod.home_dir(args.home)
     reg = home_mod.registry(home)
@@ -72,8 +72,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     wanted = ", ".join(m.model for m in cfg.serve.models)
     print(f"raygate: starting Ray and deploying {wanted} (engine start takes up to a minute)...", flush=True)
+    rc = 0
     try:
-        stack.start()
+        stack.start(cancelled=stop.is_set)  # Ctrl-C / SIGTERM while the engine starts: stop at once
         try:
             models = served_models(stack.base_url, key)
         except urllib.error.HTTPError:  # the config names its own keys and left the dev key out
@@ -95,11 +96,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         while not stop.wait(1.0):
             pass
+    except StartCancelled:
+        rc = 130
+    except StartFailed as exc:
+        print(f"raygate: {exc}", file=sys.stderr, flush=True)
+        rc = 1
     finally:
         print("raygate: shutting down...", flush=True)
         stack.stop()
     print("raygate: stopped.", flush=True)
-    return 0
+    return rc
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -48,6 +48,14 @@ SERVE_ENV = {
 DAEMON_NICE = 19
 
 
+class StartCancelled(Exception):
+    """The stack was told to stop while it was starting."""
+
+
+class StartFailed(RuntimeError):
+    """Serve gave up deploying the app; the message says why (the replicas' own errors)."""
+
+
 @dataclass
 class Stack:
     """A local Ray cluster running the raygate Serve application."""
@@ -74,7 +82,9 @@ class Stack:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self, ready_timeout_s: float = 600.0) -> None:
+    def start(self, ready_timeout_s: float = 600.0, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Start Ray, Serve and the app; wait until `/ready` answers 200. `cancelled` (asked while waiting)
+        ends the wait early with `StartCancelled`; the caller then stops what has started."""
         for key, value in self.env.items():
             os.environ.setdefault(key, value)
         import ray
@@ -113,19 +123,24 @@ class Stack:
             logging_config=self.config.gateway.serve_logging(),
         )
         lower_priority(ray_daemons(), self.daemon_nice)  # now with Serve's controller
-        serve.run(
-            build_app(self.config),
-            name=self.config.app_name,
-            route_prefix=self.config.route_prefix,
-            blocking=False,
+        # Deploy without waiting here (serve.run waits for the app to run, deaf to Ctrl-C while the engine
+        # starts); the ready wait below asks `cancelled` and Serve's status as it goes.
+        serve.run_many(
+            [serve.RunTarget(build_app(self.config), name=self.config.app_name,
+                             route_prefix=self.config.route_prefix)],
+            wait_for_ingress_deployment_creation=False,
+            wait_for_applications_running=False,
         )
-        self.wait_ready(ready_timeout_s)
+        self.wait_ready(ready_timeout_s, cancelled)
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, cancelled: Callable[[], bool] = lambda: False) -> None:
         deadline = time.monotonic() + timeout_s
         url = f"{self.base_url}/ready"
         last = "no answer"
         while time.monotonic() < deadline:
+            if cancelled():
+                raise StartCancelled("stopped before raygate was ready")
+            self._raise_if_deploy_failed()
             try:
                 with urllib.request.urlopen(url, timeout=5) as resp:
                     if resp.status == 200:
@@ -136,6 +151,20 @@ class Stack:
                 last = str(exc)
             time.sleep(1.0)
         raise TimeoutError(f"raygate was not ready at {url} after {timeout_s:.0f}s ({last})")
+
+    def _raise_if_deploy_failed(self) -> None:
+        """Serve gave up on the app (a replica's constructor raised, for one): say why instead of waiting on."""
+        if not self.started:
+            return
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get(self.config.app_name)
+        except Exception:  # noqa: BLE001 - the controller is busy or starting: ask again next time
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            reasons = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+            raise StartFailed("\n".join([f"the Serve application failed to deploy: {app.message}", *reasons]))
 
     def stop(self) -> None:
         if not self.started:

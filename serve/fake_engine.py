@@ -59,7 +59,10 @@ class FakeEngine(Engine):
         return self._card
 
     async def start(self) -> None:
-        return None
+        if self.cfg.start_s:
+            await asyncio.sleep(self.cfg.start_s)
+        if self.cfg.start_error:
+            raise EngineFailure(self.cfg.start_error)
 
     async def check_health(self) -> None:
         return None

@@ -32,6 +32,7 @@ from serve.errors import (
     param_from_validation_error,
 )
 from serve.hardware import cpu_supports_bf16
+from serve.vllm_plugin import SPIN_ENV
 
 if TYPE_CHECKING:
     from serve.factory import Artifact
@@ -194,7 +195,9 @@ class VLLMEngine(Engine):
             config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
             # The engine-core process inherits the mask of the thread that spawns it; vLLM's own
             # `auto` OpenMP binding then stays inside it. Everything else in this process keeps its own.
-            with _thread_affinity(self.cfg.cpu_affinity), _thread_nice(self.engine_nice):
+            # The spin is read by raygate's vLLM plugin in the engine processes spawned here (they inherit it).
+            spin = None if self.cfg.engine_spin_s is None else repr(self.cfg.engine_spin_s)
+            with _thread_affinity(self.cfg.cpu_affinity), _thread_nice(self.engine_nice), _environ(SPIN_ENV, spin):
                 engine = AsyncLLM.from_vllm_config(
                     vllm_config=config,
                     usage_context=UsageContext.OPENAI_API_SERVER,
@@ -217,8 +220,9 @@ class VLLMEngine(Engine):
         self._card = self._card.model_copy(
             update={"max_model_len": model_config.max_model_len, "dtype": str(model_config.dtype).removeprefix("torch.")}
         )
-        logger.info("vLLM engine ready: %s (%s) on cores %s, %d nice levels below its replica", self.served_name,
-                    self.model_path, self.cfg.cpu_affinity or "all", self.engine_nice)
+        logger.info("vLLM engine ready: %s (%s) on cores %s, %d nice levels below its replica, queues spin %s",
+                    self.served_name, self.model_path, self.cfg.cpu_affinity or "all", self.engine_nice,
+                    "vLLM's 1 s" if self.cfg.engine_spin_s is None else f"{self.cfg.engine_spin_s:g} s")
 
     async def check_health(self) -> None:
         if self._engine is None:
@@ -375,6 +379,23 @@ def _thread_nice(increment: int) -> Iterator[None]:
     if increment:
         os.nice(increment)
     yield
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """`name` set to `value` (None: as it is) for processes spawned inside, restored after."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 @contextlib.contextmanager

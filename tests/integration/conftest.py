@@ -82,6 +82,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     raw["serve"]["models"][0].update({"variants": ["int8", "full"], "registry_poll_s": 1.0})
     # The engine below its replica's priority (test_openai_vllm checks the processes' nice levels).
     raw["serve"]["models"][0]["engine_nice"] = 4
+    # Engine processes that sleep on their queues at every step (serve/vllm_plugin.py): the whole suite runs on
+    # the plugin's notification path, where vLLM's own socket lost wake-ups and hung the engine.
+    raw["serve"]["models"][0]["engine_spin_s"] = 0
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT)
     try:
         stack.start(ready_timeout_s=420)

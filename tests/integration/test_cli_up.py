@@ -74,3 +74,69 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(1)
     assert not (_ray_processes() - before), "Ray processes left behind"
+
+
+def _has_replica(pid: int) -> bool:
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if "ServeReplica" in " ".join(p.cmdline()):
+                return True
+        except psutil.Error:
+            pass
+    return False
+
+
+def test_ctrl_c_while_the_engine_starts_stops_at_once(tmp_path: Path) -> None:
+    """An engine that takes ten minutes to start: Ctrl-C during that start stops everything within
+    the shutdown's own time, not after the engine is up."""
+    before = _ray_processes()
+    config = tmp_path / "slow.yaml"
+    config.write_text(
+        "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n      fake:\n        start_s: 600\n"
+    )
+    exe = Path(sys.executable).with_name("raygate")
+    proc = subprocess.Popen(
+        [str(exe), "--home", str(tmp_path), "up", "--config", str(config), "--port", str(PORT),
+         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not _has_replica(proc.pid):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.5)
+        time.sleep(2)  # inside the replica's (slow) engine start now
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert rc == 130, out
+    assert "raygate is up" not in out and "raygate: stopped." in out, out
+    deadline = time.monotonic() + 30
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not (_ray_processes() - before), "Ray processes left behind"
+
+
+def test_an_engine_that_cannot_start_fails_up_with_its_reason(tmp_path: Path) -> None:
+    before = _ray_processes()
+    config = tmp_path / "broken.yaml"
+    config.write_text(
+        "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n      fake:\n"
+        "        start_error: weights are missing\n"
+    )
+    exe = Path(sys.executable).with_name("raygate")
+    proc = subprocess.run(
+        [str(exe), "--home", str(tmp_path), "up", "--config", str(config), "--port", str(PORT),
+         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "failed to deploy" in out and "weights are missing" in out, out[-3000:]
+    deadline = time.monotonic() + 30
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not (_ray_processes() - before), "Ray processes left behind"

@@ -37,3 +37,36 @@ def test_a_target_shares_the_load_generators_session_in_a_group_of_its_own(tmp_p
     finally:
         stop(run.proc, grace_s=5)
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, "stop left a child"
+
+
+def test_a_terminated_run_stops_the_target_it_started(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    import yaml
+
+    pidfile = tmp_path / "child.pid"
+    target = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(pidfile)!r}, 'w').write(str(child.pid)); time.sleep(600)"
+    )
+    scenario = {"name": "t", "targets": [{"name": "a", "model": "m", "start": [sys.executable, "-c", target],
+                                          "ready_timeout_s": 300}],  # never ready: the run waits on it
+                "load": {"levels": [1]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario))
+    bench = subprocess.Popen([sys.executable, "-m", "benchmarks", "run", str(tmp_path / "s.yaml"), "--out",
+                              str(tmp_path / "out"), "--no-plots", "--no-progress"], cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        bench.kill()
+    gone = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE and time.monotonic() < gone:
+        time.sleep(0.05)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, "target left running"
