@@ -154,8 +154,6 @@ class Stack:
 
     def _raise_if_deploy_failed(self) -> None:
         """Serve gave up on the app (a replica's constructor raised, for one): say why instead of waiting on."""
-        if not self.started:
-            return
         from ray import serve
 
         try:

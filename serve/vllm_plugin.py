@@ -45,15 +45,17 @@ def register() -> None:
     from vllm.distributed.device_communicators import shm_broadcast
 
     cond = shm_broadcast.SpinCondition
-    if getattr(cond, "_raygate_spin", None) is not None:
-        cond._raygate_spin = spin  # type: ignore[attr-defined]
+    if getattr(cond, "_raygate_patched", False):
         return
-    cond._raygate_spin = spin  # type: ignore[attr-defined]
+    cond._raygate_patched = True  # type: ignore[attr-defined]
     original_init, original_wait = cond.__init__, cond.wait
 
+    # vLLM loads plugins before it builds its queues (EngineCore.__init__, WorkerWrapperBase.init_worker):
+    # every SpinCondition of an engine process is made by this __init__.
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         if self.is_reader:
+            self.busy_loop_s = spin
             return
         # Rebind the writer's notify socket with room for more than one notification; readers connect
         # to it later (they are handed its address once the queue exists).
@@ -67,7 +69,6 @@ def register() -> None:
 
     def wait(self: Any, timeout_ms: int | None = None) -> None:
         if self.is_reader:
-            self.busy_loop_s = cond._raygate_spin  # type: ignore[attr-defined]
             timeout_ms = WAKE_CAP_MS if timeout_ms is None else min(timeout_ms, WAKE_CAP_MS)
         original_wait(self, timeout_ms)
 
