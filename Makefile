@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-spin bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-spin bench-engine-first bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,11 @@ bench-trim: $(VENV)/.installed-bench
 # vLLM's engine processes sleeping on their queues (engine_spin_s: 0) vs vLLM's spin, vs vLLM's server (about 27 min).
 bench-spin: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/spin.yaml
+
+# vLLM's engine processes ahead of their gateway replica (engine_nice: -5), sleeping or spinning, vs raygate up as
+# shipped, vs vLLM's server (about 40 min).
+bench-engine-first: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/engine_first.yaml
 
 bench-observability: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability.yaml

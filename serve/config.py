@@ -108,12 +108,15 @@ class ModelDeploymentConfig(BaseModel):
         default=None, description="CPU cores for the engine's worker process; None keeps vLLM's default binding."
     )
     engine_nice: int = Field(
-        default=0, ge=0, le=19,
+        default=0, ge=-19, le=19,
         description="CPU engines only: how many nice levels below its replica vLLM's engine-core and worker processes "
         "run. Above 0 the replica's event loop (requests in, tokens out) and HAProxy run as soon as they wake "
         "instead of queueing behind the engine: a faster first token under load, fewer tokens per second "
         "(4 gave TTFT p50 1.10x / 1.08x of vLLM's server but 0.83x / 0.73x its tok/s at 16 / 64 streams, "
-        "benchmarks/results/vllm). 0: the replica's level.",
+        "benchmarks/results/vllm). Below 0 the engine runs ahead of its replica (this needs CAP_SYS_NICE; without "
+        "it the engine keeps the replica's level, with a warning): -5 with `engine_spin_s: 0` gave 0.99x / 0.97x "
+        "the tok/s of vLLM's server but TTFT p50 1.22x / 1.21x (benchmarks/results/engine_first). 0: the "
+        "replica's level.",
     )
     engine_spin_s: float | None = Field(
         default=None, ge=0,

@@ -168,7 +168,7 @@ class VLLMEngine(Engine):
 
     @property
     def engine_nice(self) -> int:
-        """Nice levels the engine's processes run below this replica (CPU engines only)."""
+        """Nice levels the engine's processes run below this replica, ahead of it if negative (CPU engines only)."""
         return self.cfg.engine_nice if self.cfg.num_gpus == 0 else 0
 
     async def start(self) -> None:
@@ -220,7 +220,7 @@ class VLLMEngine(Engine):
         self._card = self._card.model_copy(
             update={"max_model_len": model_config.max_model_len, "dtype": str(model_config.dtype).removeprefix("torch.")}
         )
-        logger.info("vLLM engine ready: %s (%s) on cores %s, %d nice levels below its replica, queues spin %s",
+        logger.info("vLLM engine ready: %s (%s) on cores %s, nice %+d from its replica, queues spin %s",
                     self.served_name, self.model_path, self.cfg.cpu_affinity or "all", self.engine_nice,
                     "vLLM's 1 s" if self.cfg.engine_spin_s is None else f"{self.cfg.engine_spin_s:g} s")
 
@@ -371,13 +371,18 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
 
 @contextlib.contextmanager
 def _thread_nice(increment: int) -> Iterator[None]:
-    """Run the body with the calling thread `increment` nice levels lower (processes it spawns inherit it).
+    """Run the body with the calling thread `increment` nice levels lower, higher if negative (processes it
+    spawns inherit it). Higher takes CAP_SYS_NICE: without it the thread keeps its level and a warning says so.
 
     On Linux niceness is per thread: the rest of the process keeps its own. It is not restored
     (lowering it again takes CAP_SYS_NICE): run this in a thread of its own (`in_own_thread`).
     """
     if increment:
-        os.nice(increment)
+        try:
+            os.nice(increment)
+        except PermissionError:  # a level above the replica's takes CAP_SYS_NICE (or RLIMIT_NICE)
+            logger.warning("cannot run vLLM's engine processes %d nice levels above their replica here "
+                           "(no CAP_SYS_NICE): they keep the replica's level", -increment)
     yield
 
 
