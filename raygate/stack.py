@@ -34,6 +34,11 @@ SERVE_ENV = {
     # Each Ray worker in a process group of its own, killed whole when the worker exits: a replica that crashes
     # or is killed takes its vLLM engine processes with it instead of leaving them running as orphans.
     "RAY_process_group_cleanup_enabled": "1",
+    # A replica behind HAProxy stays reachable this long when it stops, for load balancers to deregister it
+    # (Serve: 30 s, which made every stop of `raygate up` take 35 s). HAProxy is this node's only balancer and
+    # retries a refused connection on another replica (`retry-on conn-failure`), so 2 s is enough here;
+    # the KubeRay and cluster manifests keep Serve's 30 s for balancers outside the cluster.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     "RAY_USAGE_STATS_ENABLED": "0",
     "VLLM_NO_USAGE_STATS": "1",
     "VLLM_DO_NOT_TRACK": "1",

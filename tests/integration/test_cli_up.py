@@ -67,9 +67,13 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert "engine raygate/tiny-chat@1: variant full, running 0, healthy" in status.stdout, status.stdout
         assert f"http://127.0.0.1:{DASHBOARD_PORT}" in status.stdout
     finally:
+        stop_started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
+        stop_s = time.monotonic() - stop_started
     assert rc == 0, "".join(lines) + (proc.stdout.read() if proc.stdout else "")
+    # Serve's replicas would stay reachable 30 s for load balancers (raygate.stack.SERVE_ENV shortens it).
+    assert stop_s < 20, f"SIGTERM took {stop_s:.0f} s to stop the stack"
     deadline = time.monotonic() + 30
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(1)
