@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -44,7 +45,7 @@ def _may_raise_priority() -> bool:
     """CAP_SYS_NICE in this process's effective set (bit 23), or an RLIMIT_NICE that allows one level more."""
     import resource
 
-    caps = next(line for line in open("/proc/self/status") if line.startswith("CapEff:"))
+    caps = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapEff:"))
     soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
     return bool(int(caps.split()[1], 16) >> 23 & 1) or 20 - soft < os.nice(0)
 
