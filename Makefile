@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-spin bench-engine-first bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-quiet bench-spin bench-engine-first bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,11 @@ bench-priorities: $(VENV)/.installed-bench
 # Serve's controller loop 0.1 s and 4 HAProxy threads vs 0.5 s and threads = cores, vs vLLM's server (about 25 min).
 bench-trim: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/trim.yaml
+
+# Serve's per-request HAProxy metrics off and a 0.5 s controller loop vs raygate up as shipped, vs vLLM's server
+# (about 18 min for 3 cycles).
+bench-quiet: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/quiet.yaml
 
 # vLLM's engine processes sleeping on their queues (engine_spin_s: 0) vs vLLM's spin, vs vLLM's server (about 27 min).
 bench-spin: $(VENV)/.installed-bench
