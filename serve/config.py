@@ -126,6 +126,13 @@ class ModelDeploymentConfig(BaseModel):
         "latency at low load: 0.98x / 1.04x the tok/s of spinning and TTFT p50 1.46x / 1.11x of vLLM's server "
         "instead of 1.12x / 1.06x at 16 / 64 streams (benchmarks/results/spin).",
     )
+    engine_metrics_flush_s: float = Field(
+        default=1.0, ge=0,
+        description="vLLM engines inside Ray: the longest a gauge or counter of vLLM's engine metrics (recorded every "
+        "engine step) waits before it reaches Ray's metrics export, which sends every few seconds anyway "
+        "(serve/engine_metrics.py). Gauges keep their last value, counters their sum; histograms go at once. "
+        "0: every value at once, as vLLM does (about fifteen Ray metric calls per step on the replica's event loop).",
+    )
     variants: list[str] = Field(
         default_factory=lambda: ["full"],
         description="Weight variants in order of preference ('full', 'int8-w8a8', 'bnb-8bit', 'bnb-nf4', or the groups "

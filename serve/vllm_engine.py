@@ -22,6 +22,7 @@ import orjson
 
 from serve.config import ModelDeploymentConfig
 from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
+from serve.engine_metrics import ray_stat_loggers
 from serve.errors import (
     ContextLengthExceeded,
     EngineError,
@@ -41,47 +42,6 @@ logger = logging.getLogger(__name__)
 
 _ERROR_PREFIX = 'data: {"error"'
 T = TypeVar("T")
-
-
-# vLLM histograms observed once per generated token. Ray's metrics agent rebuilds a histogram by
-# replaying every observation in Python (ray-project/ray#64852): at 2,000 tok/s this one series cost
-# the node's agent 7-8% of a core on 2 cores, taken from the engine. The gateway exports the
-# inter-token latency clients see (raygate_inter_token_latency_seconds); vLLM's per-request
-# histograms (TTFT, TPOT, queue, e2e) stay.
-PER_TOKEN_HISTOGRAMS = ("histogram_inter_token_latency",)
-
-
-class _Unrecorded:
-    """Stands in for a histogram left out of the export."""
-
-    def observe(self, value: float) -> None:
-        pass
-
-
-def without_per_token_histograms(base: type) -> type:
-    """`base` (a vLLM stat logger class) with the histograms in PER_TOKEN_HISTOGRAMS unrecorded."""
-
-    class RayEngineStatLogger(base):  # type: ignore[misc, valid-type]
-        """vLLM's Ray stat logger without its per-token histograms (see PER_TOKEN_HISTOGRAMS)."""
-
-        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
-            super().__init__(vllm_config, engine_indexes)
-            for attr in PER_TOKEN_HISTOGRAMS:
-                setattr(self, attr, {idx: _Unrecorded() for idx in getattr(self, attr)})
-
-    return RayEngineStatLogger
-
-
-def ray_stat_loggers() -> list[Any] | None:
-    """Inside a Ray worker, vLLM's metrics go through Ray's metrics export (one series per
-    replica, tagged ReplicaId, on every node's metrics port) instead of this process's registry."""
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
-
-    return [without_per_token_histograms(RayPrometheusStatLogger)]
 
 
 def engine_cli_args(
@@ -203,7 +163,7 @@ class VLLMEngine(Engine):
                     usage_context=UsageContext.OPENAI_API_SERVER,
                     enable_log_requests=False,
                     disable_log_stats=engine_args.disable_log_stats,
-                    stat_loggers=ray_stat_loggers(),
+                    stat_loggers=ray_stat_loggers(self.cfg.engine_metrics_flush_s),
                 )
             return config, engine
 

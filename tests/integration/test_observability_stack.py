@@ -32,6 +32,8 @@ def _total(samples: dict, name: str, **labels: str) -> float:
 def test_metrics_traces_and_logs_after_traffic(stack) -> None:
     auth = {"authorization": f"Bearer {stack.key}"}
     before = _scrape(stack.base_url + "/metrics")
+    ray_metrics = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+    generated_before = _total(_scrape(ray_metrics), "ray_vllm_generation_tokens_total")
     sent, tokens, rids = 0, 0, []
     with httpx.Client(base_url=stack.base_url, timeout=120) as c:
         for i in range(4):
@@ -83,11 +85,17 @@ def test_metrics_traces_and_logs_after_traffic(stack) -> None:
     # Ray's metrics export (set port): Serve's and vLLM's own series.
     deadline = time.monotonic() + 60
     names: set[str] = set()
+    generated = 0.0
     while time.monotonic() < deadline:
-        names = {n for n, _ in _scrape(f"http://127.0.0.1:{stack.metrics_port}/metrics")}
-        if any(n.startswith("ray_serve_") for n in names) and "ray_vllm_time_to_first_token_seconds_count" in names:
+        ray_samples = _scrape(ray_metrics)
+        names = {n for n, _ in ray_samples}
+        # vLLM's per-step counters reach Ray through the replica's buffer (serve/engine_metrics.py).
+        generated = _total(ray_samples, "ray_vllm_generation_tokens_total") - generated_before
+        if (any(n.startswith("ray_serve_") for n in names) and "ray_vllm_time_to_first_token_seconds_count" in names
+                and generated >= tokens):
             break
         time.sleep(2)
+    assert generated >= tokens, (generated, tokens)
     assert any(n.startswith("ray_serve_") for n in names), sorted(names)[:40]
     assert "ray_vllm_time_to_first_token_seconds_count" in names, sorted(n for n in names if "vllm" in n)
     # vLLM's per-token histogram is left out of Ray's export (the agent replays each observation).

@@ -101,7 +101,7 @@ def test_autoscaling_env_and_logging_reach_serve() -> None:
 
 def test_engine_stat_logger_drops_only_per_token_histograms() -> None:
     """Ray's agent replays every histogram observation in Python; the per-token one is left out."""
-    from serve.vllm_engine import PER_TOKEN_HISTOGRAMS, without_per_token_histograms
+    from serve.engine_metrics import PER_TOKEN_HISTOGRAMS, without_per_token_histograms
 
     class Recorded:
         def __init__(self) -> None:
