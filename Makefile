@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-quiet bench-metrics-flush bench-spin bench-engine-first bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-quiet bench-metrics-flush bench-stream-interval bench-spin bench-engine-first bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ bench-quiet: $(VENV)/.installed-bench
 # server (about 18 min for 3 cycles).
 bench-metrics-flush: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/metrics_flush.yaml
+
+# stream_interval 4 (one SSE event per 4 tokens after the first) vs every token, in raygate and in vLLM's server
+# (about 19 min for 2 cycles).
+bench-stream-interval: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/stream_interval.yaml --set load.cycles=2
 
 # vLLM's engine processes sleeping on their queues (engine_spin_s: 0) vs vLLM's spin, vs vLLM's server (about 27 min).
 bench-spin: $(VENV)/.installed-bench

@@ -62,6 +62,8 @@ def engine_cli_args(
     if cfg.num_gpus == 0 and "dtype" not in cfg.engine_kwargs and not cpu_supports_bf16():
         # vLLM's `auto` takes the checkpoint's bf16, which this CPU only emulates.
         args += ["--dtype", "float32"]
+    if cfg.stream_interval > 1 and "stream_interval" not in cfg.engine_kwargs:
+        args += ["--stream-interval", str(cfg.stream_interval)]
     if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         args += ["--distributed-executor-backend", "ray"]
     if quantization and quantization.startswith("bnb"):

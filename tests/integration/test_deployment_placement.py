@@ -1,8 +1,8 @@
 """Models in deployments of their own (`placement: deployment`) on the real stack.
 
-vLLM on the tiny model as `raygate/tiny-chat@stable` and an autoscaled fake model as
-`slow@1`, each its own Serve deployment beside the gateway: the OpenAI API through the
-handle (official client, streams, errors, disconnects), the names operators see in
+vLLM on the tiny model as `raygate/tiny-chat@stable` (streaming 4 tokens per event) and an
+autoscaled fake model as `slow@1`, each its own Serve deployment beside the gateway: the OpenAI
+API through the handle (official client, streams, errors, disconnects), the names operators see in
 `serve status` and `raygate status`, and a model deployment scaling up under load and
 back down while the gateway stays at one replica.
 """
@@ -66,7 +66,9 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
     _, key = home_mod.ensure_dev_key(home)
     home_mod.ensure_admin_key(home)
     raw = default_app_config(home, "vllm")
-    raw["serve"]["models"][0].update({"placement": "deployment", "max_model_len": 2048, "num_cpus": 0.5})
+    # stream_interval 4: one event per 4 tokens after the first (test_the_openai_api_through_the_models_deployment).
+    raw["serve"]["models"][0].update({"placement": "deployment", "max_model_len": 2048, "num_cpus": 0.5,
+                                      "stream_interval": 4})
     raw["serve"]["models"].append({
         "model": "slow@1", "served_name": "slow", "engine": "fake", "placement": "deployment", "num_cpus": 0,
         "fake": {"ttft_ms": 50, "itl_ms": 50},
@@ -111,6 +113,11 @@ def test_the_openai_api_through_the_models_deployment(placed: _Placed) -> None:
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
     same = client.chat.completions.create(model="raygate/tiny-chat", messages=messages, max_tokens=24, temperature=0)
     assert same.choices[0].message.content == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # stream_interval 4: the first token goes at once, then events of 4 tokens (logprobs count them).
+    per_event = [len(c.choices[0].logprobs.content) for c in client.chat.completions.create(
+        model="raygate/tiny-chat", messages=messages, max_tokens=24, temperature=0, stream=True, logprobs=True)
+        if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content]
+    assert per_event[0] == 1 and max(per_event) == 4 and len(per_event) <= 8, per_event
     # The engine's own errors keep their status, param and code across the handle.
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="raygate/tiny-chat", prompt="x", max_tokens=5000)

@@ -53,6 +53,17 @@ def test_engine_args_pass_through() -> None:
     assert args[args.index("--dtype") + 1] == "bfloat16"
 
 
+def test_stream_interval_reaches_vllm() -> None:
+    assert "--stream-interval" not in engine_cli_args(ModelDeploymentConfig(model="m"), "/p", "m")
+    args = engine_cli_args(ModelDeploymentConfig(model="m", stream_interval=4), "/p", "m")
+    assert args[args.index("--stream-interval") + 1] == "4"
+    both = engine_cli_args(ModelDeploymentConfig(model="m", stream_interval=4, engine_kwargs={"stream_interval": 2}),
+                           "/p", "m")
+    assert both.count("--stream-interval") == 1 and both[both.index("--stream-interval") + 1] == "2"
+    with pytest.raises(ValidationError):
+        ModelDeploymentConfig(model="m", stream_interval=0)
+
+
 def test_cpu_dtype_follows_the_hardware(monkeypatch) -> None:
     import serve.vllm_engine as ve
 
