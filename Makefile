@@ -85,8 +85,8 @@ bench-quiet: $(VENV)/.installed-bench
 bench-metrics-flush: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/metrics_flush.yaml
 
-# stream_interval 4 (one SSE event per 4 tokens after the first) vs every token, in raygate and in vLLM's server
-# (about 19 min for 2 cycles).
+# stream_interval 2 and 4 (one SSE event per N tokens after the first) vs every token, in raygate (and 4 in vLLM's
+# server), vs vLLM's server streaming every token (about 24 min for 2 cycles).
 bench-stream-interval: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/stream_interval.yaml --set load.cycles=2
 

@@ -139,8 +139,10 @@ class ModelDeploymentConfig(BaseModel):
         "`stream_interval`). 1 streams every token, as vLLM's server does. More cuts the front end's work per token "
         "(one engine output, one chunk, one SSE write per event instead of per token): at 4 on a 2-core CPU host, "
         "1.13x / 1.18x the output tok/s of vLLM's server streaming every token at 16 / 64 streams with TTFT p50 "
-        "1.01x / 0.98x, where every token gave 0.83x / 0.92x and 1.47x / 1.31x (benchmarks/results/stream_interval); "
-        "clients get 4 tokens per event (about 30 ms of output at 16 streams, 75 ms at 64).",
+        "1.01x / 0.98x, where every token gave 0.83x / 0.92x and 1.47x / 1.31x; a second run held the tok/s "
+        "(1.15x / 1.02x at 4, 1.20x / 1.09x at 2) but not TTFT p50 at 64 streams (1.37x / 1.23x) "
+        "(benchmarks/results/stream_interval). Clients get N tokens per event (at 4 about 30 ms of output at 16 "
+        "streams, 75 ms at 64).",
     )
     variants: list[str] = Field(
         default_factory=lambda: ["full"],
