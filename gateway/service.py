@@ -144,7 +144,7 @@ async def generate(
     if work in done:
         return work.result()
     work.cancel()  # cancelling the engine call aborts the request in the engine
-    await asyncio.wait({work})  # ... before the 499 or 408 goes out, so its slot is free when the client hears
+    await asyncio.wait({work})  # ... before the 499 or 504 goes out, so its slot is free when the client hears
     if watch in done:
         raise ClientDisconnected()
     raise RequestTimeout(f"The request did not finish within {timeout_s:g} s.")
