@@ -37,6 +37,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["load.duration_s"] = args.duration
     if args.warmup is not None:
         out["load.warmup_s"] = args.warmup
+    if args.ramp is not None:
+        out["load.ramp_s"] = args.ramp
     if args.levels:
         out["load.levels"] = args.levels
     if args.slo is not None:
@@ -81,6 +83,7 @@ def cmd_url(args: argparse.Namespace) -> int:
         }],
         "load": {"mode": "closed" if args.concurrency else "open", "levels": args.concurrency or args.rate,
                  "duration_s": args.duration or 15.0, "warmup_s": args.warmup or 0.0,
+                 "ramp_s": args.ramp or 0.0,
                  "max_requests": args.max_requests},
         "slo": args.slo or "",
     })
@@ -122,6 +125,8 @@ def parser(prog: str = "raygate bench") -> argparse.ArgumentParser:
         sp.add_argument("--out", help="Results directory (default benchmarks/results/<scenario>).")
         sp.add_argument("--duration", type=float, help="Measured seconds per point.")
         sp.add_argument("--warmup", type=float, help="Unmeasured seconds before each point.")
+        sp.add_argument("--ramp", type=float,
+                        help="Closed loop: spread the streams' first requests over this many seconds.")
         sp.add_argument("--slo", help="Goodput SLO, e.g. ttft=0.5,tpot=0.05 (seconds).")
         sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="Progress bar (default: when stderr is a terminal).")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from benchmarks.client import new_session, send
-from benchmarks.stats import SLO, RequestRecord, summarize
+from benchmarks.stats import SLO, RequestRecord, in_window, summarize
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Point:
     max_requests: int = 1_000_000
     warmup_s: float = 0.0
     max_inflight: int = 2048  # open loop: arrivals beyond this many outstanding are counted as `client_backlog`
+    ramp_s: float = 0.0  # closed loop: the workers' first requests spread evenly over this many seconds
 
     @property
     def label(self) -> str:
@@ -73,40 +74,78 @@ async def run_point(
     url = base_url.rstrip("/") + path
     conns = int(point.level) * 2 if point.mode == "closed" else point.max_inflight
     records: list[RequestRecord] = []
+    warm: list[RequestRecord] = []
+    window: tuple[float, int] | None = None
     async with new_session(key, max(conns, 4), timeout_s) as session:
-        t0 = time.perf_counter()
-        if point.warmup_s > 0:
-            await _closed(session, url, bodies, max(1, int(point.level)) if point.mode == "closed" else 4,
-                          t0 + point.warmup_s, 10**9, [], t0)
-        if progress is not None:
-            progress.start(records)
-        t0 = time.perf_counter()
-        deadline = t0 + point.duration_s
-        try:
-            if point.mode == "closed":
-                await _closed(session, url, bodies, int(point.level), deadline, point.max_requests, records, t0)
-            else:
-                await _open(session, url, bodies, point, deadline, records, t0, random.Random(seed))
-        finally:
+        start = time.perf_counter()
+        t0 = start + point.warmup_s
+        if point.mode == "closed":
+            # One loop through warm-up and measurement: a stream keeps its phase (its place in the engine's
+            # batch) across the boundary. Latencies are those of the requests started in the window;
+            # throughput counts what arrived in it, from every request (see `stats.in_window`).
             if progress is not None:
-                progress.stop()
-        wall = time.perf_counter() - t0
-    out = summarize(records, wall, slo)
+                _start_at(progress, records, t0)
+            try:
+                await _closed(session, url, bodies, int(point.level), t0 + point.duration_s, point.max_requests,
+                              records, t0, start, point.ramp_s, warm)
+            finally:
+                if progress is not None:
+                    progress.stop()
+            wall = min(point.duration_s, time.perf_counter() - t0)  # shorter: max_requests reached early
+            window = in_window(records + warm, 0.0, wall)
+        else:
+            if point.warmup_s > 0:
+                await _closed(session, url, bodies, 4, t0, 10**9, [], t0, start)
+            if progress is not None:
+                progress.start(records)
+            t0 = time.perf_counter()
+            try:
+                await _open(session, url, bodies, point, t0 + point.duration_s, records, t0, random.Random(seed))
+            finally:
+                if progress is not None:
+                    progress.stop()
+            wall = time.perf_counter() - t0
+    out = summarize(records, wall, slo, window)
     out.update({"mode": point.mode, "level": point.level, "duration_s": point.duration_s})
     return out
 
 
+def _start_at(progress: Progress, records: list[RequestRecord], t0: float) -> None:
+    """Start `progress` at the clock's `t0` (after a warm-up still to come)."""
+
+    async def later() -> None:
+        await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+        progress.start(records)
+
+    asyncio.ensure_future(later())
+
+
 async def _closed(session: Any, url: str, bodies: Iterator[dict[str, Any]], workers: int, deadline: float,
-                  max_requests: int, records: list[RequestRecord], t0: float) -> None:
+                  max_requests: int, records: list[RequestRecord], t0: float, start: float | None = None,
+                  ramp_s: float = 0.0, warm: list[RequestRecord] | None = None) -> None:
+    """`workers` streams back to back from `start` (default now) until `deadline`.
+
+    Worker i sends its first request at start + i * ramp_s / workers. Requests started before `t0` are warm-up:
+    kept in `warm` (when given), not in `records`, and not counted against `max_requests`.
+    """
+    begin = time.perf_counter() if start is None else start
     sent = 0
 
-    async def worker() -> None:
+    async def worker(i: int) -> None:
         nonlocal sent
+        delay = begin + i * ramp_s / workers - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
         while time.perf_counter() < deadline and sent < max_requests:
-            sent += 1
-            records.append(await send(session, url, next(bodies), t0))
+            measured = time.perf_counter() >= t0
+            sent += measured
+            rec = await send(session, url, next(bodies), t0)
+            if measured:
+                records.append(rec)
+            elif warm is not None:
+                warm.append(rec)
 
-    await asyncio.gather(*(worker() for _ in range(workers)))
+    await asyncio.gather(*(worker(i) for i in range(workers)))
 
 
 async def _open(session: Any, url: str, bodies: Iterator[dict[str, Any]], point: Point, deadline: float,

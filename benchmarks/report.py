@@ -99,6 +99,13 @@ def markdown(run: dict[str, Any]) -> str:
         lines += [f"Every point was measured in {rounds} rounds, the targets interleaved within each round; a row is "
                   "the target's round with the median req/s; each ratio (req/s, tok/s, TTFT p50) is the median of "
                   "that figure's ratios round by round, which the last columns list for req/s and TTFT p50.", ""]
+    if sc["load"]["mode"] == "closed":
+        ramp = sc["load"].get("ramp_s") or 0
+        lines += [("The streams' first requests were spread over " f"{ramp:g} s" if ramp else
+                   "All streams sent their first request at once") + "; each ran straight on from its warm-up into "
+                  "the measured window. Throughput counts the tokens and completions that arrived in the window; "
+                  "latencies are those of the requests started in it. `start burst p50`: the median request's "
+                  "burst, the requests that started within 5 ms of each other (1: spread; the level: in step).", ""]
     for name, why in run.get("skipped", {}).items():
         lines.append(f"- **{name} skipped**: {why}")
     unit = "c" if sc["load"]["mode"] == "closed" else "req/s"
@@ -108,15 +115,16 @@ def markdown(run: dict[str, Any]) -> str:
             continue
         lines += ["", f"## {wl['name']} ({wl['endpoint']}, {'streaming' if wl['stream'] else 'non-streaming'})", "",
                   f"| {unit} | target | req/s | out tok/s | goodput req/s | TTFT p50/p99 ms | ITL p50 ms | "
-                  "TPOT p50 ms | E2E p50/p90/p99 ms | errors | target CPU% | other CPU% |" + (" req/CPU-s |" if together else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if together else "")]
+                  "TPOT p50 ms | E2E p50/p90/p99 ms | start burst p50 | errors | target CPU% | other CPU% |" + (" req/CPU-s |" if together else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if together else "")]
         for p in mine:
             errs = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "0"
             lines.append(
                 f"| {p['level']:g} | {p['target']} | {p['req_per_s']:.1f} | {p['output_tok_per_s']:.1f} | "
                 f"{p['goodput_req_per_s']:.1f} | {_ms(p['ttft_s']['p50'])}/{_ms(p['ttft_s']['p99'])} | "
                 f"{_ms(p['itl_s']['p50'])} | {_ms(p['tpot_s']['p50'])} | "
-                f"{_ms(p['e2e_s']['p50'])}/{_ms(p['e2e_s']['p90'])}/{_ms(p['e2e_s']['p99'])} | {errs} | "
+                f"{_ms(p['e2e_s']['p50'])}/{_ms(p['e2e_s']['p90'])}/{_ms(p['e2e_s']['p99'])} | "
+                f"{_num((p.get('start_burst') or {}).get('p50'))} | {errs} | "
                 f"{p.get('target_cpu_pct', '-')} | {p.get('other_cpu_pct', '-')} |"
                 + (f" {_num(p.get('req_per_cpu_s'))} |" if together else ""))
         base = sc.get("baseline")

@@ -158,7 +158,8 @@ class Runner:
 
     def points(self) -> list[Point]:
         ld = self.sc.load
-        return [Point(ld.mode, lvl, ld.duration_s, ld.max_requests, ld.warmup_s, ld.max_inflight) for lvl in ld.levels]
+        return [Point(ld.mode, lvl, ld.duration_s, ld.max_requests, ld.warmup_s, ld.max_inflight, ld.ramp_s)
+                for lvl in ld.levels]
 
     def warm(self, r: Running) -> None:
         """Load a fresh target at the highest level for `target_warmup_s`, unmeasured."""
@@ -166,7 +167,7 @@ class Runner:
         if ld.target_warmup_s <= 0 or r.skipped or not r.target.measure:
             return
         wl = self.sc.workloads[0]
-        point = Point(ld.mode, max(ld.levels), ld.target_warmup_s, ld.max_requests, 0.0, ld.max_inflight)
+        point = Point(ld.mode, max(ld.levels), ld.target_warmup_s, ld.max_requests, 0.0, ld.max_inflight, ld.ramp_s)
         res = asyncio.run(run_point(r.base_url, r.key, wl.bodies(r.target.model), wl.path(), point,
                                     timeout_s=ld.timeout_s))
         self.say(f"[{r.target.name}] warmed up: {res['completed']} requests in {ld.target_warmup_s:g} s")

@@ -50,7 +50,16 @@ class LoadConfig(BaseModel):
     mode: Literal["closed", "open"] = Field(default="closed", description="closed: concurrency sweep; open: Poisson rates.")
     levels: list[float] = Field(min_length=1, description="Concurrencies (closed) or request rates in req/s (open).")
     duration_s: float = Field(default=15.0, gt=0, description="Measured seconds per point.")
-    warmup_s: float = Field(default=2.0, ge=0, description="Unmeasured seconds before each point.")
+    warmup_s: float = Field(
+        default=2.0, ge=0, description="Unmeasured seconds before each point. A closed loop runs straight on from "
+        "its warm-up into the measured seconds (streams keep their phases).",
+    )
+    ramp_s: float = Field(
+        default=0.0, ge=0, description="Closed loop: the workers' first requests spread evenly over this many "
+        "seconds instead of all at once. Fixed-length streams started together stay in step (they finish in one "
+        "engine step and arrive again together); a ramp about one request long spreads them as independent "
+        "clients are. Keep it within `warmup_s` to measure only the spread state.",
+    )
     target_warmup_s: float = Field(
         default=0.0, ge=0, description="Unmeasured seconds at the highest level once a target is ready (compiles, "
         "caches and connection pools warm before the first point).",

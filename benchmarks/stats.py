@@ -91,8 +91,60 @@ def dist(xs: list[float]) -> dict[str, float | None]:
     }
 
 
-def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = None) -> dict[str, Any]:
-    """Aggregate statistics of one load point."""
+# Requests that start less than this apart belong to one burst (see `start_bursts`).
+BURST_GAP_S = 0.005
+
+
+def start_bursts(records: list[RequestRecord], gap_s: float = BURST_GAP_S) -> list[int]:
+    """For every request, the size of the burst it started in: requests whose starts follow each other within
+    `gap_s`. Closed-loop streams of a fixed length started together stay in step (they finish in the same engine
+    step and are sent again at once); streams spread over time give bursts of about 1."""
+    starts = sorted(r.start_s for r in records)
+    sizes: list[int] = []
+    run = 0
+    for i, s in enumerate(starts):
+        if i and s - starts[i - 1] > gap_s:
+            sizes += [run] * run
+            run = 0
+        run += 1
+    return sizes + [run] * run
+
+
+def in_window(records: list[RequestRecord], lo: float, hi: float) -> tuple[float, int]:
+    """Output tokens received and requests completed between `lo` and `hi` (the records' clock).
+
+    A streamed response's tokens are counted at the events that carried them (its usage count spread evenly
+    over its content events: exact when every event carries one token); a full response's at its end. Counting
+    by arrival makes a closed loop's throughput exact whatever the streams' phases: a window cut through
+    in-flight requests counts what arrived in it, not whole requests that started in it.
+    """
+    tokens, done = 0.0, 0
+    for r in records:
+        if not r.ok or r.e2e_s is None:
+            continue
+        end = r.start_s + r.e2e_s
+        done += lo <= end < hi
+        if r.ttft_s is None:
+            tokens += r.output_tokens if lo <= end < hi else 0
+            continue
+        t = r.start_s + r.ttft_s
+        times = [t]
+        for gap in r.itl_s:
+            t += gap
+            times.append(t)
+        per_event = r.output_tokens / len(times)
+        tokens += per_event * sum(1 for x in times if lo <= x < hi)
+    return tokens, done
+
+
+def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = None,
+              window: tuple[float, int] | None = None) -> dict[str, Any]:
+    """Aggregate statistics of one load point.
+
+    `window`: (output tokens, completed requests) received within the `wall_s` seconds measured (`in_window`);
+    then throughput counts those, and latencies still come from `records` (the requests started in the window).
+    Without it, throughput counts every completed request of `records` over `wall_s`.
+    """
     slo = slo or SLO()
     ok = [r for r in records if r.ok]
     errors: dict[str, int] = {}
@@ -101,7 +153,10 @@ def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = Non
             kind = r.error or "unknown"
             errors[kind] = errors.get(kind, 0) + 1
     good = sum(1 for r in ok if slo.met(r))
-    out_tokens = sum(r.output_tokens for r in ok)
+    out_tokens: float = sum(r.output_tokens for r in ok)
+    completed = len(ok)
+    if window is not None:
+        out_tokens, completed = window
     rate = (lambda n: n / wall_s) if wall_s > 0 else (lambda n: 0.0)
     return {
         "requests": len(records),
@@ -109,7 +164,7 @@ def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = Non
         "errors": errors,
         "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
         "wall_s": wall_s,
-        "req_per_s": rate(len(ok)),
+        "req_per_s": rate(completed),
         "output_tok_per_s": rate(out_tokens),
         "goodput_req_per_s": rate(good),
         "slo": str(slo),
@@ -118,6 +173,7 @@ def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = Non
         "itl_s": dist([x for r in ok for x in r.itl_s]),
         "tpot_s": dist([t for r in ok if (t := r.tpot_s) is not None]),
         "e2e_s": dist([r.e2e_s for r in ok if r.e2e_s is not None]),
+        "start_burst": dist([float(n) for n in start_bursts(records)]),
     }
 
 

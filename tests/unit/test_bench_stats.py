@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.report import check_goals, markdown
 from benchmarks.scenario import Goal, Placeholders, Scenario
-from benchmarks.stats import SLO, RequestRecord, median_round, percentile, summarize
+from benchmarks.stats import SLO, RequestRecord, in_window, median_round, percentile, start_bursts, summarize
 from benchmarks.workload import Length, Workload
 
 
@@ -39,6 +39,26 @@ def test_summarize_latencies_tokens_and_errors() -> None:
     assert s["e2e_s"]["p99"] == pytest.approx(1.1)
     # No SLO: every completed request is good.
     assert s["goodput_req_per_s"] == pytest.approx(2.0)
+
+
+def test_start_bursts_group_requests_started_within_the_gap() -> None:
+    starts = [0.0, 0.001, 0.004, 0.5, 0.503, 1.0]  # a burst of 3 (chained 1 + 3 ms apart), one of 2, one alone
+    recs = [RequestRecord(ok=True, start_s=s) for s in reversed(starts)]
+    assert sorted(start_bursts(recs)) == [1, 2, 2, 3, 3, 3]
+    assert start_bursts([]) == []
+    assert summarize(recs, wall_s=1.0)["start_burst"]["p50"] == 2.5
+
+
+def test_in_window_counts_tokens_and_completions_as_they_arrived() -> None:
+    # A stream from 0.5 s: first token at 1.0 s, then 3 more 0.5 s apart (1.5, 2.0, 2.5), 8 tokens over 4 events.
+    stream = RequestRecord(ok=True, start_s=0.5, ttft_s=0.5, e2e_s=2.0, output_tokens=8, itl_s=[0.5, 0.5, 0.5])
+    full = RequestRecord(ok=True, start_s=0.0, e2e_s=1.2, output_tokens=5)  # all 5 tokens at 1.2 s
+    failed = RequestRecord(ok=False, error="http_503", start_s=0.0)
+    assert in_window([stream, full, failed], 1.2, 2.2) == (pytest.approx(4 + 5), 1)  # 1.5 and 2.0; full ends 1.2
+    assert in_window([stream, full], 0.0, 1.2) == (pytest.approx(2), 0)  # only the first event; ends are in [lo, hi)
+    assert in_window([stream, full], 2.2, 3.0) == (pytest.approx(2), 1)  # the last event and the stream's end
+    s = summarize([stream], wall_s=2.0, window=(10.0, 3))
+    assert s["output_tok_per_s"] == 5.0 and s["req_per_s"] == 1.5 and s["completed"] == 1
 
 
 def test_goodput_counts_requests_within_every_bound() -> None:
