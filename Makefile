@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-quiet bench-metrics-flush bench-stream-interval bench-spin bench-engine-first bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-quiet bench-metrics-flush bench-stream-interval bench-spin bench-engine-first bench-controller-loop bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,6 +89,10 @@ bench-metrics-flush: $(VENV)/.installed-bench
 # server), vs vLLM's server streaming every token (about 24 min for 2 cycles).
 bench-stream-interval: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/stream_interval.yaml --set load.cycles=2
+
+# Serve's controller loop every 0.5 s vs Serve's 0.1 s (as shipped), alone, vs vLLM's server (about 20 min).
+bench-controller-loop: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/controller_loop.yaml
 
 # vLLM's engine processes sleeping on their queues (engine_spin_s: 0) vs vLLM's spin, vs vLLM's server (about 27 min).
 bench-spin: $(VENV)/.installed-bench
