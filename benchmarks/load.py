@@ -40,14 +40,15 @@ class Progress:
         self.records: list[RequestRecord] = []
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, records: list[RequestRecord]) -> None:
-        self.records, self.t0 = records, time.perf_counter()
+    def start(self, records: list[RequestRecord], at: float | None = None) -> None:
+        """Show `records` from now, timed from `at` (default now; later: a warm-up counts down first)."""
+        self.records, self.t0 = records, time.perf_counter() if at is None else at
         if self.enabled:
             self._task = asyncio.ensure_future(self._run())
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self.t0
-        done = min(1.0, elapsed / self.duration_s) if self.duration_s else 1.0
+        done = min(1.0, max(0.0, elapsed) / self.duration_s) if self.duration_s else 1.0
         bar = "#" * int(done * 24) + "-" * (24 - int(done * 24))
         bad = sum(1 for r in self.records if not r.ok)
         return (f"\r  {self.title:38s} [{bar}] {elapsed:5.1f}/{self.duration_s:g}s "
@@ -84,7 +85,7 @@ async def run_point(
             # batch) across the boundary. Latencies are those of the requests started in the window;
             # throughput counts what arrived in it, from every request (see `stats.in_window`).
             if progress is not None:
-                _start_at(progress, records, t0)
+                progress.start(records, at=t0)
             try:
                 await _closed(session, url, bodies, int(point.level), t0 + point.duration_s, point.max_requests,
                               records, t0, start, point.ramp_s, warm)
@@ -108,16 +109,6 @@ async def run_point(
     out = summarize(records, wall, slo, window)
     out.update({"mode": point.mode, "level": point.level, "duration_s": point.duration_s})
     return out
-
-
-def _start_at(progress: Progress, records: list[RequestRecord], t0: float) -> None:
-    """Start `progress` at the clock's `t0` (after a warm-up still to come)."""
-
-    async def later() -> None:
-        await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
-        progress.start(records)
-
-    asyncio.ensure_future(later())
 
 
 async def _closed(session: Any, url: str, bodies: Iterator[dict[str, Any]], workers: int, deadline: float,

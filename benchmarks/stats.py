@@ -122,10 +122,10 @@ def in_window(records: list[RequestRecord], lo: float, hi: float) -> tuple[float
     for r in records:
         if not r.ok or r.e2e_s is None:
             continue
-        end = r.start_s + r.e2e_s
-        done += lo <= end < hi
+        ended = lo <= r.start_s + r.e2e_s < hi
+        done += ended
         if r.ttft_s is None:
-            tokens += r.output_tokens if lo <= end < hi else 0
+            tokens += r.output_tokens * ended
             continue
         t = r.start_s + r.ttft_s
         times = [t]

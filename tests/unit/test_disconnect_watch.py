@@ -5,12 +5,17 @@ Streams are Serve's to watch until their first event (it cancels the request's t
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from gateway.app import create_app
+from gateway.backend import ModelBackend
 from gateway.errors import RequestTimeout
 from gateway.service import ClientDisconnected, generate
+from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine
 
@@ -69,13 +74,7 @@ async def test_an_outside_cancellation_stays_a_cancellation() -> None:
         await task
 
 
-async def test_the_timeout_reaches_the_client_as_an_openai_error(tmp_path) -> None:
-    import httpx
-
-    from gateway.app import create_app
-    from gateway.backend import ModelBackend
-    from gateway.settings import GatewaySettings
-
+async def test_the_timeout_reaches_the_client_as_an_openai_error(tmp_path: Path) -> None:
     key = "test-key-0123456789abcdef"
     engine = FakeEngine("m", FakeEngineConfig(ttft_ms=2000))
     app = create_app(GatewaySettings(api_keys=[key], home=tmp_path, request_timeout_s=0.05), ModelBackend({"m": engine}))
