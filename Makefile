@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-quiet bench-metrics-flush bench-stream-interval bench-spin bench-engine-first bench-controller-loop bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-quiet bench-metrics-flush bench-stream-interval bench-spin bench-engine-first bench-controller-loop bench-cpu-executor bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench-stream-interval: $(VENV)/.installed-bench
 # Serve's controller loop every 0.5 s vs Serve's 0.1 s (as shipped), alone, vs vLLM's server (about 20 min).
 bench-controller-loop: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/controller_loop.yaml
+
+# vLLM's CPU executor: a worker process (`mp`, vLLM's default and raygate's) vs the model in the engine-core process
+# (`cpu_executor: uni`), in raygate and in vLLM's own server (about 28 min for 3 cycles).
+bench-cpu-executor: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/cpu_executor.yaml
 
 # vLLM's engine processes sleeping on their queues (engine_spin_s: 0) vs vLLM's spin, vs vLLM's server (about 27 min).
 bench-spin: $(VENV)/.installed-bench

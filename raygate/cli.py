@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -43,6 +42,7 @@ def served_models(base_url: str, key: str) -> list[dict[str, Any]]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from gateway.config import AppConfig
+    from raygate.signals import StopRequest
     from raygate.stack import DAEMON_NICE, Stack, StartCancelled, StartFailed, token_hint
 
     home = home_mod.home_dir(args.home)
@@ -63,13 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         metrics_export_port=args.metrics_port, split_cores=args.core_split,
         daemon_nice=DAEMON_NICE if args.ray_daemon_nice is None else args.ray_daemon_nice,
     )
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = StopRequest()  # Ctrl-C or SIGTERM, any number of times
     wanted = ", ".join(m.model for m in cfg.serve.models)
     print(f"raygate: starting Ray and deploying {wanted} (engine start takes up to a minute)...", flush=True)
     rc = 0

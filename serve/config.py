@@ -107,6 +107,16 @@ class ModelDeploymentConfig(BaseModel):
     cpu_affinity: list[int] | None = Field(
         default=None, description="CPU cores for the engine's worker process; None keeps vLLM's default binding."
     )
+    cpu_executor: Literal["mp", "uni"] = Field(
+        default="mp",
+        description="CPU engines: where vLLM runs the model. `mp` (vLLM's CPU default): a worker process of its own, "
+        "OpenMP-bound to all cores but one, handing each step to the engine-core process over a shared-memory "
+        "queue the engine core spins on. `uni`: in the engine-core process itself (vLLM's UniProcExecutor), one "
+        "compute thread, no hop and no spin; on 2 cores 1.08x / 1.18x the output tok/s of `mp` at 16 / 64 streams "
+        "but TTFT p50 1.37x / 1.04x of vLLM's server (`mp`: 0.93x / 0.84x), benchmarks/results/cpu_executor. "
+        "vLLM's server given `uni` gains as much, so it is an engine setting: an opt-in for throughput on hosts "
+        "where the worker would get one core anyway (2 cores or fewer); with more, `mp` computes on more threads.",
+    )
     engine_nice: int = Field(
         default=0, ge=-19, le=19,
         description="CPU engines only: how many nice levels below its replica vLLM's engine-core and worker processes "
@@ -120,7 +130,8 @@ class ModelDeploymentConfig(BaseModel):
     )
     engine_spin_s: float | None = Field(
         default=None, ge=0,
-        description="Seconds vLLM's engine-core and worker processes keep spinning on their shared-memory queues "
+        description="`mp` CPU executor only: seconds vLLM's engine-core and worker processes keep spinning on their "
+        "shared-memory queues "
         "after each message before they sleep on its notification (serve/vllm_plugin.py). None: vLLM's own 1 s. "
         "0 frees the core the engine core spins on (CPU 134-140% instead of 186% of 2 cores here) at a cost in "
         "latency at low load: 0.98x / 1.04x the tok/s of spinning and TTFT p50 1.46x / 1.11x of vLLM's server "

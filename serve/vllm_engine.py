@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ERROR_PREFIX = 'data: {"error"'
+# vLLM's in-process executor (`cpu_executor: uni`), named by import path: vLLM's CPU platform turns the short
+# name "uni" back into "mp".
+UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
 T = TypeVar("T")
 
 
@@ -66,6 +69,8 @@ def engine_cli_args(
         args += ["--stream-interval", str(cfg.stream_interval)]
     if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         args += ["--distributed-executor-backend", "ray"]
+    elif engine_executor(cfg) == "uni":
+        args += ["--distributed-executor-backend", UNIPROC_EXECUTOR]
     if quantization and quantization.startswith("bnb"):
         args += ["--quantization", "bitsandbytes"]  # vLLM also reads it from config.json; explicit is clearer
     if cfg.lora is not None:
@@ -83,6 +88,13 @@ def engine_cli_args(
         else:
             args += [flag, str(value)]
     return args
+
+
+def engine_executor(cfg: ModelDeploymentConfig) -> str | None:
+    """The CPU executor a deployment's engine runs ("mp" or "uni"; None on GPUs or where engine_kwargs names one)."""
+    if cfg.num_gpus > 0 or "distributed_executor_backend" in cfg.engine_kwargs:
+        return None
+    return cfg.cpu_executor
 
 
 _CONTEXT_PARAMS = {"input_tokens", "max_tokens", "max_completion_tokens"}
@@ -182,8 +194,9 @@ class VLLMEngine(Engine):
         self._card = self._card.model_copy(
             update={"max_model_len": model_config.max_model_len, "dtype": str(model_config.dtype).removeprefix("torch.")}
         )
-        logger.info("vLLM engine ready: %s (%s) on cores %s, nice %+d from its replica, queues spin %s",
+        logger.info("vLLM engine ready: %s (%s) on cores %s, nice %+d from its replica, CPU executor %s, queues spin %s",
                     self.served_name, self.model_path, self.cfg.cpu_affinity or "all", self.engine_nice,
+                    engine_executor(self.cfg) or "-",
                     "vLLM's 1 s" if self.cfg.engine_spin_s is None else f"{self.cfg.engine_spin_s:g} s")
 
     async def check_health(self) -> None:

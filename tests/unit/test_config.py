@@ -81,6 +81,22 @@ def test_cpu_dtype_follows_the_hardware(monkeypatch) -> None:
     assert "--dtype" not in engine_cli_args(ModelDeploymentConfig(model="m"), "/p", "m")
 
 
+def test_cpu_executor_reaches_vllm() -> None:
+    from serve.vllm_engine import UNIPROC_EXECUTOR
+
+    def backend(cfg: ModelDeploymentConfig) -> str | None:
+        args = engine_cli_args(cfg, "/p", "m")
+        return args[args.index("--distributed-executor-backend") + 1] if "--distributed-executor-backend" in args else None
+
+    assert backend(ModelDeploymentConfig(model="m")) is None, "vLLM's own default (mp)"
+    assert backend(ModelDeploymentConfig(model="m", cpu_executor="uni")) == UNIPROC_EXECUTOR
+    assert backend(ModelDeploymentConfig(model="m", cpu_executor="uni", num_gpus=1)) is None, "CPU engines only"
+    own = ModelDeploymentConfig(model="m", cpu_executor="uni", engine_kwargs={"distributed_executor_backend": "mp"})
+    assert backend(own) == "mp" and engine_cli_args(own, "/p", "m").count("--distributed-executor-backend") == 1
+    with pytest.raises(ValidationError):
+        ModelDeploymentConfig(model="m", cpu_executor="auto")
+
+
 def test_unknown_fields_are_refused() -> None:
     with pytest.raises(ValidationError):
         ServeConfig.load({"models": [{"model": "m", "colour": "red"}]})
