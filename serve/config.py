@@ -112,10 +112,10 @@ class ModelDeploymentConfig(BaseModel):
         description="CPU engines: where vLLM runs the model. `mp` (vLLM's CPU default): a worker process of its own, "
         "OpenMP-bound to all cores but one, handing each step to the engine-core process over a shared-memory "
         "queue the engine core spins on. `uni`: in the engine-core process itself (vLLM's UniProcExecutor), one "
-        "compute thread, no hop and no spin; on 2 cores 1.08x / 1.18x the output tok/s of `mp` at 16 / 64 streams "
-        "but TTFT p50 1.37x / 1.04x of vLLM's server (`mp`: 0.93x / 0.84x), benchmarks/results/cpu_executor. "
-        "vLLM's server given `uni` gains as much, so it is an engine setting: an opt-in for throughput on hosts "
-        "where the worker would get one core anyway (2 cores or fewer); with more, `mp` computes on more threads.",
+        "compute thread, no hop and no spin. On 2 cores `uni` gave 1.10x / 1.19x the output tok/s of `mp` at "
+        "16 / 64 streams, but TTFT p50 1.47x / 1.23x of `mp`'s (vLLM's own server gained 1.24x / 1.33x tok/s and "
+        "a faster first token from it), benchmarks/results/cpu_executor: an opt-in for throughput where the worker "
+        "would get one core anyway (2 cores or fewer); with more, `mp` computes on more threads.",
     )
     engine_nice: int = Field(
         default=0, ge=-19, le=19,
