@@ -105,7 +105,9 @@ class ModelDeploymentConfig(BaseModel):
         default="priority", description="vLLM scheduling: `priority` lets key tiers order requests (lower first)."
     )
     cpu_affinity: list[int] | None = Field(
-        default=None, description="CPU cores for the engine's processes (the worker's under `mp`, the engine core's under `uni`); None keeps vLLM's default binding."
+        default=None,
+        description="CPU cores for the engine's processes (the worker's under `mp`, the engine core's under `uni`); "
+        "None keeps vLLM's default binding.",
     )
     cpu_executor: Literal["mp", "uni"] = Field(
         default="mp",
