@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-priorities bench-trim bench-quiet bench-metrics-flush bench-stream-interval bench-spin bench-engine-first bench-controller-loop bench-cpu-executor bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,53 +61,12 @@ bench-lifecycle: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate --home .bench/home train deploy/train/demo.yaml --report benchmarks/results/lifecycle/pipeline.json
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/quantized.yaml
 
-# Metrics + tracing on vs off: gateway req/s, tracing sampled 1%, 10% and 100% (about 8 min), then the
-# same gateways measured at the same time for their CPU cost per request (about 3 min).
-# Co-located engine vs the model in a deployment of its own vs vLLM's server (< 15 min).
+# A model in a Serve deployment of its own vs co-located in the gateway replica vs vLLM's server (< 15 min).
 bench-placement: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/placement.yaml
 
-# Ray's bookkeeping processes at nice 19 (the default) vs at 0 (where Ray starts them) vs vLLM's server (about 25 min).
-bench-priorities: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/priorities.yaml
-
-# Serve's controller loop 0.1 s and 4 HAProxy threads vs 0.5 s and threads = cores, vs vLLM's server (about 25 min).
-bench-trim: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/trim.yaml
-
-# Serve's per-request HAProxy metrics off and a 0.5 s controller loop vs raygate up as shipped, vs vLLM's server
-# (about 18 min for 3 cycles).
-bench-quiet: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/quiet.yaml
-
-# vLLM's engine gauges and counters buffered 1 s on the replica (as shipped) vs every value at once, vs vLLM's
-# server (about 18 min for 3 cycles).
-bench-metrics-flush: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/metrics_flush.yaml
-
-# stream_interval 2 and 4 (one SSE event per N tokens after the first) vs every token, in raygate (and 4 in vLLM's
-# server), vs vLLM's server streaming every token (about 24 min for 2 cycles).
-bench-stream-interval: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/stream_interval.yaml --set load.cycles=2
-
-# Serve's controller loop every 0.5 s vs Serve's 0.1 s (as shipped), alone, vs vLLM's server (about 20 min).
-bench-controller-loop: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/controller_loop.yaml
-
-# vLLM's CPU executor: a worker process (`mp`, vLLM's default and raygate's) vs the model in the engine-core process
-# (`cpu_executor: uni`), in raygate and in vLLM's own server (about 28 min for 3 cycles).
-bench-cpu-executor: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/cpu_executor.yaml
-
-# vLLM's engine processes sleeping on their queues (engine_spin_s: 0) vs vLLM's spin, vs vLLM's server (about 27 min).
-bench-spin: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/spin.yaml
-
-# vLLM's engine processes ahead of their gateway replica (engine_nice: -5), sleeping or spinning, vs raygate up as
-# shipped, vs vLLM's server (about 40 min).
-bench-engine-first: $(VENV)/.installed-bench
-	$(VENV)/bin/raygate bench run benchmarks/scenarios/engine_first.yaml
-
+# Metrics + tracing on vs off: gateway req/s, tracing sampled 1%, 10% and 100%, then the same gateways
+# measured at the same time for their CPU cost per request (about 11 min).
 bench-observability: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability.yaml
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/observability_capacity.yaml

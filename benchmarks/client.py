@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -65,7 +64,7 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], t
                 rec.error = "no_tokens"
             elif not rec.output_tokens:  # no usage chunk: count content events
                 rec.output_tokens = len(rec.itl_s) + 1
-    except asyncio.TimeoutError:
+    except TimeoutError:
         rec.error = "timeout"
     except aiohttp.ClientError as exc:
         rec.error = type(exc).__name__

@@ -21,6 +21,7 @@ from gateway.settings import GatewaySettings
 from models.refs import ModelRef
 from serve.config import AutoscalingConfig, ModelDeploymentConfig
 from serve.factory import checkpoint_dir, served_id
+from serve.vllm_args import check_engine_args
 
 
 def deployment_options(cfg: AppConfig) -> dict[str, Any]:
@@ -85,8 +86,7 @@ def _scaling(autoscaling: AutoscalingConfig | None, num_replicas: int) -> dict[s
 def _resources(num_cpus: float, models: list[ModelDeploymentConfig], env: dict[str, Any]) -> dict[str, Any]:
     """Actor resources of a replica hosting `models`' engines; GPU workers of parallel ones in its placement group."""
     actor = {"num_cpus": num_cpus, "num_gpus": sum(m.num_gpus for m in models), "runtime_env": env}
-    workers = sum(m.tensor_parallel_size * m.pipeline_parallel_size for m in models
-                  if m.tensor_parallel_size * m.pipeline_parallel_size > 1)
+    workers = sum(m.gpus_per_engine for m in models if m.gpus_per_engine > 1)
     if not workers:
         return {"ray_actor_options": actor}
     # vLLM's Ray executor places its workers in the replica's placement group.
@@ -124,6 +124,8 @@ def build_app(args: dict[str, Any] | AppConfig | str | Path) -> Application:
         args = args["config"]
     cfg = AppConfig.load(args)
     check_shared_state(cfg)
+    for model in cfg.serve.models:
+        check_engine_args(model)  # a misspelt vLLM argument fails here, naming it, not in a replica
     app = serve.deployment(GatewayIngress).options(**deployment_options(cfg)).bind(
         cfg.model_dump(mode="json"), model_apps(cfg))
     return with_conversation_router(app, cfg)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -75,7 +75,7 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation metrics (loss, perplexity...).")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form metadata (source path, notes).")
     created: datetime = Field(
-        default_factory=lambda: datetime.now(timezone.utc), description="When the version was published (UTC)."
+        default_factory=lambda: datetime.now(UTC), description="When the version was published (UTC)."
     )
 
     @field_validator("name")

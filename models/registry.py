@@ -24,7 +24,7 @@ import posixpath
 import secrets
 import time
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,7 @@ class Registry:
         if not files:
             raise RegistryError(f"{src} holds no files")
         model_dir = self._model_dir(name)
+        self.gc_staging(name)  # what a publish killed mid-copy (kill -9, a lost node) left behind
         staging = posixpath.join(model_dir, ".staging", f"{int(time.time())}-{secrets.token_hex(6)}")
         self.fs.makedirs(staging, exist_ok=True)
         try:
@@ -282,7 +283,7 @@ class Registry:
         for _ in range(100):
             existing = self.versions(draft.name)
             version = (existing[-1] + 1) if existing else 1
-            manifest = draft.model_copy(update={"version": version, "created": datetime.now(timezone.utc)})
+            manifest = draft.model_copy(update={"version": version, "created": datetime.now(UTC)})
             target = posixpath.join(versions_dir, str(version))
             if self.is_local:
                 with open(posixpath.join(staging, MANIFEST_FILE), "w") as f:
@@ -373,7 +374,7 @@ class Registry:
     def _record(self, name: str, entry: dict[str, Any]) -> None:
         path = posixpath.join(self._model_dir(name), "history.json")
         entries = self.history(name)
-        entries.append({**entry, "at": datetime.now(timezone.utc).isoformat()})
+        entries.append({**entry, "at": datetime.now(UTC).isoformat()})
         self._write_json_atomic(path, entries)
 
     def _read_json(self, path: str, default: Any) -> Any:
@@ -383,11 +384,12 @@ class Registry:
         except FileNotFoundError:
             return default
 
-    def gc_staging(self, max_age_s: float = STAGING_MAX_AGE_S) -> int:
-        """Remove staging directories left by interrupted publishes; returns how many."""
+    def gc_staging(self, name: str, max_age_s: float = STAGING_MAX_AGE_S) -> int:
+        """Remove `name`'s staging directories older than `max_age_s` (left by interrupted publishes; a younger
+        one may be a publish still running elsewhere); returns how many."""
         removed = 0
         now = time.time()
-        for d in self.fs.glob(posixpath.join(self.root, "**", ".staging", "*")):
+        for d in self.fs.glob(posixpath.join(self._model_dir(name), ".staging", "*")):
             stamp = posixpath.basename(d).split("-")[0]
             if stamp.isdigit() and now - int(stamp) > max_age_s:
                 self._remove(d)

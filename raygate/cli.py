@@ -28,7 +28,8 @@ def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
         },
         "serve": {
             "registry": str(home / "registry"),
-            "models": [{"model": "raygate/tiny-chat@stable", "engine": engine, "max_model_len": 2048}],
+            "models": [{"model": "raygate/tiny-chat@stable", "engine": engine,
+                        "engine_kwargs": {"max_model_len": 2048}}],
         },
     }
 
@@ -43,11 +44,11 @@ def served_models(base_url: str, key: str) -> list[dict[str, Any]]:
 def cmd_up(args: argparse.Namespace) -> int:
     from gateway.config import AppConfig
     from raygate.signals import StopRequest
-    from raygate.stack import DAEMON_NICE, Stack, StartCancelled, StartFailed, token_hint
+    from raygate.stack import Stack, StartCancelled, StartFailed, token_hint
 
     home = home_mod.home_dir(args.home)
     reg = home_mod.registry(home)
-    manifest = home_mod.ensure_default_model(reg)
+    home_mod.ensure_default_model(reg)
     key_path, key = home_mod.ensure_dev_key(home)
     admin_path, _ = home_mod.ensure_admin_key(home)
     if args.config:
@@ -60,8 +61,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg = AppConfig.load(default_app_config(home, args.engine))
     stack = Stack(
         cfg, host=args.host, port=args.port, dashboard_port=args.dashboard_port,
-        metrics_export_port=args.metrics_port, split_cores=args.core_split,
-        daemon_nice=DAEMON_NICE if args.ray_daemon_nice is None else args.ray_daemon_nice,
+        metrics_export_port=args.metrics_port,
     )
     stop = StopRequest()  # Ctrl-C or SIGTERM, any number of times
     wanted = ", ".join(m.model for m in cfg.serve.models)
@@ -208,10 +208,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from gateway import logs
     from gateway.app import create_app
     from gateway.backend import build_backend
     from gateway.config import AppConfig
-    from gateway import logs
     from gateway.deployment import registry_for
     from gateway.settings import GatewaySettings
 
@@ -257,16 +257,6 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--dashboard-port", type=int, default=8265)
     up.add_argument("--metrics-port", type=int, default=8080,
                     help="Ray's Prometheus export port (ray_serve_*, vLLM engine metrics); the gateway's own are on /metrics")
-    up.add_argument(
-        "--core-split", action="store_true",
-        help="give CPU vLLM workers cores of their own, Ray the rest: more tok/s, slower first token "
-        "(benchmarks/results/core_split)",
-    )
-    up.add_argument(
-        "--ray-daemon-nice", type=int, default=None, choices=range(20), metavar="0-19",
-        help="nice level of Ray's bookkeeping processes (GCS, dashboard, agents, monitors, Serve's controller; "
-        "Ray starts them at 0); default 19, below the workers' 15 (benchmarks/results/priorities)",
-    )
     up.set_defaults(func=cmd_up)
 
     st = sub.add_parser("status", help="Deployments, replicas and the dashboard of the running stack.")

@@ -74,10 +74,7 @@ class Stack:
     env: dict[str, str] = field(
         default_factory=lambda: {**SERVE_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}
     )
-    split_cores: bool = False
-    daemon_nice: int = DAEMON_NICE  # Ray's bookkeeping processes; 0 leaves them where Ray starts them
     started: bool = False
-    _saved_cores: set[int] | None = None
 
     @property
     def base_url(self) -> str:
@@ -97,13 +94,6 @@ class Stack:
 
         from gateway.builder import build_app
 
-        if self.split_cores:
-            ray_cores = apply_core_split(self.config)
-            if ray_cores:
-                # Every Ray process (raylet, GCS, controller, HAProxy, replicas) inherits this mask.
-                self._saved_cores = os.sched_getaffinity(0)
-                os.sched_setaffinity(0, ray_cores)
-                logger.info("Ray on cores %s; vLLM CPU workers on the rest", ray_cores)
         # ray.init installs its own SIGTERM handler (it aborts the process); keep the caller's.
         saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         ray.init(
@@ -116,7 +106,7 @@ class Stack:
             configure_logging=True,
         )
         self.started = True
-        lower_priority(ray_daemons(), self.daemon_nice)
+        lower_priority(ray_daemons(), DAEMON_NICE)
         if threading.current_thread() is threading.main_thread():
             for sig, handler in saved.items():
                 if handler is not None:
@@ -127,7 +117,7 @@ class Stack:
             http_options={"host": self.host, "port": self.port},
             logging_config=self.config.gateway.serve_logging(),
         )
-        lower_priority(ray_daemons(), self.daemon_nice)  # now with Serve's controller
+        lower_priority(ray_daemons(), DAEMON_NICE)  # now with Serve's controller
         # Deploy without waiting here (serve.run waits for the app to run, deaf to Ctrl-C while the engine
         # starts); the ready wait below asks `cancelled` and Serve's status as it goes.
         serve.run_many(
@@ -181,8 +171,6 @@ class Stack:
         finally:
             ray.shutdown()
             self.started = False
-            if self._saved_cores:
-                os.sched_setaffinity(0, self._saved_cores)
             reap(engines)
 
 
@@ -194,8 +182,7 @@ _DAEMON_MARKERS = (
 
 def haproxy_threads() -> int:
     """HAProxy's threads: Serve's 4, but no more than this host's cores, where more threads only take
-    turns with the engine (measured together with a slower controller loop: benchmarks/results/trim;
-    1 thread on 2 cores was worse than 4)."""
+    turns with the engine (1 thread on 2 cores was worse than 4; commit 95be96c)."""
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
@@ -269,24 +256,6 @@ def reap(procs: list[psutil.Process], grace_s: float = 10.0) -> list[int]:
         logger.warning("killed %d vLLM engine processes left behind by the stop: %s", len(alive),
                        [p.pid for p in alive])
     return [p.pid for p in alive]
-
-
-def apply_core_split(config: AppConfig) -> list[int] | None:
-    """Give CPU vLLM engines cores of their own; return the cores left for Ray, or None.
-
-    Only where every engine is vLLM on the CPU and none names its cores already.
-    """
-    from serve.hardware import available_cores, split_cores
-
-    models = config.serve.models
-    if not models or any(m.engine != "vllm" or m.num_gpus > 0 or m.cpu_affinity for m in models):
-        return None
-    ray_cores, engine_cores = split_cores(available_cores())
-    if ray_cores == engine_cores:
-        return None
-    for m in models:
-        m.cpu_affinity = engine_cores
-    return ray_cores
 
 
 def token_hint() -> str:

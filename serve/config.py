@@ -8,6 +8,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# raygate's vLLM arguments where engine_kwargs names none, on every engine. A fixed batch size keeps the gateway's
+# admission (max_num_seqs + max_queued_requests) in step with the engine; `priority` lets key tiers order
+# requests; `vllm` takes sampling defaults from the request, not the checkpoint's generation_config.json.
+VLLM_DEFAULTS: dict[str, Any] = {"max_num_seqs": 256, "scheduling_policy": "priority", "generation_config": "vllm"}
+# ... and on CPU engines: a KV cache of 1 GiB (vLLM's CPU default takes a share of the host's memory, which several
+# engines on one host would each claim).
+CPU_VLLM_DEFAULTS: dict[str, Any] = {"kv_cache_memory_bytes": 1 << 30}
+# Arguments raygate derives from the model it serves.
+RESERVED_VLLM_ARGS = frozenset({"model", "served_model_name"})
+
 
 class AutoscalingConfig(BaseModel):
     """Serve autoscaling of a deployment's replicas (the gateway's, or a model's own)."""
@@ -45,7 +55,7 @@ class FakeEngineConfig(BaseModel):
         default=None, ge=0, description="If set, failing requests fail after this many streamed tokens."
     )
     max_running: int = Field(default=10_000, ge=1, description="Concurrent requests before it answers overloaded.")
-    start_s: float = Field(default=0.0, ge=0, description="How long the engine takes to start (a real one: 20-60 s).")
+    start_s: float = Field(default=0.0, ge=0, description="How long the engine takes to start, to test readiness and roll-outs against a slow start.")
     start_error: str | None = Field(default=None, description="If set, the engine's start fails with this message.")
 
 
@@ -64,16 +74,6 @@ class UpstreamConfig(BaseModel):
     read_timeout_s: float = Field(default=600.0, gt=0, description="Longest silence from the upstream mid-response.")
 
 
-class LoraConfig(BaseModel):
-    """vLLM's LoRA support: adapters published for the served version load at run time as their own model ids."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_loras: int = Field(default=4, ge=1, description="Adapters vLLM keeps loaded at once (per batch).")
-    max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank accepted (8, 16, 32, 64...).")
-    max_cpu_loras: int | None = Field(default=None, ge=1, description="Adapters cached in host memory; None: max_loras.")
-
-
 class ModelDeploymentConfig(BaseModel):
     """One model: its engine runs inside each gateway replica (co-located, no handle hop) or in a deployment of its own."""
 
@@ -88,74 +88,27 @@ class ModelDeploymentConfig(BaseModel):
     )
     upstream: UpstreamConfig | None = Field(default=None, description="Where engine `openai` forwards (`model` is the upstream's name).")
     engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra vLLM engine arguments (as on vLLM's command line, snake_case)."
+        default_factory=dict,
+        description="vLLM engine arguments, named as on `vllm serve`'s command line in snake_case "
+        "(`max_model_len`, `tensor_parallel_size`, `gpu_memory_utilization`, ...): the one place vLLM is configured. "
+        "Checked against vLLM's own argument parser when the application is built, so a misspelt name fails at start. "
+        "raygate's defaults (`VLLM_DEFAULTS`, and `CPU_VLLM_DEFAULTS` on CPU engines) apply where a name is absent.",
     )
     fake: FakeEngineConfig = Field(default_factory=FakeEngineConfig, description="Fake engine knobs.")
-    max_model_len: int | None = Field(default=None, ge=16, description="Context length; None takes the model's.")
-    kv_cache_gib: int = Field(default=1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica splitting each layer.")
-    pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages per replica.")
-    num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves for this engine (added to the gateway replica's).")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs for this engine (0 on CPU machines).")
+    num_cpus: float = Field(
+        default=0.5, ge=0,
+        description="CPUs Ray reserves for this engine (added to the gateway replica's); raise it on larger hosts "
+        "so Ray does not schedule other work onto the engine's cores.",
+    )
+    num_gpus: float = Field(
+        default=0.0, ge=0,
+        description="GPUs for this engine; 0 runs vLLM's CPU build. With tensor or pipeline parallelism, the GPUs of "
+        "one engine come from a placement group and this is the share of the first one.",
+    )
     max_queued_requests: int = Field(
-        default=1024, ge=-1, description="Requests admitted beyond max_num_seqs before the engine answers 503; -1: no cap."
-    )
-    max_num_seqs: int = Field(default=256, ge=1, description="Sequences vLLM batches at once.")
-    scheduling_policy: Literal["fcfs", "priority"] = Field(
-        default="priority", description="vLLM scheduling: `priority` lets key tiers order requests (lower first)."
-    )
-    cpu_affinity: list[int] | None = Field(
-        default=None,
-        description="CPU cores for the engine's processes (the worker's under `mp`, the engine core's under `uni`); "
-        "None keeps vLLM's default binding.",
-    )
-    cpu_executor: Literal["mp", "uni"] = Field(
-        default="mp",
-        description="CPU engines: where vLLM runs the model. `mp` (vLLM's CPU default): a worker process of its own, "
-        "OpenMP-bound to all cores but one, handing each step to the engine-core process over a shared-memory "
-        "queue the engine core spins on. `uni`: in the engine-core process itself (vLLM's UniProcExecutor), one "
-        "compute thread, no hop and no spin. On 2 cores `uni` gave 1.10x / 1.19x the output tok/s of `mp` at "
-        "16 / 64 streams, but TTFT p50 1.47x / 1.23x of `mp`'s (vLLM's own server gained 1.24x / 1.33x tok/s and "
-        "a faster first token from it), benchmarks/results/cpu_executor: an opt-in for throughput where the worker "
-        "would get one core anyway (2 cores or fewer); with more, `mp` computes on more threads.",
-    )
-    engine_nice: int = Field(
-        default=0, ge=-19, le=19,
-        description="CPU engines only: how many nice levels below its replica vLLM's engine-core and worker processes "
-        "run. Above 0 the replica's event loop (requests in, tokens out) and HAProxy run as soon as they wake "
-        "instead of queueing behind the engine: a faster first token under load, fewer tokens per second "
-        "(4 gave TTFT p50 1.10x / 1.08x of vLLM's server but 0.83x / 0.73x its tok/s at 16 / 64 streams, "
-        "benchmarks/results/vllm). Below 0 the engine runs ahead of its replica (this needs CAP_SYS_NICE; without "
-        "it the engine keeps the replica's level, with a warning): -5 with `engine_spin_s: 0` gave 0.99x / 0.97x "
-        "the tok/s of vLLM's server but TTFT p50 1.22x / 1.21x (benchmarks/results/engine_first). 0: the "
-        "replica's level.",
-    )
-    engine_spin_s: float | None = Field(
-        default=None, ge=0,
-        description="`mp` CPU executor only: seconds vLLM's engine-core and worker processes keep spinning on their "
-        "shared-memory queues "
-        "after each message before they sleep on its notification (serve/vllm_plugin.py). None: vLLM's own 1 s. "
-        "0 frees the core the engine core spins on (CPU 134-140% instead of 186% of 2 cores here) at a cost in "
-        "latency at low load: 0.98x / 1.04x the tok/s of spinning and TTFT p50 1.46x / 1.11x of vLLM's server "
-        "instead of 1.12x / 1.06x at 16 / 64 streams (benchmarks/results/spin).",
-    )
-    engine_metrics_flush_s: float = Field(
-        default=1.0, ge=0,
-        description="vLLM engines inside Ray: the longest a gauge or counter of vLLM's engine metrics (recorded every "
-        "engine step) waits before it reaches Ray's metrics export, which sends every few seconds anyway "
-        "(serve/engine_metrics.py). Gauges keep their last value, counters their sum; histograms go at once. "
-        "0: every value at once, as vLLM does (about fifteen Ray metric calls per step on the replica's event loop).",
-    )
-    stream_interval: int = Field(
-        default=1, ge=1,
-        description="vLLM engines: tokens per streamed event after the first, which goes at once (vLLM's "
-        "`stream_interval`). 1 streams every token, as vLLM's server does. More cuts the front end's work per token "
-        "(one engine output, one chunk, one SSE write per event instead of per token): at 4 on a 2-core CPU host, "
-        "1.13x / 1.18x the output tok/s of vLLM's server streaming every token at 16 / 64 streams with TTFT p50 "
-        "1.01x / 0.98x, where every token gave 0.83x / 0.92x and 1.47x / 1.31x; a second run held the tok/s "
-        "(1.15x / 1.02x at 4, 1.20x / 1.09x at 2) but not TTFT p50 at 64 streams (1.37x / 1.23x) "
-        "(benchmarks/results/stream_interval). Clients get N tokens per event (at 4 about 30 ms of output at 16 "
-        "streams, 75 ms at 64).",
+        default=1024, ge=-1,
+        description="Requests the gateway lets wait for a vLLM engine beyond `max_num_seqs` before it answers 503 "
+        "with Retry-After; lower it to shed load sooner, -1 never refuses.",
     )
     variants: list[str] = Field(
         default_factory=lambda: ["full"],
@@ -171,8 +124,11 @@ class ModelDeploymentConfig(BaseModel):
     drain_timeout_s: float = Field(
         default=300.0, ge=0, description="Longest an old version keeps serving its in-flight requests after a switch."
     )
-    lora: LoraConfig | None = Field(
-        default=None, description="Enable LoRA adapters (vLLM only): published adapters of the served version load live."
+    lora: bool = Field(
+        default=False,
+        description="Serve the LoRA adapters published for the served version as their own model ids, loaded into "
+        "the running engine as they appear (vLLM engines, placement `gateway`). Turns on vLLM's `enable_lora`; "
+        "size the adapter slots with `max_loras` and `max_lora_rank` in engine_kwargs.",
     )
     placement: Literal["gateway", "deployment"] = Field(
         default="gateway",
@@ -187,22 +143,21 @@ class ModelDeploymentConfig(BaseModel):
     max_ongoing_requests: int = Field(
         default=1024, ge=1, description="Requests in flight per replica of a `deployment` placement (Serve's limit)."
     )
-    stream_coalesce_ms: float = Field(
-        default=25.0, ge=0,
-        description="A `deployment` placement sends a stream's first event at once, then what the engine made within "
-        "this window as one Ray message (one message per token costs throughput; 0: one per event).",
-    )
 
     @model_validator(mode="after")
-    def _parallel(self) -> ModelDeploymentConfig:
-        gpus_needed = self.tensor_parallel_size * self.pipeline_parallel_size
-        if gpus_needed > 1 and self.num_gpus == 0:
+    def _consistent(self) -> ModelDeploymentConfig:
+        for name in self.engine_kwargs:
+            if name in RESERVED_VLLM_ARGS:
+                raise ValueError(f"engine_kwargs.{name}: raygate sets it (use `model` and `served_name`)")
+            if not name.isidentifier():
+                raise ValueError(f"engine_kwargs.{name}: vLLM's argument names in snake_case, as `max_model_len`")
+        if self.gpus_per_engine > 1 and self.num_gpus == 0:
             raise ValueError("tensor/pipeline parallelism needs num_gpus > 0 (GPU workers in a placement group)")
         if (self.engine == "openai") != (self.upstream is not None):
             raise ValueError("engine `openai` needs `upstream` (and only it takes one)")
         if not self.variants:
             raise ValueError("variants needs at least one name")
-        if self.placement == "deployment" and self.lora is not None:
+        if self.placement == "deployment" and self.lora:
             raise ValueError("LoRA adapters are served with placement `gateway` only")
         if self.placement == "gateway" and (self.autoscaling is not None or self.num_replicas != 1):
             raise ValueError("num_replicas and autoscaling of a model need placement `deployment` "
@@ -212,6 +167,17 @@ class ModelDeploymentConfig(BaseModel):
     @property
     def hardware(self) -> Literal["cpu", "gpu"]:
         return "gpu" if self.num_gpus > 0 else "cpu"
+
+    def vllm_args(self) -> dict[str, Any]:
+        """vLLM's arguments for this engine: raygate's defaults, with engine_kwargs over them."""
+        defaults = VLLM_DEFAULTS if self.hardware == "gpu" else {**VLLM_DEFAULTS, **CPU_VLLM_DEFAULTS}
+        return {**defaults, **({"enable_lora": True} if self.lora else {}), **self.engine_kwargs}
+
+    @property
+    def gpus_per_engine(self) -> int:
+        """GPUs one engine spans (tensor x pipeline parallel)."""
+        args = self.vllm_args()
+        return int(args.get("tensor_parallel_size") or 1) * int(args.get("pipeline_parallel_size") or 1)
 
 
 class ServeConfig(BaseModel):

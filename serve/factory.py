@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from models.manifest import Manifest, Variant
+from models.manifest import Manifest
 from models.refs import ModelRef
 from models.registry import Registry
+from serve.artifact import Artifact
 from serve.config import ModelDeploymentConfig
 from serve.engine import Engine
 from serve.variants import choose_variant
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """The files a deployment serves and how clients see them."""
-
-    path: str
-    served_name: str
-    root: str
-    created: int
-    variant: Variant | None = None
 
 
 def checkpoint_dir(cfg: ModelDeploymentConfig) -> Path | None:
@@ -63,7 +52,7 @@ def resolve_artifact(
     if registry is None:
         raise ValueError(f"{cfg.model!r} is not a directory and no registry is configured")
     manifest = manifest or registry.resolve(cfg.model)
-    variant = choose_variant(manifest, cfg.variants, cfg.hardware, lora=cfg.lora is not None)
+    variant = choose_variant(manifest, cfg.variants, cfg.hardware, lora=cfg.lora)
     path = registry.local_path(manifest)
     if variant.path:
         path = path / variant.path

@@ -176,7 +176,7 @@ class FakeEngine(Engine):
                     yield _sse({**meta, "object": obj, "choices": [
                         {"index": i, **part, "logprobs": None, "finish_reason": None}
                     ]})
-        for i, (toks, finish) in enumerate(choices):
+        for i, (_, finish) in enumerate(choices):
             part = {"delta": {}} if chat else {"text": ""}
             yield _sse({**meta, "object": obj, "choices": [
                 {"index": i, **part, "logprobs": None, "finish_reason": finish}

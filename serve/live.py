@@ -128,9 +128,9 @@ class LiveModel:
                 engine = self.make_engine(self.cfg, self.registry, None)
                 await engine.start()
                 self.engines, self.weights = {STATIC: engine}, {STATIC: 100.0}
-                if self.cfg.lora is not None:
+                if self.cfg.lora:
                     await self._sync_adapters()
-        if self.cfg is not None and (self.following or self.cfg.lora is not None):
+        if self.cfg is not None and (self.following or self.cfg.lora):
             self._task = asyncio.create_task(self._poll(self.cfg.registry_poll_s))
 
     async def _poll(self, every_s: float) -> None:
@@ -153,7 +153,7 @@ class LiveModel:
             moved = False
             if self._ref is not None:
                 moved = await self._sync_versions(initial)
-            if self.cfg is not None and self.cfg.lora is not None:
+            if self.cfg is not None and self.cfg.lora:
                 await self._sync_adapters()
             return moved
 

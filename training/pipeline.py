@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, base_path: str, examples: list[Any], pad: int, home:
 
     from training.loop import train_loop_per_worker
 
-    name = cfg.run_name or f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = cfg.run_name or f"train-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"), "base_path": base_path, "examples": examples,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.governance.conftest import free_port
+from tests.support import free_port
 
 ADMIN = "rg-admin-test-0123456789abcdefghij"
 SECRET = "test-secret-0123456789abcdef"
@@ -254,15 +254,15 @@ async def test_metrics_add_up_across_two_processes(gateways: Gateways) -> None:
     _align_to_window()
     rs = await _burst(gateways, key, 8)
     assert _codes(rs) == {200: 6, 429: 2}
-    auth = {"authorization": f"Bearer {key}"}
     other_id, other = gateways.new_key()
-    with httpx.Client(timeout=30) as c:
-        for i in range(3):  # streams on the second process, through a route whose first target is down
-            r = c.post(gateways.urls[1] + "/v1/chat/completions", headers={"authorization": f"Bearer {other}"},
+    async with httpx.AsyncClient(timeout=30) as c:
+        for _ in range(3):  # streams on the second process, through a route whose first target is down
+            r = await c.post(gateways.urls[1] + "/v1/chat/completions", headers={"authorization": f"Bearer {other}"},
                        json={"model": "safe", "messages": MSG, "max_tokens": 5, "stream": True})
             assert r.status_code == 200 and "data: [DONE]" in r.text
-        assert c.post(gateways.urls[0] + "/v1/chat/completions", headers={"authorization": "Bearer rg-wrong-key"},
-                      json={"model": "fake-a", "messages": MSG}).status_code == 401
+        wrong = await c.post(gateways.urls[0] + "/v1/chat/completions", headers={"authorization": "Bearer rg-wrong-key"},
+                             json={"model": "fake-a", "messages": MSG})
+        assert wrong.status_code == 401
     def check(m: dict) -> None:
         assert _total(m, "raygate_requests_total", tier="premium", status="200", model="fake-a") == 6
         assert _total(m, "raygate_requests_total", tier="premium", status="429") == 2
@@ -290,4 +290,4 @@ async def test_metrics_add_up_across_two_processes(gateways: Gateways) -> None:
             except AssertionError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.2)
+                await asyncio.sleep(0.2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +9,9 @@ from typing import Any
 
 import pytest
 
-PORT = int(os.environ.get("RAYGATE_TEST_PORT", "18000"))
-REDIS_URL = "redis://127.0.0.1:6379/14"  # this stack's own Redis DB number
-DASHBOARD_PORT = int(os.environ.get("RAYGATE_TEST_DASHBOARD_PORT", "18265"))
-METRICS_PORT = int(os.environ.get("RAYGATE_TEST_METRICS_PORT", "18080"))
+from tests.support import PrivateRedis, free_ports
+
+PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
 
 
 @dataclass
@@ -49,7 +47,7 @@ class LiveStack:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, session_redis: PrivateRedis) -> Iterator[LiveStack]:
     from gateway.config import AppConfig
     from raygate import home as home_mod
     from raygate.cli import default_app_config
@@ -63,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     _, key = home_mod.ensure_dev_key(home)
     _, admin_key = home_mod.ensure_admin_key(home)
     raw = default_app_config(home, "vllm")
-    # Quotas shared through the machine's Redis (a DB number of our own), a route with a fallback.
+    # Quotas shared through a Redis of the session's own, a route with a fallback.
     # Traces exported over OTLP to a receiver in this process; the access log on (test_observability_stack).
     raw["gateway"]["env_vars"] = {
         "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp.endpoint,
@@ -72,19 +70,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     }
     raw["gateway"]["settings"].update({
         "access_log": True,
-        "redis_url": REDIS_URL,
+        "redis_url": session_redis.url,
         "prompt_token_count": "engine",  # token reservations from vLLM's own count (test_governance_vllm)
         "routes": {"chat": {"targets": [{"model": manifest.name}], "fallbacks": []}},
     })
     # Small limits so saturation is reachable from a test: 4 running + 2 queued.
-    raw["serve"]["models"][0].update({"max_num_seqs": 4, "max_queued_requests": 2, "max_model_len": 1024})
+    raw["serve"]["models"][0].update({"max_queued_requests": 2, "engine_kwargs": {"max_num_seqs": 4, "max_model_len": 1024}})
     # Roll-outs (test_rollout_lifecycle): follow @stable closely and prefer int8 (W8A8 on this CPU).
     raw["serve"]["models"][0].update({"variants": ["int8", "full"], "registry_poll_s": 1.0})
-    # The engine below its replica's priority (test_openai_vllm checks the processes' nice levels).
-    raw["serve"]["models"][0]["engine_nice"] = 4
-    # Engine processes that sleep on their queues at every step (serve/vllm_plugin.py): the whole suite runs on
-    # the plugin's notification path, where vLLM's own socket lost wake-ups and hung the engine.
-    raw["serve"]["models"][0]["engine_spin_s"] = 0
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT)
     try:
         stack.start(ready_timeout_s=420)
@@ -93,6 +86,3 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     finally:
         stack.stop()
         otlp.close()
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).flushdb()

@@ -1,11 +1,9 @@
-"""What the autoscaling tests share: replica counts from Serve, a closed-loop load in a thread, a bounded wait."""
+"""What the autoscaling tests share: replica counts from Serve, a closed-loop load in a thread."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,13 +15,6 @@ def running_replicas(deployment: str, app: str = "raygate") -> int:
 
     dep = serve.status().applications[app].deployments[deployment]
     return sum(n for state, n in dep.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return predicate()
 
 
 class ClosedLoad:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.scaling import ClosedLoad, running_replicas, wait_until
+from tests.integration.scaling import ClosedLoad, running_replicas
+from tests.support import PrivateRedis, free_ports, wait_until
 
 pytestmark = pytest.mark.integration
 
-PORT, DASHBOARD_PORT, METRICS_PORT = 18400, 18465, 18480
-REDIS_URL = "redis://127.0.0.1:6379/12"  # several replicas share quotas: a Redis DB of this test's own
+PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
 
 
-def test_gateway_scales_up_under_load_and_back_down(tmp_path) -> None:
+def test_gateway_scales_up_under_load_and_back_down(tmp_path, private_redis: PrivateRedis) -> None:
     from gateway.config import AppConfig
     from raygate.stack import Stack
 
@@ -24,7 +24,7 @@ def test_gateway_scales_up_under_load_and_back_down(tmp_path) -> None:
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                             "upscale_delay_s": 1, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
                             "look_back_period_s": 2},
-            "settings": {"home": str(tmp_path), "api_keys_file": str(tmp_path / "keys"), "redis_url": REDIS_URL},
+            "settings": {"home": str(tmp_path), "api_keys_file": str(tmp_path / "keys"), "redis_url": private_redis.url},
         },
         "serve": {"models": [{"model": "slow", "engine": "fake", "num_cpus": 0,
                               "fake": {"ttft_ms": 50, "itl_ms": 50}}]},
@@ -41,6 +41,3 @@ def test_gateway_scales_up_under_load_and_back_down(tmp_path) -> None:
         assert load.codes and set(load.codes) == {200}, load.outcomes()
     finally:
         stack.stop()
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).flushdb()

@@ -17,8 +17,10 @@ import openai
 import psutil
 import pytest
 
+from tests.support import free_ports
+
 pytestmark = pytest.mark.integration
-PORT, DASHBOARD_PORT, METRICS_PORT = 18100, 18365, 18180
+PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
 
 
 def _ray_processes() -> set[int]:

@@ -25,11 +25,11 @@ import pytest
 import yaml
 
 from gateway.governance.affinity import conversation_key, rank_replicas
+from tests.support import PrivateRedis, free_ports
 
 pytestmark = pytest.mark.integration
 
-PORT, DASHBOARD_PORT, METRICS_PORT = 18500, 18565, 18580
-REDIS_URL = "redis://127.0.0.1:6379/11"  # two replicas share quotas: a Redis DB of this test's own
+PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
 KEY = "affinity-key-0123456789abcdef"
 
 
@@ -41,6 +41,7 @@ class _Up:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Up]:
+    redis = PrivateRedis(tmp_path_factory.mktemp("affinity-redis")).start()  # the two replicas share quotas
     # `raygate up` in a process of its own, as a user runs it: Serve reads its HAProxy flags when first
     # imported, which this test process did at collection, before any stack set them.
     home = tmp_path_factory.mktemp("affinity")
@@ -48,7 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Up]:
         "gateway": {
             "num_replicas": 2, "num_cpus": 0.25,
             "conversation_routing": {"enabled": True, "replica_header": True, "stats_period_s": 0.5},
-            "settings": {"home": str(home), "api_keys": [KEY], "redis_url": REDIS_URL},
+            "settings": {"home": str(home), "api_keys": [KEY], "redis_url": redis.url},
         },
         "serve": {"models": [{"model": "chat", "engine": "fake", "num_cpus": 0}]},
     }))
@@ -79,9 +80,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Up]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).flushdb()
+        redis.stop()
 
 
 def _wait_for_routing(up: _Up, timeout_s: float = 120) -> None:

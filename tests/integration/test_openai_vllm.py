@@ -12,7 +12,6 @@ import psutil
 import pytest
 
 from raygate.stack import DAEMON_NICE, is_ray_daemon
-from serve.vllm_plugin import SPIN_ENV
 from tests.oai_schema import assert_valid
 
 pytestmark = pytest.mark.integration
@@ -237,19 +236,16 @@ def _nices(p: psutil.Process) -> set[int]:
     return {psutil.Process(t.id).nice() for t in p.threads()}
 
 
-def test_engine_runs_below_its_replica_and_ray_daemons_lowest(stack) -> None:
-    """vLLM's CPU engine processes run `engine_nice` levels below the gateway replica that hosts them
-    (this stack sets 4; the default is 0) and get the queue spin of its config (this stack: 0); Ray's
-    bookkeeping daemons are lowest."""
+def test_engine_runs_at_its_replicas_level_and_ray_daemons_lowest(stack) -> None:
+    """vLLM's CPU engine processes run at the level of the gateway replica that hosts them (Ray's workers: 15);
+    Ray's bookkeeping daemons are lowest."""
     procs = psutil.Process().children(recursive=True)
     engines = [p for p in procs if p.name().startswith("VLLM::")]
     assert engines, "no vLLM engine process under this stack"
     for engine in engines:
         replica = next(a for a in engine.parents() if "ServeReplica" in " ".join(a.cmdline()))
         assert replica.nice() == 15, "Ray runs its workers at 15"
-        assert _nices(engine) == {min(19, replica.nice() + 4)}, engine.name()
-        # `engine_spin_s: 0` reaches every engine process (serve/vllm_plugin.py reads it in each of them)
-        assert engine.environ().get(SPIN_ENV) == "0.0", engine.name()
+        assert _nices(engine) == {replica.nice()}, engine.name()
     daemons = {f"{p.pid} {p.cmdline()[0]}": _nices(p) for p in procs if is_ray_daemon(p.cmdline())}
     assert any("gcs_server" in name for name in daemons) and any("ServeController" in name for name in daemons)
     assert all(nices == {DAEMON_NICE} for nices in daemons.values()), daemons

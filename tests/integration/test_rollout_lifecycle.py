@@ -19,12 +19,13 @@ import pytest
 
 from models.registry import Registry
 from raygate import home as home_mod
+from tests.support import free_port
 from training.config import LoraSettings, TrainConfig
 from training.pipeline import PipelineResult, prepare_data, run_pipeline, train
 
 pytestmark = pytest.mark.integration
 VARIANTS = ["int8-w8a8", "bnb-8bit", "bnb-nf4"]
-LORA_PORT = 18200
+LORA_PORT = free_port()
 
 
 def _cfg(model: str, **kw: object) -> TrainConfig:
@@ -160,8 +161,8 @@ def lora_gateway(stack, tmp_path: Path):  # type: ignore[no-untyped-def]
     cfg = {
         "gateway": {"settings": {"api_keys": [stack.key], "home": str(tmp_path)}},
         "serve": {"registry": str(stack.home / "registry"), "models": [{
-            "model": f"{stack.model}@stable", "engine": "vllm", "max_model_len": 512, "registry_poll_s": 1.0,
-            "lora": {"max_loras": 2, "max_lora_rank": 8},
+            "model": f"{stack.model}@stable", "engine": "vllm", "registry_poll_s": 1.0, "lora": True,
+            "engine_kwargs": {"max_model_len": 512, "max_loras": 2, "max_lora_rank": 8},
         }]},
     }
     (tmp_path / "gw.yaml").write_text(yaml.safe_dump(cfg))

@@ -8,12 +8,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.builder import deployment_options
-from gateway.builder import check_shared_state
+from gateway.builder import check_shared_state, deployment_options
 from gateway.config import AppConfig, AutoscalingConfig, GatewayDeploymentConfig
 from gateway.settings import GatewaySettings
 from serve.config import ModelDeploymentConfig, ServeConfig
-from serve.vllm_engine import engine_cli_args
+from serve.vllm_args import InvalidEngineArgs, check_engine_args, engine_cli_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,64 +36,65 @@ def test_deploy_serve_config_builds() -> None:
 
 def test_parallelism_needs_gpus() -> None:
     with pytest.raises(ValidationError):
-        ModelDeploymentConfig(model="m", tensor_parallel_size=2)
-    cfg = ModelDeploymentConfig(model="m", tensor_parallel_size=2, num_gpus=1)
+        ModelDeploymentConfig(model="m", engine_kwargs={"tensor_parallel_size": 2})
+    cfg = ModelDeploymentConfig(model="m", engine_kwargs={"tensor_parallel_size": 2}, num_gpus=1)
     app = AppConfig(serve=ServeConfig(models=[cfg]))
     opts = deployment_options(app)
     assert opts["placement_group_bundles"][1:] == [{"GPU": 1}, {"GPU": 1}]
     assert "--distributed-executor-backend" in engine_cli_args(cfg, "/p", "m")
 
 
-def test_engine_args_pass_through() -> None:
-    cfg = ModelDeploymentConfig(model="m", max_model_len=512, engine_kwargs={"enforce_eager": True, "dtype": "bfloat16"})
+def test_engine_kwargs_are_the_one_source_of_vllm_arguments() -> None:
+    cfg = ModelDeploymentConfig(model="m", engine_kwargs={"max_model_len": 512, "enforce_eager": True,
+                                                           "dtype": "bfloat16", "enable_prefix_caching": False})
     args = engine_cli_args(cfg, "/ckpt", "org/m")
     assert args[:4] == ["--model", "/ckpt", "--served-model-name", "org/m"]
-    assert "--enforce-eager" in args and "--max-model-len" in args
-    assert args[args.index("--dtype") + 1] == "bfloat16"
+    assert "--enforce-eager" in args and args[args.index("--max-model-len") + 1] == "512"
+    assert args[args.index("--dtype") + 1] == "bfloat16" and "--no-enable-prefix-caching" in args
+    # raygate's defaults where engine_kwargs names nothing, engine_kwargs over them where it does.
+    assert args[args.index("--scheduling-policy") + 1] == "priority"
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(1 << 30), "CPU engines: 1 GiB, not a host share"
+    own = engine_cli_args(ModelDeploymentConfig(model="m", engine_kwargs={"max_num_seqs": 8}), "/p", "m")
+    assert own.count("--max-num-seqs") == 1 and own[own.index("--max-num-seqs") + 1] == "8"
+    gpu = engine_cli_args(ModelDeploymentConfig(model="m", num_gpus=1), "/p", "m")
+    assert "--kv-cache-memory-bytes" not in gpu, "GPU engines size their cache by gpu_memory_utilization"
+    assert "--enable-lora" in engine_cli_args(ModelDeploymentConfig(model="m", lora=True), "/p", "m")
+    for reserved in ({"model": "x"}, {"served_model_name": "x"}, {"max-model-len": 5}):
+        with pytest.raises(ValidationError, match="engine_kwargs"):
+            ModelDeploymentConfig(model="m", engine_kwargs=reserved)
 
 
-def test_stream_interval_reaches_vllm() -> None:
-    assert "--stream-interval" not in engine_cli_args(ModelDeploymentConfig(model="m"), "/p", "m")
-    args = engine_cli_args(ModelDeploymentConfig(model="m", stream_interval=4), "/p", "m")
-    assert args[args.index("--stream-interval") + 1] == "4"
-    both = engine_cli_args(ModelDeploymentConfig(model="m", stream_interval=4, engine_kwargs={"stream_interval": 2}),
-                           "/p", "m")
-    assert both.count("--stream-interval") == 1 and both[both.index("--stream-interval") + 1] == "2"
-    with pytest.raises(ValidationError):
-        ModelDeploymentConfig(model="m", stream_interval=0)
+def test_vllm_parser_names_the_engine_kwarg_it_refuses() -> None:
+    check_engine_args(ModelDeploymentConfig(model="m", engine_kwargs={"max_model_len": 512, "stream_interval": 4,
+                                                                      "enable_prefix_caching": False}))
+    with pytest.raises(InvalidEngineArgs, match=r"engine_kwargs\.max_num_seq\b"):
+        check_engine_args(ModelDeploymentConfig(model="m", engine_kwargs={"max_num_seq": 8}))
+    with pytest.raises(InvalidEngineArgs, match="engine_kwargs"):
+        check_engine_args(ModelDeploymentConfig(model="m", engine_kwargs={"max_num_seqs": "many"}))
+    check_engine_args(ModelDeploymentConfig(model="m", engine="fake", engine_kwargs={"anything": 1}))  # not vLLM's
+
+
+def test_a_misspelt_vllm_argument_fails_the_build_naming_it() -> None:
+    from gateway.builder import build_app
+
+    with pytest.raises(InvalidEngineArgs, match=r"engine_kwargs\.max_modle_len"):
+        build_app({"serve": {"models": [{"model": "m", "engine_kwargs": {"max_modle_len": 512}}]}})
 
 
 def test_cpu_dtype_follows_the_hardware(monkeypatch) -> None:
-    import serve.vllm_engine as ve
-
+    import serve.vllm_args as va
     from serve.hardware import cpu_flags, cpu_supports_bf16
 
     assert cpu_flags("processor: 0\nflags\t: fpu avx2 avx512_bf16\n") == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_supports_bf16({"avx2", "amx_bf16"}) and not cpu_supports_bf16({"avx2"})
-    monkeypatch.setattr(ve, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(va, "cpu_supports_bf16", lambda: False)
     args = engine_cli_args(ModelDeploymentConfig(model="m"), "/p", "m")
     assert args[args.index("--dtype") + 1] == "float32"
     explicit = engine_cli_args(ModelDeploymentConfig(model="m", engine_kwargs={"dtype": "bfloat16"}), "/p", "m")
     assert explicit[explicit.index("--dtype") + 1] == "bfloat16" and explicit.count("--dtype") == 1
     assert "--dtype" not in engine_cli_args(ModelDeploymentConfig(model="m", num_gpus=1), "/p", "m")
-    monkeypatch.setattr(ve, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(va, "cpu_supports_bf16", lambda: True)
     assert "--dtype" not in engine_cli_args(ModelDeploymentConfig(model="m"), "/p", "m")
-
-
-def test_cpu_executor_reaches_vllm() -> None:
-    from serve.vllm_engine import UNIPROC_EXECUTOR
-
-    def backend(cfg: ModelDeploymentConfig) -> str | None:
-        args = engine_cli_args(cfg, "/p", "m")
-        return args[args.index("--distributed-executor-backend") + 1] if "--distributed-executor-backend" in args else None
-
-    assert backend(ModelDeploymentConfig(model="m")) is None, "vLLM's own default (mp)"
-    assert backend(ModelDeploymentConfig(model="m", cpu_executor="uni")) == UNIPROC_EXECUTOR
-    assert backend(ModelDeploymentConfig(model="m", cpu_executor="uni", num_gpus=1)) is None, "CPU engines only"
-    own = ModelDeploymentConfig(model="m", cpu_executor="uni", engine_kwargs={"distributed_executor_backend": "mp"})
-    assert backend(own) == "mp" and engine_cli_args(own, "/p", "m").count("--distributed-executor-backend") == 1
-    with pytest.raises(ValidationError):
-        ModelDeploymentConfig(model="m", cpu_executor="auto")
 
 
 def test_unknown_fields_are_refused() -> None:

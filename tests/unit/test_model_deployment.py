@@ -177,7 +177,7 @@ class _Replica(ModelServer):
 
 
 async def _replica(**fake: Any) -> ModelServer:
-    cfg = ModelDeploymentConfig(model="m", engine="fake", placement="deployment", stream_coalesce_ms=20, fake=fake)
+    cfg = ModelDeploymentConfig(model="m", engine="fake", placement="deployment", fake=fake)
     replica = _Replica.__new__(_Replica)
     await replica.__init__(cfg.model_dump(mode="json"))  # type: ignore[misc]  # Serve awaits async __init__
     return replica
@@ -309,6 +309,6 @@ def test_placement_options_are_refused_where_they_cannot_apply() -> None:
     with pytest.raises(ValidationError, match="placement `deployment`"):
         ModelDeploymentConfig(model="m", num_replicas=3)
     with pytest.raises(ValidationError, match="LoRA"):
-        ModelDeploymentConfig(model="m", placement="deployment", lora={})
+        ModelDeploymentConfig(model="m", placement="deployment", lora=True)
     with pytest.raises(ValueError, match="no deployment handle"):
         build_backend(ServeConfig(models=[{"model": "m", "engine": "fake", "placement": "deployment"}]), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -106,7 +107,7 @@ async def test_json_logs_and_access_log_carry_the_request_id_never_the_key_or_pr
                                   json={"model": "broken", "messages": [{"role": "user", "content": PROMPT}]})
         deadline = time.monotonic() + 5
         while out.getvalue().count('"message":"request"') < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
     finally:
         for name in ("gateway", "serve", "models"):
             logging.getLogger(name).removeHandler(handler)

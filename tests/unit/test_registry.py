@@ -140,3 +140,19 @@ def test_publish_refuses_empty_or_missing_source(reg: Registry, tmp_path: Path) 
         reg.publish("m", tmp_path / "empty")
     with pytest.raises(RegistryError):
         reg.publish("m", tmp_path / "missing")
+
+
+def test_a_publish_clears_what_an_interrupted_one_left_in_staging(reg: Registry, tmp_path: Path) -> None:
+    import time
+
+    from models.registry import STAGING_MAX_AGE_S
+
+    staging = Path(reg.root) / "m" / ".staging"
+    stale = staging / f"{int(time.time() - STAGING_MAX_AGE_S - 60)}-dead00000000"
+    running = staging / f"{int(time.time())}-live00000000"  # a publish in progress elsewhere: kept
+    for d in (stale, running):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half a copy")
+    assert reg.publish("m", make_checkpoint(tmp_path / "ckpt")).version == 1
+    assert not stale.exists() and running.exists()
+    assert reg.versions("m") == [1]

@@ -11,10 +11,10 @@ from gateway.backend import ModelBackend
 from gateway.governance.routing import RouteConfig
 from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig, ModelDeploymentConfig, UpstreamConfig
+from serve.errors import EngineFailure, EngineOverloaded, EngineUnavailable, InvalidRequest
 from serve.factory import create_engine
 from serve.fake_engine import FakeEngine
 from serve.remote_engine import RemoteEngine, upstream_error
-from serve.errors import EngineFailure, EngineOverloaded, EngineUnavailable, InvalidRequest
 
 KEY = "test-key-0123456789abcdef"
 MSG = [{"role": "user", "content": "hello there"}]
