@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak lint clean
+.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak docs lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,10 @@ bench-litellm: $(VENV)/.installed-bench bench-peers
 # 30 minutes of steady load on the full stack; RSS of every process sampled every 10 s.
 soak: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench soak benchmarks/scenarios/vllm.yaml --target raygate --minutes 30 --concurrency 8
+
+# docs/configuration.md from the typed configs (a test fails when it is out of date).
+docs: install
+	$(PY) -m raygate.config_reference > docs/configuration.md
 
 lint:
 	$(VENV)/bin/lint-imports

@@ -21,7 +21,7 @@ class ConversationRoutingConfig(BaseModel):
         default=False,
         description="Route by conversation (`prompt_cache_key`, the x-session-id header, or the messages up to the "
         "first user turn) instead of by load alone. With HAProxy, every POST first asks a small router deployment "
-        "(about a millisecond); worth it with several replicas and long shared prefixes.",
+        "for its replica; worth it with several replicas and long shared prefixes.",
     )
     max_load_gap: int = Field(
         default=16, ge=0,

@@ -92,7 +92,7 @@ class ModelDeploymentConfig(BaseModel):
         description="vLLM engine arguments, named as on `vllm serve`'s command line in snake_case "
         "(`max_model_len`, `tensor_parallel_size`, `gpu_memory_utilization`, ...): the one place vLLM is configured. "
         "Checked against vLLM's own argument parser when the application is built, so a misspelt name fails at start. "
-        "raygate's defaults (`VLLM_DEFAULTS`, and `CPU_VLLM_DEFAULTS` on CPU engines) apply where a name is absent.",
+        "raygate's defaults (docs/configuration.md, 'vLLM arguments') apply where a name is absent.",
     )
     fake: FakeEngineConfig = Field(default_factory=FakeEngineConfig, description="Fake engine knobs.")
     num_cpus: float = Field(

@@ -2,7 +2,7 @@
 
 vLLM's stat logger records once per engine step, on the event loop that also relays tokens: about
 fifteen gauge sets and counter increments per step, each a `ray.util.metrics` call that copies and
-checks its tags (54-65 us of the loop per step, 26-28 us buffered: benchmarks/results/metrics_flush).
+checks its tags (54-65 us of the loop per step, 26-28 us buffered: commit ae2e204).
 Here gauges keep the last value and counters the sum, both in plain dictionaries,
 and reach Ray at most every `flush_s` (a timer on the loop, so an idle engine's last values still
 go out). Ray exports every few seconds, so the series scraped are the same; histograms (observed

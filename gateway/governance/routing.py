@@ -6,6 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RouteTarget(BaseModel):
+    """One model a route sends a share of its traffic to."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A served model id (for example `raygate/tiny-chat@2`).")
