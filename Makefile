@@ -46,7 +46,7 @@ run: install
 train: install
 	$(VENV)/bin/raygate train deploy/train/demo.yaml
 
-test: install-test
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
 
 # Scenarios (a) gateway overhead and (b) vLLM server vs the full stack in 3 cycles, then the goal table (about 17 min).
@@ -85,7 +85,10 @@ soak: $(VENV)/.installed-bench
 docs: install
 	$(PY) -m raygate.config_reference > docs/configuration.md
 
-lint:
+# ruff on everything, mypy on the packages, import-linter's one-way imports (make test runs it first).
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy gateway serve models training raygate benchmarks
 	$(VENV)/bin/lint-imports
 
 clean:

@@ -48,7 +48,7 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], t
                 if "error" in event:
                     rec.error = "stream_error"
                     return rec
-                if _has_content(event.get("choices") or ()):
+                if _has_content(event.get("choices") or []):
                     if rec.ttft_s is None:
                         rec.ttft_s = now - start
                     else:

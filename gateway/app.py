@@ -1,84 +1,61 @@
-"""`create_app(settings, backend)`: the FastAPI application of the gateway."""
+"""`create_app(settings, backend)`: the gateway's FastAPI application, built from its parts.
+
+The app holds no logic of its own: routers (`gateway/api/`), the services behind them
+(`gateway/serving.py`, `gateway/serving_models.py`), governance and observability, wired here.
+All state lives on `app.state`; nothing at module level.
+"""
 
 from __future__ import annotations
 
-import random
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
-import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from gateway import service
-from gateway.admin import admin_router
+from gateway.api.admin_router import admin_router
+from gateway.api.openai_router import openai_router
+from gateway.api.system_router import system_router
 from gateway.backend import ModelBackend
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_response, spec_for
-from gateway.governance.gate import Governance, Outcome
-from gateway.governance.quota_policy import unreported_usage
-from gateway.governance.records import KeyRecord
-from gateway.governance.routing import plan, priority_for
-from gateway.logs import REQUEST_ID, access_logger
+from gateway.errors import MethodNotAllowed, NotFound, error_response
+from gateway.governance.gate import Governance
+from gateway.logs import access_logger
 from gateway.metrics import GatewayMetrics
 from gateway.observe import Observer
+from gateway.serving import GenerationService, id_headers, request_id
+from gateway.serving_models import ModelCatalog
 from gateway.settings import GatewaySettings
-from gateway.tracing import Tracing, attach_trace, detach_trace
-from serve.engine import Endpoint, ModelCard
-from serve.errors import EngineError, InvalidRequest, ModelNotFound
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"description": desc, "content": {"application/json": {}}}
-    for code, desc in {
-        400: "Invalid request",
-        401: "Missing or wrong API key",
-        403: "The key may not use this model",
-        404: "Unknown model",
-        429: "Rate limit or budget exceeded (Retry-After, x-ratelimit-*)",
-        503: "Engine overloaded or unavailable (Retry-After)",
-    }.items()
-}
-
-
-class SettleAfterResponse(Response):
-    """Runs its background task (the quota settlement) even when sending the body fails."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        task, self.background = self.background, None
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if task is not None:
-                await task()
-
+from gateway.tracing import Tracing
+from serve.errors import InvalidRequest, RaygateError
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, plus a direct path for the generation routes.
+    """FastAPI, plus a direct path for the two generation routes while the app has no middleware of its own.
 
-    The OpenAI POST routes are the hot path: they skip Starlette's middleware stack, router
-    and FastAPI's dependency solving (about a fifth of the gateway's CPU per request under
-    load, see benchmarks/results/overhead) and go straight to their handler. They stay
-    registered as FastAPI routes too, for the OpenAPI schema.
+    `/v1/chat/completions` and `/v1/completions` are the hot path: `direct_routes` maps them straight to
+    the generation service, skipping Starlette's middleware stack, router and FastAPI's dependency solving
+    (about a fifth of the gateway's CPU per request under load; commit 2b5f083, benchmarks/results/overhead).
+    The same routes stay registered through the OpenAI router, which the OpenAPI document shows and every
+    other request takes. A middleware added to the app (`add_middleware`, `@app.middleware`) turns the
+    direct path off, so it sees these routes too (tests/unit/test_gateway_layout.py).
     """
 
-    fast_routes: dict[str, Handler]
+    direct_routes: dict[str, Handler]
     on_error: Callable[[Request, Exception], Response]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http" and scope["method"] == "POST" and not self.user_middleware:
             path = scope["path"]
             root = scope.get("root_path")
             if root and path.startswith(root):
                 path = path[len(root):]
-            handler = self.fast_routes.get(path)
+            handler = self.direct_routes.get(path)
             if handler is not None:
                 request = Request(scope, receive, send)
                 try:
@@ -88,19 +65,6 @@ class GatewayApp(FastAPI):
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
-
-
-def _request_id(request: Request) -> str:
-    """The caller's (or Serve's) `x-request-id`, else a new one."""
-    rid = getattr(request.state, "request_id", None)
-    if rid is None:
-        rid = request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    return rid
-
-
-def _id_headers(request: Request, rid: str) -> dict[str, str]:
-    # Serve echoes an incoming x-request-id itself; set it only when nobody else will.
-    return {} if "x-request-id" in request.headers else {"x-request-id": rid}
 
 
 def build_observer(settings: GatewaySettings, tracing: Tracing | None = None) -> Observer:
@@ -119,10 +83,11 @@ def create_app(
     backend: ModelBackend,
     governance: Governance | None = None,
     observer: Observer | None = None,
-) -> FastAPI:
-    """Build the gateway; all state lives on `app.state`, nothing at module level."""
+) -> GatewayApp:
+    """Build the gateway for `backend`'s models (tests pass their own governance and observer)."""
     gov = governance or Governance.build(settings)
     obs = observer or build_observer(settings)
+    generation = GenerationService(settings, backend, gov, obs)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -139,179 +104,40 @@ def create_app(
     app.state.backend = backend
     app.state.governance = gov
     app.state.observer = obs
+    app.state.generation = generation
 
-    async def authenticate(request: Request) -> KeyRecord:  # async: no thread-pool hop per request
-        return await gov.authenticate(request)
+    def on_error(request: Request, exc: Exception) -> Response:
+        rid = request_id(request)
+        return error_response(exc, rid, id_headers(request, rid))
 
-    caller_dep = Depends(authenticate)
+    async def any_error(request: Request, exc: Exception) -> Response:
+        return on_error(request, exc)
 
-    def _error(request: Request, exc: Exception) -> Response:
-        rid = _request_id(request)
-        return error_response(exc, rid, _id_headers(request, rid))
-
-    async def _known_error(request: Request, exc: Exception) -> Response:
-        return _error(request, exc)
-
-    app.add_exception_handler(GatewayError, _known_error)
-    app.add_exception_handler(EngineError, _known_error)
-    app.add_exception_handler(Exception, _known_error)  # last resort: a logged 500 in the envelope
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 405:
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 400)
+        if status == 405:
             err: Exception = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
-        elif exc.status_code == 404:
+        elif status == 404:
             err = NotFound(f"Unknown path {request.url.path}.")
         else:
-            err = InvalidRequest(str(exc.detail))
-        return _error(request, err)
+            err = InvalidRequest(str(getattr(exc, "detail", exc)))
+        return on_error(request, err)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return _error(request, InvalidRequest(str(exc.errors()[0].get("msg"))))
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        return on_error(request, InvalidRequest(str(errors[0].get("msg")) if errors else str(exc)))
 
-    @app.get("/health", include_in_schema=True)
-    async def health() -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
+    app.add_exception_handler(RaygateError, any_error)  # each carries its status, type and code
+    app.add_exception_handler(Exception, any_error)  # anything else: a logged 500 in the envelope
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        if obs.metrics is None:
-            raise NotFound("Metrics are off (settings.metrics).")
-        body, content_type = obs.metrics.render()
-        return Response(body, media_type=content_type)
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        states = await backend.readiness()
-        ok = bool(states) and all(states.values())
-        body = {"status": "ready" if ok else "not_ready", "models": states}
-        return Response(orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json")
-
-    def route_card(name: str) -> ModelCard:
-        """A route as `/v1/models` shows it: its first target's card under the route's name."""
-        return backend.resolve(settings.routes[name].targets[0].model).card.model_copy(update={"id": name})
-
-    @app.get("/v1/models", responses=ERROR_RESPONSES)
-    async def list_models(caller: KeyRecord = caller_dep) -> Response:
-        # A key sees the models and routes it may call, nothing else.
-        cards = [c for c in backend.cards() if caller.may_use(c.id, c.root or "")]
-        cards += [route_card(name) for name in settings.routes if caller.may_use(name)]
-        data = [c.model_dump(exclude_none=True) for c in cards]
-        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
-
-    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
-    async def get_model(model_id: str, caller: KeyRecord = caller_dep) -> Response:
-        card = route_card(model_id) if model_id in settings.routes else backend.resolve(model_id).card
-        if not caller.may_use(model_id, card.id):
-            raise ModelNotFound(model_id)  # as OpenAI answers for a model the key cannot access
-        return Response(orjson.dumps(card.model_dump(exclude_none=True)), media_type="application/json")
-
-    exact_prompts = settings.prompt_token_count == "engine"
-
-    def targets(model: str) -> list[str]:
-        route = settings.routes.get(model)
-        if route is None:
-            return [model]
-        return plan(route, random.random(), settings.max_route_attempts)
-
-    async def run(endpoint: Endpoint, request: Request) -> Response:
-        rid = _request_id(request)
-        REQUEST_ID.set(rid)
-        watch = obs.start(request.scope, request.headers, rid)
-        adm = None
-        try:
-            caller = watch.caller = await gov.authenticate(request)
-            watch.mark("auth")
-            body = await service.read_json(request, settings.max_request_bytes)
-            service.validate(endpoint, body)
-            requested = watch.model = body["model"]
-            chosen = targets(requested)
-            first = backend.resolve(chosen[0])  # 404 for an unknown model, before any quota
-            card = first.card
-            gov.authorize(caller, requested, card.id)
-            watch.mark("routing")
-            if card.scheduling == "priority":
-                body["priority"] = priority_for(caller.tier, settings.tier_priority)
-            count = (lambda: first.count_prompt_tokens(endpoint, body)) if exact_prompts else None
-            adm = await gov.admit(caller, body, card.max_model_len, count)
-            watch.mark("quota")
-        except BaseException as exc:
-            watch.fail(exc)
-            raise
-        streaming = bool(body.get("stream"))
-        watch.admitted(streaming, adm.unchecked)
-        outcome = Outcome(model=requested)
-        headers = {**_id_headers(request, rid), **adm.headers}
-        client_wants_usage = service.want_usage(body) if streaming else True
-
-        async def done(error: BaseException | None = None) -> None:
-            watch.end(outcome, error)
-            await gov.finish(caller, adm, outcome, rid, time.perf_counter() - watch.t0)
-
-        try:
-            # Only an engine that forwards requests reads the current trace (to send `traceparent` on).
-            forwards = first.forwards_trace_context or len(chosen) > 1
-            trace_token = attach_trace(watch.span) if forwards else None
-            try:
-                result, engine, fallbacks = await service.generate(
-                    backend, first, chosen, endpoint, body, rid, request, settings.request_timeout_s
-                )
-            finally:
-                detach_trace(trace_token)
-        except BaseException as exc:
-            outcome.status = 499 if isinstance(exc, service.ClientDisconnected) else spec_for(exc).status
-            await done(exc)
-            if isinstance(exc, service.ClientDisconnected):
-                return Response(status_code=499)
-            if isinstance(exc, GatewayError | EngineError):
-                exc.headers = {**adm.headers, **getattr(exc, "headers", {})}  # type: ignore[union-attr]
-            raise
-        watch.first_output(engine.card.id, fallbacks)
-        outcome.version = engine.card.root
-        if engine.card.root:
-            headers["x-raygate-model-version"] = engine.card.root
-        if isinstance(result, bytes):
-            service.read_usage(result, outcome)
-            # Settle after the body is on its way: the client does not wait for the quota store.
-            return SettleAfterResponse(
-                result, media_type="application/json", headers=headers, background=BackgroundTask(done)
-            )
-
-        async def finish(client_left: bool) -> None:
-            if client_left:
-                outcome.status = 499
-            if not outcome.usage_seen:  # cut short: charge what was sent, not nothing
-                outcome.prompt_tokens, outcome.completion_tokens = unreported_usage(
-                    body, outcome.events, endpoint == "chat"
-                )
-            await done()
-
-        events = service.relay(result, outcome, client_wants_usage, rid, finish)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
-        )
-
-    stream_ok: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
-
-    # Registered for the OpenAPI schema; requests take the fast path (GatewayApp.__call__) to `run`.
-    @app.post("/v1/chat/completions", responses={**stream_ok, **ERROR_RESPONSES})
-    async def chat_completions(request: Request) -> Response:
-        return await run("chat", request)
-
-    @app.post("/v1/completions", responses={**stream_ok, **ERROR_RESPONSES})
-    async def completions(request: Request) -> Response:
-        return await run("completion", request)
-
-    async def fast_chat(request: Request) -> Response:
-        return await run("chat", request)
-
-    async def fast_completion(request: Request) -> Response:
-        return await run("completion", request)
-
-    app.fast_routes = {"/v1/chat/completions": fast_chat, "/v1/completions": fast_completion}
-    app.on_error = _error
-
+    app.include_router(system_router(backend, obs.metrics))
+    app.include_router(openai_router(generation, ModelCatalog(settings, backend)))
     app.include_router(admin_router(gov))
-
+    app.direct_routes = {
+        "/v1/chat/completions": partial(generation.create, "chat"),
+        "/v1/completions": partial(generation.create, "completion"),
+    }
+    app.on_error = on_error
     return app

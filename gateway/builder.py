@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from gateway.config import AppConfig
 from gateway.deployment import GatewayIngress, registry_location
@@ -22,6 +22,11 @@ from models.refs import ModelRef
 from serve.config import AutoscalingConfig, ModelDeploymentConfig
 from serve.factory import checkpoint_dir, served_id
 from serve.vllm_args import check_engine_args
+
+
+def as_deployment(cls: type) -> Deployment:
+    """`serve.deployment(cls)`, typed as what it returns for a class (Serve declares the decorator-factory form)."""
+    return cast(Deployment, serve.deployment(cls))
 
 
 def deployment_options(cfg: AppConfig) -> dict[str, Any]:
@@ -39,12 +44,13 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
     if g.conversation_routing.enabled:
         from ray.serve.config import RequestRouterConfig
 
-        opts["request_router_config"] = RequestRouterConfig(
-            request_router_class="gateway.replica_router:ConversationRequestRouter",
-            request_router_kwargs={"max_load_gap": g.conversation_routing.max_load_gap},
-            request_routing_stats_period_s=g.conversation_routing.stats_period_s,
-            request_routing_stats_timeout_s=max(g.conversation_routing.stats_period_s, 5.0),
-        )
+        router: dict[str, Any] = {  # Serve's pydantic model, untyped for mypy: fields by name
+            "request_router_class": "gateway.routing.replica_router:ConversationRequestRouter",
+            "request_router_kwargs": {"max_load_gap": g.conversation_routing.max_load_gap},
+            "request_routing_stats_period_s": g.conversation_routing.stats_period_s,
+            "request_routing_stats_timeout_s": max(g.conversation_routing.stats_period_s, 5.0),
+        }
+        opts["request_router_config"] = RequestRouterConfig(**router)
     return opts
 
 
@@ -126,7 +132,7 @@ def build_app(args: dict[str, Any] | AppConfig | str | Path) -> Application:
     check_shared_state(cfg)
     for model in cfg.serve.models:
         check_engine_args(model)  # a misspelt vLLM argument fails here, naming it, not in a replica
-    app = serve.deployment(GatewayIngress).options(**deployment_options(cfg)).bind(
+    app = as_deployment(GatewayIngress).options(**deployment_options(cfg)).bind(
         cfg.model_dump(mode="json"), model_apps(cfg))
     return with_conversation_router(app, cfg)
 
@@ -137,7 +143,7 @@ def model_apps(cfg: AppConfig) -> dict[str, Application]:
 
     root, cache = registry_location(cfg, GatewaySettings(**cfg.gateway.settings))
     return {
-        served_id(m): serve.deployment(ModelServer).options(**model_options(cfg, m)).bind(
+        served_id(m): as_deployment(ModelServer).options(**model_options(cfg, m)).bind(
             m.model_dump(mode="json"), root, cache)
         for m in cfg.serve.models if m.placement == "deployment"
     }
@@ -150,9 +156,9 @@ def with_conversation_router(app: Application, cfg: AppConfig) -> Application:
     # `raygate up` set the variable for the cluster it starts.
     if not routing.enabled or os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return app  # Serve's own proxy and handles use the request router directly
-    from gateway.replica_router import ConversationRouter
+    from gateway.routing.replica_router import ConversationRouter
 
-    router = serve.deployment(ConversationRouter).options(
+    router = as_deployment(ConversationRouter).options(
         # Serve places RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE replicas of it beside each proxy (num_replicas
         # does not apply); HAProxy tries the next one when a router cannot be reached.
         name=f"{cfg.gateway.name}-router", max_ongoing_requests=1000,

@@ -18,7 +18,7 @@ from gateway.config import AppConfig
 from gateway.governance.gate import Governance
 from gateway.logs import OWN_LOGGERS
 from gateway.metrics import multiprocess_dir
-from gateway.replica_router import IN_FLIGHT_STAT
+from gateway.routing.replica_router import IN_FLIGHT_STAT
 from gateway.settings import GatewaySettings
 from models.registry import Registry
 from serve.engine import stats_by_version
@@ -62,7 +62,9 @@ def with_header(app: Any, name: bytes, value: bytes) -> Any:
 class GatewayIngress:
     """One replica: the FastAPI gateway plus the engines of its co-located models."""
 
-    async def __init__(self, config: dict[str, Any], models: dict[str, Any] | None = None) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self, config: dict[str, Any], models: dict[str, Any] | None = None
+    ) -> None:
         """`models`: handles of the models in deployments of their own, by the id clients send."""
         shared = multiprocess_dir()
         if shared is not None:

@@ -1,69 +1,66 @@
-"""The one OpenAI error envelope and the one exception-type -> HTTP status mapper."""
+"""The gateway's own errors (each carries its status, type and code) and the one OpenAI error envelope."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from starlette.responses import Response
 
-from serve.errors import (
-    EngineError,
-    EngineFailure,
-    EngineOverloaded,
-    EngineUnavailable,
-    InvalidRequest,
-    ModelNotFound,
-)
+from serve.errors import RaygateError
 
 logger = logging.getLogger(__name__)
 
 
-class GatewayError(Exception):
+class GatewayError(RaygateError):
     """Base of errors the gateway raises itself."""
-
-    default_code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code if code is not None else self.default_code
 
 
 class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "invalid_request_error"
     default_code = "invalid_api_key"
 
 
 class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
     default_code = "model_not_allowed"
 
 
 class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
     default_code = "not_found"
 
 
+class ServiceDisabled(NotFound):
+    default_code = "not_enabled"
+
+
 class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
     default_code = "method_not_allowed"
 
 
 class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
     default_code = "request_too_large"
 
 
 class RequestTimeout(GatewayError):
+    status = 504
     default_code = "timeout"
-
-
-class ServiceDisabled(GatewayError):
-    default_code = "not_enabled"
 
 
 class QuotaExceeded(GatewayError):
     """A rate limit or concurrency cap: retry after `retry_after_s`."""
 
+    status = 429
+    type = "requests"
     default_code = "rate_limit_exceeded"
 
     def __init__(
@@ -77,18 +74,20 @@ class QuotaExceeded(GatewayError):
 
 
 class TokenRateExceeded(QuotaExceeded):
-    pass
+    type = "tokens"
 
 
 class BudgetExhausted(QuotaExceeded):
     """A daily or monthly token budget is spent: retrying now will not help."""
 
+    type = "insufficient_quota"
     default_code = "insufficient_quota"
 
 
 class KeyStoreUnavailable(GatewayError):
     """The key database cannot be reached."""
 
+    status = 503
     default_code = "key_store_unavailable"
     retry_after_s = 1
 
@@ -96,55 +95,23 @@ class KeyStoreUnavailable(GatewayError):
 class QuotaUnavailable(GatewayError):
     """The quota store cannot be reached and the policy is fail_closed."""
 
+    status = 503
     default_code = "quota_unavailable"
     retry_after_s = 1
 
 
-@dataclass(frozen=True)
-class ErrorSpec:
-    status: int
-    type: str
-
-
-# Status by exception *type*; the most specific class in the MRO wins.
-ERROR_SPECS: dict[type[BaseException], ErrorSpec] = {
-    InvalidRequest: ErrorSpec(400, "invalid_request_error"),
-    AuthenticationFailed: ErrorSpec(401, "invalid_request_error"),
-    PermissionDenied: ErrorSpec(403, "permission_error"),
-    ModelNotFound: ErrorSpec(404, "invalid_request_error"),
-    NotFound: ErrorSpec(404, "invalid_request_error"),
-    MethodNotAllowed: ErrorSpec(405, "invalid_request_error"),
-    PayloadTooLarge: ErrorSpec(413, "invalid_request_error"),
-    RequestTimeout: ErrorSpec(504, "server_error"),
-    QuotaExceeded: ErrorSpec(429, "requests"),
-    TokenRateExceeded: ErrorSpec(429, "tokens"),
-    BudgetExhausted: ErrorSpec(429, "insufficient_quota"),
-    QuotaUnavailable: ErrorSpec(503, "server_error"),
-    KeyStoreUnavailable: ErrorSpec(503, "server_error"),
-    ServiceDisabled: ErrorSpec(404, "invalid_request_error"),
-    EngineOverloaded: ErrorSpec(503, "server_error"),
-    EngineUnavailable: ErrorSpec(503, "server_error"),
-    EngineFailure: ErrorSpec(500, "server_error"),
-    EngineError: ErrorSpec(500, "server_error"),
-}
-_INTERNAL = ErrorSpec(500, "server_error")
-
-
-def spec_for(exc: BaseException) -> ErrorSpec:
-    for cls in type(exc).__mro__:
-        spec = ERROR_SPECS.get(cls)
-        if spec is not None:
-            return spec
-    return _INTERNAL
+def status_of(exc: BaseException) -> int:
+    """The HTTP status an exception is answered with (500 for anything not raygate's own)."""
+    return exc.status if isinstance(exc, RaygateError) else 500
 
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, envelope, headers) for any exception; unknown ones become a logged 500."""
-    spec = spec_for(exc)
-    if isinstance(exc, (EngineError, GatewayError)):
-        message, param, code = exc.message, exc.param, exc.code
+    if isinstance(exc, RaygateError):
+        status, kind, message, param, code = exc.status, exc.type, exc.message, exc.param, exc.code
     else:
         logger.exception("unhandled error", exc_info=exc)
+        status, kind = 500, "server_error"
         message, param, code = "The server had an error while processing your request.", None, "internal_error"
     headers: dict[str, str] = dict(getattr(exc, "headers", None) or {})
     retry_after = getattr(exc, "retry_after_s", None)
@@ -152,8 +119,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
         headers["retry-after"] = str(max(1, int(retry_after)))
     if isinstance(exc, BudgetExhausted):
         headers["x-should-retry"] = "false"
-    envelope = {"error": {"message": message, "type": spec.type, "param": param, "code": code}}
-    return spec.status, envelope, headers
+    envelope = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return status, envelope, headers
 
 
 def error_response(

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import QuotaExceeded, QuotaUnavailable, spec_for
+from gateway.errors import QuotaExceeded, QuotaUnavailable, status_of
 from gateway.governance.gate import Outcome
 from gateway.governance.records import KeyRecord
 from gateway.metrics import GatewayMetrics
@@ -49,7 +50,7 @@ class Observer:
         self.slo_ttft_s = slo_ttft_s
         self.slo_tpot_s = slo_tpot_s
 
-    def start(self, scope: dict[str, Any], headers: Any, request_id: str) -> Watch:
+    def start(self, scope: MutableMapping[str, Any], headers: Any, request_id: str) -> Watch:
         return Watch(self, scope, headers, request_id)
 
 
@@ -59,7 +60,7 @@ class Watch:
     __slots__ = ("obs", "t0", "t0_ns", "marks", "span", "parent", "model", "caller", "stream", "fallbacks", "first_ns",
                  "in_flight", "request_id", "path", "ended", "target")
 
-    def __init__(self, obs: Observer, scope: dict[str, Any], headers: Any, request_id: str) -> None:
+    def __init__(self, obs: Observer, scope: MutableMapping[str, Any], headers: Any, request_id: str) -> None:
         self.obs = obs
         self.t0 = time.perf_counter()
         self.t0_ns = time.time_ns()
@@ -101,7 +102,7 @@ class Watch:
 
     def fail(self, exc: BaseException) -> None:
         """The request was refused with `exc` before admission."""
-        status = spec_for(exc).status if isinstance(exc, Exception) else 499
+        status = status_of(exc) if isinstance(exc, Exception) else 499
         m = self.obs.metrics
         if m is not None and isinstance(exc, QuotaExceeded | QuotaUnavailable):
             m.count(m.quota_rejections, (getattr(exc, "kind", "unavailable"),))

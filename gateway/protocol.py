@@ -6,11 +6,15 @@ the engine validates what it alone knows (context length, template, logprob limi
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
 
-NonNegInt = Annotated[int, Field(ge=0)]
+from gateway.errors import PayloadTooLarge
+from serve.engine import Endpoint
+from serve.errors import InvalidRequest, param_from_validation_error
 
 
 class StreamOptions(BaseModel):
@@ -61,10 +65,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    @property
-    def output_budget(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
 
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`."""
@@ -82,6 +82,36 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be empty")
         return v
 
-    @property
-    def output_budget(self) -> int | None:
-        return self.max_tokens
+
+GenerationRequest = ChatCompletionRequest | CompletionRequest
+SCHEMAS: dict[Endpoint, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "chat": ChatCompletionRequest, "completion": CompletionRequest,
+}
+
+
+async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest / PayloadTooLarge."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes.")
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def validate(endpoint: Endpoint, body: dict[str, Any]) -> GenerationRequest:
+    """`body` as the endpoint's typed request, or InvalidRequest naming the offending parameter."""
+    try:
+        return SCHEMAS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = param_from_validation_error(exc)
+        msg = err.get("msg", "invalid value")
+        raise InvalidRequest(f"Invalid value for '{param}': {msg}" if param else msg, param=param) from None

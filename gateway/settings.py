@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.governance.routing import RouteConfig
+from gateway.routing.routes import RouteConfig
 
 
 def default_home() -> Path:

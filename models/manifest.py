@@ -29,6 +29,8 @@ def validate_alias(alias: str) -> str:
     return alias
 
 
+ArtifactFormat = Literal["hf", "lora"]
+
 class FileEntry(BaseModel):
     """One file of an artifact."""
 
@@ -62,7 +64,7 @@ class Manifest(BaseModel):
 
     name: str = Field(description="Model name, e.g. 'raygate/tiny-chat'.")
     version: int = Field(ge=1, description="Version number, assigned by the registry at publish.")
-    format: Literal["hf", "lora"] = Field(
+    format: ArtifactFormat = Field(
         default="hf",
         description="Artifact format: 'hf' (a Hugging Face checkpoint directory) or 'lora' (a PEFT adapter of `base_model`)."
     )

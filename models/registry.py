@@ -17,6 +17,7 @@ atomic, the manifest is copied last and is what makes the version visible.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -31,7 +32,15 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from models.manifest import MANIFEST_FILE, FileEntry, Manifest, Variant, validate_alias, validate_name
+from models.manifest import (
+    MANIFEST_FILE,
+    ArtifactFormat,
+    FileEntry,
+    Manifest,
+    Variant,
+    validate_alias,
+    validate_name,
+)
 from models.refs import LATEST, ModelRef
 
 _CHUNK = 1 << 20
@@ -197,7 +206,7 @@ class Registry:
         name: str,
         source: str | os.PathLike[str],
         *,
-        format: str = "hf",
+        format: ArtifactFormat = "hf",
         quantization: str | None = None,
         base_model: str | None = None,
         metrics: dict[str, float] | None = None,
@@ -240,7 +249,7 @@ class Registry:
             self.set_alias(name, a, manifest.version)
         return manifest
 
-    def _stage_files(self, src: Path, files: list[Path], staging: str) -> list[FileEntry]:
+    def _stage_files(self, src: Path, files: builtins.list[Path], staging: str) -> builtins.list[FileEntry]:
         local = LocalFileSystem()
         entries = []
         for p in files:
@@ -258,7 +267,7 @@ class Registry:
         return entries
 
     @staticmethod
-    def _sized(variants: list[Variant], entries: list[FileEntry]) -> list[Variant]:
+    def _sized(variants: builtins.list[Variant], entries: builtins.list[FileEntry]) -> builtins.list[Variant]:
         """Variants with their sizes; each must name a directory that holds files."""
         out = []
         for v in variants:
@@ -331,7 +340,7 @@ class Registry:
         self._record(name, {"alias": alias, "version": None, "previous": previous, "action": "remove"})
 
     # ---- roll-outs -----------------------------------------------------------------------
-    def history(self, name: str) -> list[dict[str, Any]]:
+    def history(self, name: str) -> builtins.list[dict[str, Any]]:
         """Every alias change of ``name``, oldest first."""
         return list(self._read_json(posixpath.join(self._model_dir(name), "history.json"), []))
 
@@ -436,7 +445,7 @@ def rollback_target(history: list[dict[str, Any]], alias: str) -> int | None:
         if action == "rollback":
             if stack:
                 stack.pop()
-            if not stack or stack[-1] != version:  # history written by hand or a lost entry
+            if version is not None and (not stack or stack[-1] != version):  # written by hand, or a lost entry
                 stack.append(int(version))
         elif action == "remove" or version is None:
             stack.clear()

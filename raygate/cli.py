@@ -109,7 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from raygate.stack import token_hint
 
     try:
-        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+        ray.init(address="auto", logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
         print(f"raygate: no running Ray cluster found ({exc})", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ class _Unrecorded:
 def without_per_token_histograms(base: type) -> type:
     """`base` (a vLLM stat logger class) with the histograms in PER_TOKEN_HISTOGRAMS unrecorded."""
 
-    class RayEngineStatLogger(base):  # type: ignore[misc, valid-type]
+    class RayEngineStatLogger(base):
         """vLLM's Ray stat logger without its per-token histograms (see PER_TOKEN_HISTOGRAMS)."""
 
         def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
@@ -116,7 +116,7 @@ def buffered_ray_stat_logger(flush_s: float) -> type:
             buffer.set(self, _key(self), float(value))
 
         def write(self, value: float) -> None:
-            self.metric.set(value, tags=self._tags)
+            self.metric.set(value, tags=self._tags)  # type: ignore[attr-defined]  # a ray.util.metrics.Gauge
 
     class BufferedCounter(RayCounterWrapper):
         """A Ray counter that sums its increments until the buffer flushes."""
@@ -127,7 +127,7 @@ def buffered_ray_stat_logger(flush_s: float) -> type:
 
         def write(self, amount: float) -> None:
             if amount > 0:
-                self.metric.inc(amount, tags=self._tags)
+                self.metric.inc(amount, tags=self._tags)  # type: ignore[attr-defined]  # a ray.util.metrics.Counter
 
     base = without_per_token_histograms(RayPrometheusStatLogger)
 

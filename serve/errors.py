@@ -1,12 +1,18 @@
-"""Engine-side error types. The gateway maps each type to an HTTP status."""
+"""raygate's error base and the engines' error types; each carries the HTTP status the gateway answers with."""
 
 from __future__ import annotations
 
 
-class EngineError(Exception):
-    """Base class: something an engine refused or failed to do."""
+class RaygateError(Exception):
+    """Base of every error raygate answers a request with: its HTTP status, OpenAI error type and code.
 
+    The gateway's error envelope reads these attributes; no table elsewhere maps a type to a status.
+    """
+
+    status: int = 500
+    type: str = "server_error"
     default_code: str | None = None
+    retry_after_s: int | None = None  # set: the answer carries Retry-After
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -15,19 +21,28 @@ class EngineError(Exception):
         self.code = code if code is not None else self.default_code
 
 
+class EngineError(RaygateError):
+    """Something an engine refused or failed to do."""
+
+
 class InvalidRequest(EngineError):
-    """The request is malformed or out of range (400)."""
+    """The request is malformed or out of range."""
+
+    status = 400
+    type = "invalid_request_error"
 
 
 class ContextLengthExceeded(InvalidRequest):
-    """Prompt plus max_tokens exceed the model's context (400)."""
+    """Prompt plus max_tokens exceed the model's context."""
 
     default_code = "context_length_exceeded"
 
 
 class ModelNotFound(EngineError):
-    """No deployment serves the requested model (404)."""
+    """No deployment serves the requested model."""
 
+    status = 404
+    type = "invalid_request_error"
     default_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
@@ -35,8 +50,9 @@ class ModelNotFound(EngineError):
 
 
 class EngineOverloaded(EngineError):
-    """The engine's queue is full; retry later (503 with Retry-After)."""
+    """The engine's queue is full; retry later."""
 
+    status = 503
     default_code = "engine_overloaded"
 
     def __init__(self, message: str = "The engine is overloaded; retry later.", retry_after_s: int = 1) -> None:
@@ -45,16 +61,38 @@ class EngineOverloaded(EngineError):
 
 
 class EngineUnavailable(EngineError):
-    """The engine is starting, stopped or unhealthy (503, retry after a second)."""
+    """The engine is starting, stopped or unhealthy, or refuses raygate's own credentials; retry after a second."""
 
+    status = 503
     default_code = "engine_unavailable"
     retry_after_s = 1
 
 
 class EngineFailure(EngineError):
-    """The engine failed while generating (500; not the client's fault)."""
+    """The engine failed while generating (not the client's fault)."""
 
     default_code = "engine_error"
+
+
+def error_for_status(
+    status: int, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: int | None = None,
+) -> EngineError:
+    """The engine error for an HTTP status an engine answered with (vLLM's serving classes or an upstream server).
+
+    The one mapping: 429 is overloaded and 503 unavailable, both retryable elsewhere (with the engine's
+    Retry-After); 401, 403 and 404 mean raygate's own credentials or model name are wrong, not the client's
+    request, so they are unavailable too; other 4xx are the client's; everything else is a failure.
+    """
+    if status == 429:
+        return EngineOverloaded(message, retry_after_s=retry_after_s or 1)
+    if status in (401, 403, 404, 503):
+        exc: EngineError = EngineUnavailable(message, code=code)
+        if retry_after_s:
+            exc.retry_after_s = retry_after_s
+        return exc
+    if 400 <= status < 500 or status == 501:
+        return InvalidRequest(message, param=param, code=code)
+    return EngineFailure(message, code=code)
 
 
 _WIRE_TYPES: dict[str, type[EngineError]] = {

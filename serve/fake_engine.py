@@ -172,7 +172,7 @@ class FakeEngine(Engine):
                 raise EngineFailure("injected failure after the stream started")
             for i, (toks, _) in enumerate(choices):
                 if step < len(toks):
-                    part = {"delta": {"content": toks[step]}} if chat else {"text": toks[step]}
+                    part: dict[str, Any] = {"delta": {"content": toks[step]}} if chat else {"text": toks[step]}
                     yield _sse({**meta, "object": obj, "choices": [
                         {"index": i, **part, "logprobs": None, "finish_reason": None}
                     ]})

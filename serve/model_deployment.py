@@ -29,7 +29,9 @@ STREAM_COALESCE_S = 0.025
 class ModelServer:
     """One replica of a model's deployment (wrapped with `serve.deployment` by the builder)."""
 
-    async def __init__(self, model: dict[str, Any], registry: str | None = None, cache_dir: str | None = None) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self, model: dict[str, Any], registry: str | None = None, cache_dir: str | None = None
+    ) -> None:
         route_logs_to_serve(("serve", "models"))
         self.cfg = ModelDeploymentConfig.model_validate(model)
         self.live = LiveModel(self.cfg, Registry(registry, cache_dir=cache_dir) if registry else None)

@@ -20,7 +20,7 @@ from opentelemetry.propagate import inject
 
 from serve.config import UpstreamConfig
 from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
-from serve.errors import EngineError, EngineFailure, EngineOverloaded, EngineUnavailable, InvalidRequest
+from serve.errors import EngineError, EngineFailure, EngineUnavailable, error_for_status
 
 _PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completion": "/completions"}
 
@@ -36,14 +36,8 @@ def upstream_error(status: int, payload: bytes, retry_after: str | None = None) 
     message = str(err.get("message") or f"upstream answered {status}")
     code = err.get("code")
     code = str(code) if code is not None else None
-    if status == 429 or status == 503:
-        wait = int(retry_after) if retry_after and retry_after.isdigit() else 1
-        return EngineOverloaded(f"upstream: {message}", retry_after_s=wait)
-    if status >= 500:
-        return EngineFailure(f"upstream: {message}", code=code)
-    if status in (401, 403, 404):  # our credentials or model name are wrong, not the client's request
-        return EngineUnavailable(f"upstream refused ({status}): {message}", code=code)
-    return InvalidRequest(message, param=err.get("param"), code=code)
+    wait = int(retry_after) if retry_after and retry_after.isdigit() else None
+    return error_for_status(status, message, param=err.get("param"), code=code, retry_after_s=wait)
 
 
 async def reframe(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:

@@ -7,7 +7,7 @@ asks these functions what it should be serving. Nothing here does I/O.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from models.manifest import Manifest
 
@@ -30,19 +30,30 @@ def desired_weights(aliases: Mapping[str, int], traffic: Mapping[str, Mapping[st
     return {base: 100.0}
 
 
-def pick_version(weights: Mapping[int, float], u: float) -> int:
-    """The version a request goes to, for `u` uniform in [0, 1); versions in ascending order."""
-    items = sorted((v, w) for v, w in weights.items() if w > 0)
+K = TypeVar("K")
+
+
+def weighted_choice(options: Iterable[tuple[K, float]], u: float) -> K:
+    """The option whose share of the total weight `u` (uniform in [0, 1)) falls in, in the order given.
+
+    The one weighted pick: versions by traffic share here, route targets in `gateway/routing/routes.py`.
+    Options of weight 0 (or less) are never chosen.
+    """
+    items = [(key, w) for key, w in options if w > 0]
     if not items:
-        raise ValueError("no version has traffic")
-    total = sum(w for _, w in items)
-    threshold = u * total
+        raise ValueError("no option has a weight above 0")
+    threshold = u * sum(w for _, w in items)
     acc = 0.0
-    for version, weight in items:
+    for key, weight in items:
         acc += weight
         if threshold < acc:
-            return version
+            return key
     return items[-1][0]
+
+
+def pick_version(weights: Mapping[int, float], u: float) -> int:
+    """The version a request goes to, for `u` uniform in [0, 1); versions in ascending order."""
+    return weighted_choice(sorted(weights.items()), u)
 
 
 def adapters_for(base_ref: str, manifests: Iterable[Manifest]) -> dict[str, Manifest]:

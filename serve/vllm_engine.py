@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -24,9 +24,9 @@ from serve.errors import (
     ContextLengthExceeded,
     EngineError,
     EngineFailure,
-    EngineOverloaded,
     EngineUnavailable,
     InvalidRequest,
+    error_for_status,
     param_from_validation_error,
 )
 from serve.vllm_args import parse_engine_args
@@ -42,16 +42,10 @@ _CONTEXT_PARAMS = {"input_tokens", "max_tokens", "max_completion_tokens"}
 
 
 def _error_from_vllm(status: int, message: str, param: str | None, prompt_param: str = "messages") -> EngineError:
-    """Map vLLM's (status, param) to our error types; vLLM names the prompt `input_tokens`."""
-    if status in (400, 422, 501):
-        if param in _CONTEXT_PARAMS:
-            return ContextLengthExceeded(message, param=prompt_param if param == "input_tokens" else param)
-        return InvalidRequest(message, param=param)
-    if status == 503:
-        return EngineUnavailable(message)
-    if status == 429:
-        return EngineOverloaded(message)
-    return EngineFailure(message)
+    """vLLM's (status, param) as our error; vLLM names the prompt `input_tokens`."""
+    if status in (400, 422) and param in _CONTEXT_PARAMS:
+        return ContextLengthExceeded(message, param=prompt_param if param == "input_tokens" else param)
+    return error_for_status(status, message, param=param)
 
 
 class VLLMEngine(Engine):
@@ -216,7 +210,7 @@ class VLLMEngine(Engine):
             return self._stream(result, prompt_param)
         return orjson.dumps(spec_clean(result.model_dump()))
 
-    async def _stream(self, gen: AsyncIterator[str], prompt_param: str) -> AsyncIterator[bytes]:
+    async def _stream(self, gen: AsyncGenerator[str, None], prompt_param: str) -> AsyncIterator[bytes]:
         try:
             async for item in gen:
                 if item.startswith(_ERROR_PREFIX):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,7 +76,7 @@ class TrainConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape (method lora).")
     gate: GateConfig = Field(default_factory=GateConfig, description="Held-out loss gate.")
     quantize: list[QuantFormat] = Field(
-        default_factory=lambda: ["int8-w8a8", "bnb-8bit", "bnb-nf4"],
+        default_factory=lambda: list(get_args(QuantFormat)),
         description="Quantized variants published beside the full-precision weights.",
     )
     eval_variants: bool = Field(default=True, description="Measure held-out loss of every quantized variant too.")

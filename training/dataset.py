@@ -59,7 +59,8 @@ def load_jsonl(path: str | Path) -> list[Conversation]:
 
 def split(examples: list[Conversation], eval_fraction: float) -> tuple[list[Conversation], list[Conversation]]:
     """Deterministic train/held-out split by a hash of each conversation (stable as the file grows)."""
-    train, held = [], []
+    train: list[Conversation] = []
+    held: list[Conversation] = []
     for ex in examples:
         digest = hashlib.sha256(ex.model_dump_json().encode()).digest()
         (held if int.from_bytes(digest[:4], "big") / 2**32 < eval_fraction else train).append(ex)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -112,7 +113,10 @@ def train_tokenizer(cfg: TinyModelConfig, out_dir: Path) -> dict[str, int]:
     (out_dir / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": BOS, "eos_token": IM_END, "pad_token": PAD}, indent=2)
     )
-    return ids
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise RuntimeError(f"special tokens missing from the trained vocabulary: {missing}")
+    return {t: int(i) for t, i in ids.items() if i is not None}
 
 
 def build_default_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) -> Path:
@@ -139,7 +143,8 @@ def build_default_model(out_dir: str | Path, cfg: TinyModelConfig | None = None)
         pad_token_id=ids[PAD],
     )
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(llama_cfg).to(torch.bfloat16)
+    model: Any = LlamaForCausalLM(llama_cfg)
+    model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = [ids[IM_END], ids[EOS]]
     model.generation_config.bos_token_id = ids[BOS]
     model.generation_config.pad_token_id = ids[PAD]

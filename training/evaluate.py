@@ -38,7 +38,7 @@ def evaluate_checkpoint(
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -29,7 +29,7 @@ def build_model(base_path: str, cfg: TrainConfig, device: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 

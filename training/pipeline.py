@@ -7,6 +7,7 @@ Nothing reaches the registry unless the gate passes, and a publish is all or not
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -54,7 +55,7 @@ def run_pipeline(cfg: TrainConfig, registry: Registry, home: Path, log: Log = pr
     log(f"[pipeline] data: {len(train_ex)} training / {len(held_ex)} held-out examples ({data_desc})")
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
     task = _task_options(cfg)
 
     from training.evaluate import evaluate_checkpoint

@@ -94,7 +94,8 @@ def w8a8(src: str | Path, out_dir: str | Path, ignore: tuple[str, ...] = ("lm_he
     )
     apply_quantization_config(model, config)
     with torch.no_grad():
-        for module in model.modules():
+        modules: list[Any] = list(model.modules())  # torch types attributes as Tensor | Module
+        for module in modules:
             qscheme = getattr(module, "quantization_scheme", None)
             if qscheme is None:
                 continue

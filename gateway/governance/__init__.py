@@ -1,1 +1,1 @@
-"""Multi-tenant governance: API keys, quotas, routing and the usage ledger."""
+"""Multi-tenant governance: API keys, quotas and the usage ledger."""

@@ -23,6 +23,3 @@ def hash_key(secret: bytes, key: str) -> str:
     """HMAC-SHA256 of the key under the server secret, hex. A leaked table alone reveals nothing."""
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
-
-def new_secret() -> bytes:
-    return secrets.token_bytes(32)

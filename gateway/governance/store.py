@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import (
     JSON,
@@ -103,13 +103,13 @@ def open_store(url: str, secret: bytes) -> KeyStore:
     return store
 
 
+@overload
+def _aware(dt: datetime) -> datetime: ...
+@overload
+def _aware(dt: datetime | None) -> datetime | None: ...
 def _aware(dt: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything stored is UTC.
     return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
-
-
-def default_url(home: Path) -> str:
-    return f"sqlite:///{home / 'raygate.db'}"
 
 
 class KeyStore:
@@ -242,11 +242,6 @@ class KeyStore:
                 row.limits = limits.model_dump(exclude_none=True)
         return limits
 
-    def get_team(self, name: str) -> Limits | None:
-        with self._session() as s:
-            row = s.get(TeamRow, name)
-            return Limits.model_validate(row.limits) if row is not None else None
-
     def list_teams(self) -> dict[str, Limits]:
         with self._session() as s:
             return {r.name: Limits.model_validate(r.limits) for r in s.scalars(select(TeamRow).order_by(TeamRow.name))}
@@ -259,7 +254,7 @@ class KeyStore:
         # `__dict__`: a pydantic model's fields as they are (iterating the model costs ~10 µs a row).
         values = [{**r.__dict__, "day": r.created_at.astimezone(UTC).date().isoformat()} for r in rows]
         with self.engine.begin() as conn:
-            conn.execute(insert(UsageRecordRow.__table__), values)
+            conn.execute(insert(UsageRecordRow.__table__), values)  # type: ignore[arg-type]
 
     def usage_summary(
         self, *, since: date | None = None, until: date | None = None, key_id: str | None = None

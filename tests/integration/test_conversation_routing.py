@@ -2,7 +2,7 @@
 
 Two gateway replicas (fake engine) behind Serve's HAProxy with `conversation_routing` on: HAProxy
 asks the router deployment for each POST's replica, which ranks replicas with the pure policy
-(`gateway.governance.affinity`). The replica that answered comes back in `x-raygate-replica`.
+(`gateway.routing.affinity`). The replica that answered comes back in `x-raygate-replica`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from gateway.governance.affinity import conversation_key, rank_replicas
+from gateway.routing.affinity import conversation_key, rank_replicas
 from tests.support import PrivateRedis, free_ports
 
 pytestmark = pytest.mark.integration

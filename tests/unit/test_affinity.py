@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from gateway.governance.affinity import PROMPT_KEY_CHARS, conversation_key, rank_replicas
+from gateway.routing.affinity import PROMPT_KEY_CHARS, conversation_key, rank_replicas
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 

@@ -13,8 +13,8 @@ import pytest
 
 from gateway.app import create_app
 from gateway.backend import ModelBackend
+from gateway.dispatch import ClientDisconnected, generate
 from gateway.errors import RequestTimeout
-from gateway.service import ClientDisconnected, generate
 from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine

@@ -8,7 +8,7 @@ import httpx
 
 from gateway import create_app
 from gateway.backend import ModelBackend
-from gateway.governance.routing import RouteConfig
+from gateway.routing.routes import RouteConfig
 from gateway.settings import GatewaySettings
 from serve.fake_engine import FakeEngine
 

@@ -19,7 +19,7 @@ from gateway.governance.quota_policy import (
     retry_after,
     unreported_usage,
 )
-from gateway.governance.routing import RouteConfig, pick, plan, priority_for
+from gateway.routing.routes import RouteConfig, pick, plan, priority_for
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from starlette.routing import Route
 from gateway.builder import deployment_options
 from gateway.config import AppConfig
 from gateway.deployment import with_header
-from gateway.governance.affinity import conversation_key, rank_replicas
-from gateway.replica_router import IN_FLIGHT_STAT, ConversationRequestRouter, pick_replica
+from gateway.routing.affinity import conversation_key, rank_replicas
+from gateway.routing.replica_router import IN_FLIGHT_STAT, ConversationRequestRouter, pick_replica
 
 
 def _replica(uid: str, in_flight: int | None) -> Any:
@@ -113,4 +113,4 @@ def test_deployment_options_name_the_request_router_only_when_enabled() -> None:
                                                                         "stats_period_s": 0.5}}})
     rc = deployment_options(cfg)["request_router_config"]
     assert rc.request_router_kwargs == {"max_load_gap": 3} and rc.request_routing_stats_period_s == 0.5
-    assert rc.request_router_class == "gateway.replica_router:ConversationRequestRouter"
+    assert rc.request_router_class == "gateway.routing.replica_router:ConversationRequestRouter"

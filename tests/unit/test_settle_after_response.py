@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from starlette.background import BackgroundTask
 
-from gateway.app import SettleAfterResponse
+from gateway.streaming import SettleAfterResponse
 
 
 @pytest.mark.parametrize("send_fails", [False, True])
@@ -41,8 +41,9 @@ async def test_a_dropped_stream_settles_under_anyio_cancellation() -> None:
 
     import anyio
 
+    from gateway.dispatch import Started
     from gateway.governance.gate import Outcome
-    from gateway.service import Started, relay
+    from gateway.streaming import relay
 
     closed: list[bool] = []
     finished: list[bool] = []

@@ -8,7 +8,7 @@ import pytest
 
 from gateway import create_app
 from gateway.backend import ModelBackend
-from gateway.governance.routing import RouteConfig
+from gateway.routing.routes import RouteConfig
 from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig, ModelDeploymentConfig, UpstreamConfig
 from serve.errors import EngineFailure, EngineOverloaded, EngineUnavailable, InvalidRequest
@@ -87,7 +87,14 @@ def test_upstream_error_mapping() -> None:
     assert isinstance(upstream_error(500, b"oops"), EngineFailure)
     assert isinstance(upstream_error(401, b"{}"), EngineUnavailable)  # our upstream credentials, not the client's
     bad = upstream_error(400, b'{"error": {"message": "m", "param": "n", "code": 12}}')
-    assert isinstance(bad, InvalidRequest) and (bad.param, bad.code) == ("n", "12")
+    assert isinstance(bad, InvalidRequest) and (bad.param, bad.code, bad.message) == ("n", "12", "m")
+    # One mapping for every engine: an upstream's 503 and vLLM's mean the same.
+    from serve.vllm_engine import _error_from_vllm
+
+    down = upstream_error(503, b"{}", "4")
+    assert isinstance(down, EngineUnavailable) and down.retry_after_s == 4
+    assert type(_error_from_vllm(503, "m", None)) is type(down)
+    assert type(_error_from_vllm(429, "m", None)) is type(over)
 
 
 def test_openai_engine_needs_upstream() -> None:

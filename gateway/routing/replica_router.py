@@ -4,7 +4,7 @@ Two pieces, wired by `gateway.builder` when `gateway.conversation_routing.enable
 
 - `ConversationRequestRouter`, the gateway deployment's Serve request router: ranks replicas
   for a request's conversation key (`RequestMetadata.session_id`) with the pure policy in
-  `gateway.governance.affinity`, using the in-flight counts replicas report
+  `gateway.routing.affinity`, using the in-flight counts replicas report
   (`GatewayIngress.record_routing_stats`). Serve's Python proxy and handles use it directly
   (the key is then the `x-session-id` header only).
 - `ConversationRouter`, the ingress request router HAProxy asks before it forwards a POST
@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.governance.affinity import conversation_key, rank_replicas
+from gateway.routing.affinity import conversation_key, rank_replicas
 
 logger = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.rollout import weighted_choice
+
 
 class RouteTarget(BaseModel):
     """One model a route sends a share of its traffic to."""
@@ -32,14 +34,8 @@ class RouteConfig(BaseModel):
 
 
 def pick(route: RouteConfig, u: float) -> str:
-    """The weighted choice for a uniform draw `u` in [0, 1)."""
-    total = sum(t.weight for t in route.targets)
-    acc = 0.0
-    for t in route.targets:
-        acc += t.weight / total
-        if u < acc and t.weight > 0:
-            return t.model
-    return next(t.model for t in reversed(route.targets) if t.weight > 0)
+    """The weighted choice among a route's targets for a uniform draw `u` in [0, 1)."""
+    return weighted_choice(((t.model, t.weight) for t in route.targets), u)
 
 
 def plan(route: RouteConfig, u: float, max_attempts: int) -> list[str]:
