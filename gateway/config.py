@@ -42,7 +42,8 @@ class GatewayDeploymentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(default="gateway", description="Serve deployment name of the ingress.")
-    num_replicas: int = Field(default=1, ge=1, description="Gateway replicas (each hosts the co-located engines).")
+    num_replicas: int = Field(default=1, ge=1, description="Gateway replicas, each hosting the co-located engines; raise it to serve more load across nodes "
+        "(more than one needs redis_url).")
     autoscaling: AutoscalingConfig | None = Field(
         default=None, description="Scale replicas with load instead of a fixed num_replicas."
     )
@@ -53,12 +54,13 @@ class GatewayDeploymentConfig(BaseModel):
     )
     num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves per gateway replica.")
     max_ongoing_requests: int = Field(
-        default=1024, ge=1, description="Requests in flight per replica; keep well above client concurrency."
+        default=1024, ge=1, description="Requests in flight per replica before Serve queues more; keep it well above the "
+        "client concurrency one replica should carry."
     )
-    max_queued_requests: int = Field(default=2048, ge=-1, description="Requests Serve queues before refusing.")
+    max_queued_requests: int = Field(default=2048, ge=-1, description="Requests Serve queues per replica before it refuses; lower it to shed load sooner.")
     health_check_period_s: float = Field(default=10.0, gt=0, description="How often Serve checks replica health.")
     health_check_timeout_s: float = Field(default=30.0, gt=0, description="A health check slower than this fails.")
-    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Time to drain requests on stop.")
+    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Time a stopping replica drains its requests; raise it above your longest generation.")
     log_encoding: Literal["JSON", "TEXT"] = Field(
         default="JSON", description="Replica log lines as JSON (with request ids) or Serve's text format."
     )

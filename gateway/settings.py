@@ -50,10 +50,11 @@ class GatewaySettings(BaseSettings):
     quota_failure_mode: Literal["fail_closed", "fail_open"] = Field(
         default="fail_closed", description="Redis unreachable: refuse with 503 (fail_closed) or admit and count (fail_open)."
     )
-    quota_timeout_s: float = Field(default=0.25, gt=0, description="Longest a quota call to Redis may take.")
-    rate_window_s: float = Field(default=60.0, gt=0, description="Window of the per-minute limits (rpm, tpm).")
+    quota_timeout_s: float = Field(default=0.25, gt=0, description="Longest a quota call to Redis may take before quota_failure_mode applies; raise it for a distant Redis.")
+    rate_window_s: float = Field(default=60.0, gt=0, description="Window of the per-minute limits (rpm, tpm); shorten it only for tests.")
     concurrency_lease_s: float = Field(
-        default=900.0, gt=0, description="A concurrency slot a crashed process never released frees itself after this."
+        default=900.0, gt=0, description="A concurrency slot a crashed process never released frees itself after this; keep it above the "
+        "longest request."
     )
     prompt_token_count: Literal["estimate", "engine"] = Field(
         default="estimate",
@@ -62,7 +63,7 @@ class GatewaySettings(BaseSettings):
         "template and tokenizes, exact but paid twice per request). Either way the reservation settles to the "
         "engine's real count when the request ends.",
     )
-    ledger_flush_interval_s: float = Field(default=1.0, gt=0, description="How often usage rows are written.")
+    ledger_flush_interval_s: float = Field(default=1.0, gt=0, description="How often usage rows are written in one batch; longer writes fewer, larger batches.")
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict, description="Names clients may send as `model` that split or fall back across models."
     )
@@ -71,8 +72,8 @@ class GatewaySettings(BaseSettings):
         default_factory=lambda: {"premium": -10, "default": 0, "batch": 10},
         description="Key tier -> vLLM request priority (lower first); used where the engine schedules by priority.",
     )
-    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
-    request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a non-streaming request may take.")
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above it); raise it for very long prompts.")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a non-streaming request may take before a 504 (the engine request is aborted); streams are not bounded.")
     metrics: bool = Field(default=True, description="Serve Prometheus metrics on /metrics.")
     tracing: str | None = Field(
         default=None,
@@ -83,8 +84,8 @@ class GatewaySettings(BaseSettings):
         default=False, description="One JSON line per request (status, model, key id, tokens, times; never the key "
         "or the prompt), written from a thread of its own."
     )
-    slo_ttft_s: float = Field(default=1.0, gt=0, description="SLO target for time to first token (per-key attainment).")
-    slo_tpot_s: float = Field(default=0.1, gt=0, description="SLO target for the mean time per output token.")
+    slo_ttft_s: float = Field(default=1.0, gt=0, description="Time-to-first-token objective that raygate_slo_requests_total counts against; set your service's.")
+    slo_tpot_s: float = Field(default=0.1, gt=0, description="Mean time-per-output-token objective that raygate_slo_requests_total counts against; set your service's.")
 
     def accepted_keys(self) -> list[str]:
         """The bootstrap keys: `api_keys` plus the lines of `api_keys_file`."""

@@ -120,9 +120,10 @@ class ModelDeploymentConfig(BaseModel):
         description="When `model` names an alias (`name@stable`, or a bare name for `latest`), follow it: a promotion "
         "or rollback starts the new version beside the old, switches traffic, then drains the old one.",
     )
-    registry_poll_s: float = Field(default=2.0, gt=0, description="How often a followed alias (and adapters) are checked.")
+    registry_poll_s: float = Field(default=2.0, gt=0, description="How often a followed alias (and adapters) are checked; shorter rolls out sooner for more registry reads.")
     drain_timeout_s: float = Field(
-        default=300.0, ge=0, description="Longest an old version keeps serving its in-flight requests after a switch."
+        default=300.0, ge=0, description="Longest an old version keeps serving its in-flight requests after a switch; keep it "
+        "above your longest generation."
     )
     lora: bool = Field(
         default=False,

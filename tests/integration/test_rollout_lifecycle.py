@@ -19,7 +19,7 @@ import pytest
 
 from models.registry import Registry
 from raygate import home as home_mod
-from tests.support import free_port
+from tests.support import free_port, wait_until
 from training.config import LoraSettings, TrainConfig
 from training.pipeline import PipelineResult, prepare_data, run_pipeline, train
 
@@ -134,12 +134,13 @@ def test_promote_and_rollback_under_load_fail_nothing(trained: PipelineResult, s
         assert (card.root if hasattr(card, "root") else extra["root"]) == v2
         assert extra.get("variant") == "int8-w8a8" and extra.get("quantization") == "compressed-tensors-w8a8"
         n_at_switch = len(client.versions)
-        time.sleep(3)
-        assert len(client.versions) > n_at_switch and client.versions[-1] == v2
+        assert wait_until(lambda: len(client.versions) > n_at_switch + 3, 60), "no traffic after the switch"
+        assert client.versions[-1] == v2
         out = _raygate(stack.home, "models", "rollback", stack.model)
         assert "2 -> 1" in out
         client.wait_for(v1, 300)
-        time.sleep(3)
+        n_at_rollback = len(client.versions)
+        assert wait_until(lambda: len(client.versions) > n_at_rollback + 3, 60), "no traffic after the rollback"
     finally:
         client.stop.set()
         client.join(timeout=90)
