@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -287,3 +288,22 @@ def test_every_ratio_pairs_the_rounds_not_the_median_rows() -> None:
                                     "workloads": [{"name": "w", "endpoint": "chat", "stream": True}]},
                        "machine": {"cpus": 2}, "wall_s": 1, "points": [base, gw]})
     assert "| 1 | gw | 0.90 | 0.90 | 1.20 |" in report and "1.20 1.20 0.06" in report
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "scenarios").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_committed_scenario_expands_and_its_raygate_configs_load(path: Path, tmp_path) -> None:  # noqa: ANN001
+    """Braces in a target's files are placeholders: a YAML flow mapping there breaks the run, not the load."""
+    import yaml
+
+    from gateway.config import AppConfig
+
+    scenario = Scenario.load_file(path)
+    values = Placeholders.create("/venv/bin/python", tmp_path, tmp_path, {t.name: 1 for t in scenario.targets}, "k")
+    for target in scenario.targets:
+        for arg in (target.start or []):
+            values.expand(arg, target.name)
+        for text in target.files.values():
+            doc = yaml.safe_load(values.expand(text, target.name))
+            if isinstance(doc, dict) and "serve" in doc:
+                AppConfig.load(doc)
