@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak docs lint clean
+.PHONY: run test train install install-test install-bench bench bench-harness bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak docs lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/overhead.yaml
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/vllm.yaml
 	$(VENV)/bin/raygate bench summary benchmarks/results/overhead benchmarks/results/vllm
+
+# raygate as shipped vs vLLM's server, measured by vLLM's own benchmark client (`vllm.benchmarks.serve`): 1, 16 and
+# 64 streams started together, chat and completions, 3 cycles (about 25 min).
+bench-harness: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench run benchmarks/scenarios/harness.yaml
 
 # Model lifecycle figures: the demo pipeline's wall time, then int8 W8A8 vs full-precision tok/s.
 bench-lifecycle: $(VENV)/.installed-bench

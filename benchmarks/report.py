@@ -26,6 +26,15 @@ def paired_ratio(point: dict[str, Any], base: dict[str, Any], key: str = "req_pe
     return value / ref if ref and value is not None else None
 
 
+def paired_delta(point: dict[str, Any], base: dict[str, Any], key: str) -> float | None:
+    """`key` of `point` minus `base`'s: the median of the round-by-round differences where both have them."""
+    mine, theirs = point.get("rounds_" + key) or [], base.get("rounds_" + key) or []
+    if len(mine) > 1 and len(mine) == len(theirs):
+        return statistics.median(a - b for a, b in zip(mine, theirs, strict=True))
+    value, ref = metric(point, key), metric(base, key)
+    return value - ref if value is not None and ref is not None else None
+
+
 def _find(points: list[dict[str, Any]], target: str, workload: str, level: float) -> dict[str, Any] | None:
     return next((p for p in points if p["target"] == target and p["workload"] == workload and p["level"] == level), None)
 
@@ -44,12 +53,14 @@ def check_goals(goals: list[Goal], points: list[dict[str, Any]]) -> list[dict[st
             if g.vs is not None:
                 other = _find(points, g.vs, p["workload"], p["level"])
                 ref = metric(other, g.metric) if other else None
-            if value is None or (g.vs is not None and not ref):
+            if value is None or (g.vs is not None and (ref is None or (g.compare == "ratio" and not ref))):
                 figure = None
             elif g.compare == "ratio" and g.metric in PAIRED and other is not None:
                 figure = paired_ratio(p, other, g.metric)
             elif g.compare == "ratio":
                 figure = value / ref if ref else None
+            elif g.compare == "delta" and g.metric in PAIRED and other is not None:
+                figure = paired_delta(p, other, g.metric)
             elif g.compare == "delta":
                 figure = value - (ref or 0.0)
             else:
@@ -59,6 +70,14 @@ def check_goals(goals: list[Goal], points: list[dict[str, Any]]) -> list[dict[st
                         "bound": f"{'>= ' + format(g.min, 'g') if g.min is not None else ''}"
                                  f"{'<= ' + format(g.max, 'g') if g.max is not None else ''}"})
     return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _points(x: float | None) -> float | None:
+    return None if x is None else 100 * x
 
 
 def _ms(x: float | None) -> str:
@@ -109,14 +128,21 @@ def markdown(run: dict[str, Any]) -> str:
     for name, why in run.get("skipped", {}).items():
         lines.append(f"- **{name} skipped**: {why}")
     unit = "c" if sc["load"]["mode"] == "closed" else "req/s"
+    if sc["load"].get("client") == "vllm":
+        lines += ["Measured by **vLLM's own benchmark client** (`python -m vllm.benchmarks.serve`): every stream started "
+                  "together, random prompts. `clumped`: the share of chunks that arrived within 0.5 ms of the one "
+                  "before (tokens reaching the client in clumps); its comparison is in percentage points.", ""]
     for wl in sc["workloads"]:
         mine = [p for p in pts if p["workload"] == wl["name"]]
         if not mine:
             continue
+        harness = any("clumped_share" in p for p in mine)
         lines += ["", f"## {wl['name']} ({wl['endpoint']}, {'streaming' if wl['stream'] else 'non-streaming'})", "",
                   f"| {unit} | target | req/s | out tok/s | goodput req/s | TTFT p50/p99 ms | ITL p50 ms | "
-                  "TPOT p50 ms | E2E p50/p90/p99 ms | start burst p50 | errors | target CPU% | other CPU% |" + (" req/CPU-s |" if together else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if together else "")]
+                  "TPOT p50 ms | E2E p50/p90/p99 ms | start burst p50 | errors | target CPU% | other CPU% |"
+                  + (" req/CPU-s |" if together else "") + (" ITL p99 ms | clumped |" if harness else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if together else "")
+                  + ("---|---|" if harness else "")]
         for p in mine:
             errs = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "0"
             lines.append(
@@ -126,14 +152,17 @@ def markdown(run: dict[str, Any]) -> str:
                 f"{_ms(p['e2e_s']['p50'])}/{_ms(p['e2e_s']['p90'])}/{_ms(p['e2e_s']['p99'])} | "
                 f"{_num((p.get('start_burst') or {}).get('p50'))} | {errs} | "
                 f"{p.get('target_cpu_pct', '-')} | {p.get('other_cpu_pct', '-')} |"
-                + (f" {_num(p.get('req_per_cpu_s'))} |" if together else ""))
+                + (f" {_num(p.get('req_per_cpu_s'))} |" if together else "")
+                + (f" {_ms(p['itl_s']['p99'])} | {_pct(p.get('clumped_share'))} |" if harness else ""))
         base = sc.get("baseline")
         if base:
             lines += ["", f"Against **{base}** (same run, interleaved):", "",
                       f"| {unit} | target | req/s ratio | tok/s ratio | TTFT p50 ratio | E2E p50 added ms |"
                       + (" req/s ratio by round | TTFT p50 ratio by round |" if rounds > 1 else "")
-                      + (" req/CPU-s ratio | req/CPU-s ratio by round |" if together else ""),
-                      "|---|---|---|---|---|---|" + ("---|---|" if rounds > 1 else "") + ("---|---|" if together else "")]
+                      + (" req/CPU-s ratio | req/CPU-s ratio by round |" if together else "")
+                      + (" TTFT p99 ratio | ITL p99 ratio | clumped, points more |" if harness else ""),
+                      "|---|---|---|---|---|---|" + ("---|---|" if rounds > 1 else "") + ("---|---|" if together else "")
+                      + ("---|---|---|" if harness else "")]
             for p in mine:
                 b = _find(pts, base, p["workload"], p["level"])
                 if p["target"] == base or b is None:
@@ -144,7 +173,10 @@ def markdown(run: dict[str, Any]) -> str:
                              f"{_num(paired_ratio(p, b, 'ttft_p50_ms'), '.2f')} | {_num(de, '+.3f')} |"
                              + (f" {_by_round(p, b)} | {_by_round(p, b, 'ttft_p50_ms')} |" if rounds > 1 else "")
                              + (f" {_num(paired_ratio(p, b, 'req_per_cpu_s'), '.2f')} |"
-                                f" {_by_round(p, b, 'req_per_cpu_s')} |" if together else ""))
+                                f" {_by_round(p, b, 'req_per_cpu_s')} |" if together else "")
+                             + (f" {_num(paired_ratio(p, b, 'ttft_p99_ms'), '.2f')} |"
+                                f" {_num(paired_ratio(p, b, 'itl_p99_ms'), '.2f')} |"
+                                f" {_num(_points(paired_delta(p, b, 'clumped_share')), '+.1f')} |" if harness else ""))
     if run.get("goals"):
         lines += ["", "## Goals", "", "| goal | workload | level | figure | bound | met |", "|---|---|---|---|---|---|"]
         for g in run["goals"]:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from benchmarks import vllm_client
 from benchmarks.load import Point, Progress, run_point
 from benchmarks.procs import Watch
 from benchmarks.scenario import Placeholders, Scenario, Target
@@ -174,11 +175,21 @@ class Runner:
 
     def measure(self, r: Running, workload_index: int, point: Point) -> dict[str, Any]:
         wl = self.sc.workloads[workload_index]
-        bodies = wl.bodies(r.target.model)
-        prog = Progress(f"{r.target.name} {wl.name} {point.label}", point.duration_s, self.progress)
+        ld = self.sc.load
+        prog = Progress(f"{r.target.name} {wl.name} {point.label}", point.duration_s,
+                        self.progress and ld.client == "raygate")
         with Watch(r.pids) as watch:
-            res = asyncio.run(run_point(r.base_url, r.key, bodies, wl.path(), point, self.slo, prog,
-                                        seed=wl.seed, timeout_s=self.sc.load.timeout_s))
+            if ld.client == "vllm":
+                tokenizer = self.ph.expand(r.target.tokenizer, r.target.name) if r.target.tokenizer else None
+                res = vllm_client.run_point(
+                    sys.executable, r.base_url, r.key, r.target.model, tokenizer, wl, int(point.level),
+                    ld.requests_per_stream, self.workdir / "vllm-client" / f"{r.target.name}-{wl.name}-{point.level:g}",
+                    wl.seed, ld.timeout_s * ld.requests_per_stream,
+                )
+                res.update({"mode": point.mode, "level": point.level, "duration_s": res["wall_s"]})
+            else:
+                res = asyncio.run(run_point(r.base_url, r.key, wl.bodies(r.target.model), wl.path(), point, self.slo,
+                                            prog, seed=wl.seed, timeout_s=ld.timeout_s))
         res.update(watch.result)
         res.update({"target": r.target.name, "workload": wl.name, "stream": wl.stream})
         if not prog.enabled:

@@ -36,6 +36,10 @@ class Target(BaseModel):
     )
     ready_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for readiness.")
     measure: bool = Field(default=True, description="False for helpers (an upstream other targets front).")
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer (a directory) vLLM's benchmark client draws and counts prompts with "
+        "(`load.client: vllm`); None: the model id, as a Hugging Face repository.",
+    )
     requires: str | None = Field(
         default=None, description="Executable the target needs (placeholders allowed); missing -> the target is skipped "
         "with the reason in the report, e.g. a peer installed by `make bench-peers`.",
@@ -48,6 +52,16 @@ class LoadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["closed", "open"] = Field(default="closed", description="closed: concurrency sweep; open: Poisson rates.")
+    client: Literal["raygate", "vllm"] = Field(
+        default="raygate",
+        description="Who measures each point. `raygate`: this load generator. `vllm`: vLLM's own benchmark client "
+        "(`python -m vllm.benchmarks.serve`, random prompts of the workload's fixed lengths, every stream started "
+        "together, `level` warm-up requests then `requests_per_stream x level` measured), the field's yardstick "
+        "when raygate is compared with vLLM's server. Closed loop only.",
+    )
+    requests_per_stream: int = Field(
+        default=8, ge=1, description="`client: vllm`: requests per stream of a point (vLLM's --num-prompts / level).",
+    )
     levels: list[float] = Field(min_length=1, description="Concurrencies (closed) or request rates in req/s (open).")
     duration_s: float = Field(default=15.0, gt=0, description="Measured seconds per point.")
     warmup_s: float = Field(
@@ -92,9 +106,10 @@ class Goal(BaseModel):
     target: str = Field(description="Target whose figure is checked.")
     vs: str | None = Field(default=None, description="Target it is compared with (None: absolute).")
     metric: Literal["req_per_s", "req_per_cpu_s", "output_tok_per_s", "goodput_req_per_s", "e2e_p50_ms",
-                    "ttft_p50_ms", "itl_p50_ms"] = Field(
+                    "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "clumped_share"] = Field(
         description="req_per_cpu_s: requests per CPU-second of the target's own processes (its cost per request, "
-        "inverted; measured with `load.together`).",
+        "inverted; measured with `load.together`). clumped_share: the share of stream chunks that arrived within "
+        "0.5 ms of the one before (measured with `load.client: vllm`).",
     )
     compare: Literal["ratio", "delta", "value"] = Field(default="ratio", description="target/vs, target-vs, or target.")
     workloads: list[str] | None = Field(default=None, description="Workloads it applies to (None: all).")
@@ -132,6 +147,13 @@ class Scenario(BaseModel):
                 raise ValueError(f"unknown target {ref!r}")
         if self.load.cycles > 1 and (self.lifecycle != "sequential" or self.load.rounds > 1):
             raise ValueError("load.cycles needs lifecycle: sequential and load.rounds: 1")
+        if self.load.client == "vllm":
+            if self.load.mode != "closed" or self.load.together:
+                raise ValueError("load.client vllm measures a closed loop (vLLM's --max-concurrency), one target at "
+                                 "a time")
+            if any(w.dataset is not None or w.prompt_tokens.fixed is None or w.output_tokens.fixed is None
+                   for w in self.workloads):
+                raise ValueError("load.client vllm draws random prompts of fixed lengths: no dataset, no ranges")
         if len({w.name for w in self.workloads}) != len(self.workloads):
             raise ValueError("workload names must be unique")
         return self

