@@ -78,6 +78,15 @@ class Watch:
         wall = max(time.perf_counter() - self.t0, 1e-9)
         cpu1 = _cpu(self.procs)
         watched = sum(cpu1[pid] - self.cpu0[pid] for pid in cpu1 if pid in self.cpu0)
+        by_process: dict[str, float] = {}
+        for p in self.procs:
+            if p.pid in cpu1 and p.pid in self.cpu0:
+                try:
+                    name = title(p.cmdline(), p.name())[:60]
+                except psutil.Error:
+                    continue
+                by_process[name] = by_process.get(name, 0.0) + cpu1[p.pid] - self.cpu0[p.pid]
+        self.cpu_s_by_process = by_process
         mine = sum(self.me.cpu_times()[:2]) - self.me0
         sys1 = psutil.cpu_times()
         busy = (sum(sys1) - sys1.idle - getattr(sys1, "iowait", 0.0)) - (
@@ -94,4 +103,7 @@ class Watch:
             "loadgen_cpu_pct": round(100 * mine / wall, 1),
             "other_cpu_pct": round(100 * max(0.0, busy - watched - mine) / wall, 1),
             "target_rss_mb": round(rss / 2**20, 1),
+            # CPU-seconds of the window by process title, largest first (engine and front-end processes apart)
+            "target_cpu_s_by_process": {k: round(v, 3) for k, v in sorted(by_process.items(), key=lambda kv: -kv[1])
+                                        if v > 0},
         }

@@ -140,9 +140,10 @@ def markdown(run: dict[str, Any]) -> str:
         lines += ["", f"## {wl['name']} ({wl['endpoint']}, {'streaming' if wl['stream'] else 'non-streaming'})", "",
                   f"| {unit} | target | req/s | out tok/s | goodput req/s | TTFT p50/p99 ms | ITL p50 ms | "
                   "TPOT p50 ms | E2E p50/p90/p99 ms | start burst p50 | errors | target CPU% | other CPU% |"
-                  + (" req/CPU-s |" if together else "") + (" ITL p99 ms | clumped |" if harness else ""),
+                  + (" req/CPU-s |" if together else "")
+                  + (" ITL p99 ms | clumped | front-end CPU-s per 1k tok |" if harness else ""),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if together else "")
-                  + ("---|---|" if harness else "")]
+                  + ("---|---|---|" if harness else "")]
         for p in mine:
             errs = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "0"
             lines.append(
@@ -153,16 +154,17 @@ def markdown(run: dict[str, Any]) -> str:
                 f"{_num((p.get('start_burst') or {}).get('p50'))} | {errs} | "
                 f"{p.get('target_cpu_pct', '-')} | {p.get('other_cpu_pct', '-')} |"
                 + (f" {_num(p.get('req_per_cpu_s'))} |" if together else "")
-                + (f" {_ms(p['itl_s']['p99'])} | {_pct(p.get('clumped_share'))} |" if harness else ""))
+                + (f" {_ms(p['itl_s']['p99'])} | {_pct(p.get('clumped_share'))} |"
+                   f" {_num(p.get('frontend_cpu_s_per_1k_tokens'), '.3f')} |" if harness else ""))
         base = sc.get("baseline")
         if base:
             lines += ["", f"Against **{base}** (same run, interleaved):", "",
                       f"| {unit} | target | req/s ratio | tok/s ratio | TTFT p50 ratio | E2E p50 added ms |"
                       + (" req/s ratio by round | TTFT p50 ratio by round |" if rounds > 1 else "")
                       + (" req/CPU-s ratio | req/CPU-s ratio by round |" if together else "")
-                      + (" TTFT p99 ratio | ITL p99 ratio | clumped, points more |" if harness else ""),
+                      + (" TTFT p99 ratio | ITL p99 ratio | clumped, points more | front-end CPU ratio |" if harness else ""),
                       "|---|---|---|---|---|---|" + ("---|---|" if rounds > 1 else "") + ("---|---|" if together else "")
-                      + ("---|---|---|" if harness else "")]
+                      + ("---|---|---|---|" if harness else "")]
             for p in mine:
                 b = _find(pts, base, p["workload"], p["level"])
                 if p["target"] == base or b is None:
@@ -176,7 +178,8 @@ def markdown(run: dict[str, Any]) -> str:
                                 f" {_by_round(p, b, 'req_per_cpu_s')} |" if together else "")
                              + (f" {_num(paired_ratio(p, b, 'ttft_p99_ms'), '.2f')} |"
                                 f" {_num(paired_ratio(p, b, 'itl_p99_ms'), '.2f')} |"
-                                f" {_num(_points(paired_delta(p, b, 'clumped_share')), '+.1f')} |" if harness else ""))
+                                f" {_num(_points(paired_delta(p, b, 'clumped_share')), '+.1f')} |"
+                                f" {_num(paired_ratio(p, b, 'frontend_cpu_s_per_1k_tokens'), '.2f')} |" if harness else ""))
     if run.get("goals"):
         lines += ["", "## Goals", "", "| goal | workload | level | figure | bound | met |", "|---|---|---|---|---|---|"]
         for g in run["goals"]:

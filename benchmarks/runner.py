@@ -191,6 +191,11 @@ class Runner:
                 res = asyncio.run(run_point(r.base_url, r.key, wl.bodies(r.target.model), wl.path(), point, self.slo,
                                             prog, seed=wl.seed, timeout_s=ld.timeout_s))
         res.update(watch.result)
+        if ld.client == "vllm":
+            # The window holds the warm-up requests too (and the client's start-up): count their tokens as well.
+            requests = ld.requests_per_stream * point.level
+            tokens = res["output_tokens"] * (requests + point.level) / requests
+            res.update(vllm_client.cpu_per_1k_tokens(watch.cpu_s_by_process, tokens))
         res.update({"target": r.target.name, "workload": wl.name, "stream": wl.stream})
         if not prog.enabled:
             self.say(f"  {r.target.name:14s} {wl.name:14s} {point.label:12s} {res['req_per_s']:9.1f} req/s "

@@ -106,10 +106,12 @@ class Goal(BaseModel):
     target: str = Field(description="Target whose figure is checked.")
     vs: str | None = Field(default=None, description="Target it is compared with (None: absolute).")
     metric: Literal["req_per_s", "req_per_cpu_s", "output_tok_per_s", "goodput_req_per_s", "e2e_p50_ms",
-                    "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "clumped_share"] = Field(
+                    "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "clumped_share",
+                    "frontend_cpu_s_per_1k_tokens"] = Field(
         description="req_per_cpu_s: requests per CPU-second of the target's own processes (its cost per request, "
         "inverted; measured with `load.together`). clumped_share: the share of stream chunks that arrived within "
-        "0.5 ms of the one before (measured with `load.client: vllm`).",
+        "0.5 ms of the one before, and frontend_cpu_s_per_1k_tokens: CPU-seconds of every process of the target but "
+        "vLLM's engine core and workers per 1,000 output tokens (both measured with `load.client: vllm`).",
     )
     compare: Literal["ratio", "delta", "value"] = Field(default="ratio", description="target/vs, target-vs, or target.")
     workloads: list[str] | None = Field(default=None, description="Workloads it applies to (None: all).")

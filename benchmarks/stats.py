@@ -178,7 +178,8 @@ def summarize(records: list[RequestRecord], wall_s: float, slo: SLO | None = Non
 
 
 # Figures kept round by round, so a ratio between two targets pairs the rounds (see `report.paired_ratio`).
-PAIRED = ("req_per_s", "req_per_cpu_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "clumped_share")
+PAIRED = ("req_per_s", "req_per_cpu_s", "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "clumped_share",
+          "frontend_cpu_s_per_1k_tokens")
 
 
 def metric(point: dict[str, Any], name: str) -> float | None:

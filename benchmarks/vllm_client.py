@@ -23,6 +23,8 @@ from benchmarks.stats import dist
 from benchmarks.workload import Workload
 
 CLUMP_S = 0.0005  # a chunk this soon after the previous one came in the same burst
+# vLLM's engine processes (its process titles): everything else in a target's tree is its front end.
+ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker")
 # `vllm.benchmarks.serve` has no `__main__`: `vllm bench serve` builds its parser and calls `main`. So does this.
 RUN_CLIENT = (
     "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
@@ -97,8 +99,23 @@ def point_from_result(doc: dict[str, Any]) -> dict[str, Any]:
         "e2e_s": dist(latencies),
         "start_burst": dist([]),
         "clumped_share": sum(1 for g in gaps if g < CLUMP_S) / len(gaps) if gaps else None,
+        "output_tokens": int(doc.get("total_output_tokens", 0)),
         "client": "vllm.benchmarks.serve",
     }
+
+
+def cpu_per_1k_tokens(cpu_s_by_process: dict[str, float], tokens: float) -> dict[str, float | None]:
+    """CPU-seconds per 1,000 output tokens of a target's front end (every process but vLLM's engine core and
+    workers: HAProxy, replicas, Ray's daemons, an API server) and of its engine processes.
+
+    The front end's figure does not depend on how fast the engine computes: it predicts a GPU host, where
+    the engine is quick and the front end becomes the ceiling.
+    """
+    if tokens <= 0:
+        return {"frontend_cpu_s_per_1k_tokens": None, "engine_cpu_s_per_1k_tokens": None}
+    engine = sum(s for name, s in cpu_s_by_process.items() if name.startswith(ENGINE_PROCESSES))
+    front = sum(cpu_s_by_process.values()) - engine
+    return {"frontend_cpu_s_per_1k_tokens": 1000 * front / tokens, "engine_cpu_s_per_1k_tokens": 1000 * engine / tokens}
 
 
 def run_point(

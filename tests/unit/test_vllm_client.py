@@ -70,3 +70,14 @@ def test_the_vllm_client_needs_fixed_lengths_and_a_closed_loop() -> None:
                 {"load": {"levels": [1], "client": "vllm", "together": True}}):
         with pytest.raises(ValidationError, match="client vllm"):
             Scenario.model_validate({**base, **bad})
+
+
+def test_front_end_cpu_per_token_leaves_out_only_vllm_s_engine_processes() -> None:
+    from benchmarks.vllm_client import cpu_per_1k_tokens
+
+    raygate = {"ray::ServeReplica:raygate:gateway": 6.0, "haproxy": 1.1, "gcs_server": 0.5,
+               "VLLM::EngineCore": 20.0, "VLLM::Worker_TP0": 11.9}
+    figures = cpu_per_1k_tokens(raygate, 50_000)
+    assert figures["frontend_cpu_s_per_1k_tokens"] == pytest.approx(0.152)
+    assert figures["engine_cpu_s_per_1k_tokens"] == pytest.approx(0.638)
+    assert cpu_per_1k_tokens(raygate, 0)["frontend_cpu_s_per_1k_tokens"] is None
