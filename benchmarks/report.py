@@ -129,7 +129,7 @@ def markdown(run: dict[str, Any]) -> str:
         lines.append(f"- **{name} skipped**: {why}")
     unit = "c" if sc["load"]["mode"] == "closed" else "req/s"
     if sc["load"].get("client") == "vllm":
-        lines += ["Measured by **vLLM's own benchmark client** (`python -m vllm.benchmarks.serve`): every stream started "
+        lines += ["Measured by **vLLM's own benchmark client** (`vllm.benchmarks.serve`): every stream started "
                   "together, random prompts. `clumped`: the share of chunks that arrived within 0.5 ms of the one "
                   "before (tokens reaching the client in clumps); its comparison is in percentage points.", ""]
     for wl in sc["workloads"]:

@@ -183,8 +183,8 @@ class Runner:
                 tokenizer = self.ph.expand(r.target.tokenizer, r.target.name) if r.target.tokenizer else None
                 res = vllm_client.run_point(
                     sys.executable, r.base_url, r.key, r.target.model, tokenizer, wl, int(point.level),
-                    ld.requests_per_stream, self.workdir / "vllm-client" / f"{r.target.name}-{wl.name}-{point.level:g}",
-                    wl.seed, ld.timeout_s * ld.requests_per_stream,
+                    self.workdir / "vllm-client" / f"{r.target.name}-{wl.name}-{point.level:g}",
+                    wl.seed, ld.timeout_s * vllm_client.REQUESTS_PER_STREAM,
                 )
                 res.update({"mode": point.mode, "level": point.level, "duration_s": res["wall_s"]})
             else:
@@ -193,7 +193,7 @@ class Runner:
         res.update(watch.result)
         if ld.client == "vllm":
             # The window holds the warm-up requests too (and the client's start-up): count their tokens as well.
-            requests = ld.requests_per_stream * point.level
+            requests = vllm_client.REQUESTS_PER_STREAM * point.level
             tokens = res["output_tokens"] * (requests + point.level) / requests
             res.update(vllm_client.cpu_per_1k_tokens(watch.cpu_s_by_process, tokens))
         res.update({"target": r.target.name, "workload": wl.name, "stream": wl.stream})

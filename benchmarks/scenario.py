@@ -55,12 +55,9 @@ class LoadConfig(BaseModel):
     client: Literal["raygate", "vllm"] = Field(
         default="raygate",
         description="Who measures each point. `raygate`: this load generator. `vllm`: vLLM's own benchmark client "
-        "(`python -m vllm.benchmarks.serve`, random prompts of the workload's fixed lengths, every stream started "
-        "together, `level` warm-up requests then `requests_per_stream x level` measured), the field's yardstick "
+        "(`vllm.benchmarks.serve`, random prompts of the workload's fixed lengths, every stream started "
+        "together, `level` warm-up requests then 8 per stream measured), the field's yardstick "
         "when raygate is compared with vLLM's server. Closed loop only.",
-    )
-    requests_per_stream: int = Field(
-        default=8, ge=1, description="`client: vllm`: requests per stream of a point (vLLM's --num-prompts / level).",
     )
     levels: list[float] = Field(min_length=1, description="Concurrencies (closed) or request rates in req/s (open).")
     duration_s: float = Field(default=15.0, gt=0, description="Measured seconds per point.")

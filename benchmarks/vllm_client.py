@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from benchmarks.stats import dist
 from benchmarks.workload import Workload
 
+REQUESTS_PER_STREAM = 8  # a point's measured requests: 8 x level, as vLLM's own benchmarks run it
 CLUMP_S = 0.0005  # a chunk this soon after the previous one came in the same burst
 # vLLM's engine processes (its process titles): everything else in a target's tree is its front end.
 ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker")
@@ -34,8 +35,8 @@ RUN_CLIENT = (
 
 
 def client_argv(
-    python: str, base_url: str, model: str, tokenizer: str | None, workload: Workload, level: int,
-    requests_per_stream: int, result_dir: Path, seed: int,
+    python: str, base_url: str, model: str, tokenizer: str | None, workload: Workload, level: int, result_dir: Path,
+    seed: int,
 ) -> list[str]:
     """The command line of vLLM's benchmark client for one point (`base_url` with its `/v1`)."""
     u = urlsplit(base_url)
@@ -50,7 +51,7 @@ def client_argv(
         "--random-input-len", str(workload.prompt_tokens.fixed),
         "--random-output-len", str(workload.output_tokens.fixed),
         "--max-concurrency", str(level),
-        "--num-prompts", str(requests_per_stream * level),
+        "--num-prompts", str(REQUESTS_PER_STREAM * level),
         "--num-warmups", str(level),
         "--seed", str(seed),
         "--percentile-metrics", "ttft,tpot,itl,e2el",
@@ -120,12 +121,12 @@ def cpu_per_1k_tokens(cpu_s_by_process: dict[str, float], tokens: float) -> dict
 
 def run_point(
     python: str, base_url: str, key: str | None, model: str, tokenizer: str | None, workload: Workload, level: int,
-    requests_per_stream: int, workdir: Path, seed: int, timeout_s: float,
+    workdir: Path, seed: int, timeout_s: float,
 ) -> dict[str, Any]:
     """Measure one point with vLLM's client; its output is kept beside the result in `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "result.json").unlink(missing_ok=True)
-    argv = client_argv(python, base_url, model, tokenizer, workload, level, requests_per_stream, workdir, seed)
+    argv = client_argv(python, base_url, model, tokenizer, workload, level, workdir, seed)
     env = {**os.environ, "OPENAI_API_KEY": key or "none"}
     with open(workdir / "client.log", "wb") as log:
         proc = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)

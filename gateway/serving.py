@@ -22,7 +22,7 @@ from gateway.governance.gate import Governance, Outcome
 from gateway.governance.quota_policy import unreported_usage
 from gateway.logs import REQUEST_ID
 from gateway.observe import Observer
-from gateway.protocol import read_json, validate
+from gateway.protocol import GenerationRequest, read_json, validate
 from gateway.routing.routes import plan, priority_for
 from gateway.settings import GatewaySettings
 from gateway.streaming import SettleAfterResponse, read_usage, relay, want_usage
@@ -63,8 +63,11 @@ class GenerationService:
             return [model]
         return plan(route, random.random(), self.settings.max_route_attempts)
 
-    async def create(self, endpoint: Endpoint, request: Request) -> Response:
-        """Answer one generation request (a full body or an SSE stream); errors raise for the app's envelope."""
+    async def create(self, endpoint: Endpoint, request: Request, typed: GenerationRequest | None = None) -> Response:
+        """Answer one generation request (a full body or an SSE stream); errors raise for the app's envelope.
+
+        `typed`: the body already validated (FastAPI's route did it), not validated again.
+        """
         gov, settings = self.gov, self.settings
         rid = request_id(request)
         REQUEST_ID.set(rid)
@@ -73,7 +76,8 @@ class GenerationService:
             caller = watch.caller = await gov.authenticate(request)
             watch.mark("auth")
             body = await read_json(request, settings.max_request_bytes)
-            typed = validate(endpoint, body)
+            if typed is None:
+                typed = validate(endpoint, body)
             requested = watch.model = typed.model
             chosen = self.targets(requested)
             first = self.backend.resolve(chosen[0])  # 404 for an unknown model, before any quota

@@ -56,11 +56,10 @@ class VLLMEngine(Engine):
         self.model_path = artifact.path
         self.served_name = artifact.served_name
         variant = artifact.variant
-        vllm_args = cfg.vllm_args()
         self.quantization = variant.quantization if variant else None
         self._card = ModelCard(
             id=artifact.served_name, created=artifact.created, root=artifact.root, engine="vllm",
-            scheduling=vllm_args.get("scheduling_policy") or "fcfs", variant=variant.name if variant else None, quantization=self.quantization,
+            scheduling=cfg.vllm_args().get("scheduling_policy") or "fcfs", variant=variant.name if variant else None, quantization=self.quantization,
         )
         self._engine: Any = None
         self._chat: Any = None
@@ -69,9 +68,7 @@ class VLLMEngine(Engine):
         self.adapters: set[str] = set()
         self._chat_request_cls: Any = None
         self._completion_request_cls: Any = None
-        max_num_seqs = int(vllm_args.get("max_num_seqs") or 256)
-        limit = max_num_seqs + cfg.max_queued_requests if cfg.max_queued_requests >= 0 else 1 << 30
-        self._admission = InflightLimiter(limit)
+        self._admission = InflightLimiter(0)  # sized from the engine's own batch size once it has started
 
     @property
     def card(self) -> ModelCard:
@@ -113,10 +110,13 @@ class VLLMEngine(Engine):
         self._models = state.openai_serving_models
         self._chat_request_cls = ChatCompletionRequest
         self._completion_request_cls = CompletionRequest
-        model_config = vllm_config.model_config
-        self._card = self._card.model_copy(
-            update={"max_model_len": model_config.max_model_len, "dtype": str(model_config.dtype).removeprefix("torch.")}
-        )
+        model_config, scheduler = vllm_config.model_config, vllm_config.scheduler_config
+        queued = self.cfg.max_queued_requests
+        self._admission.limit = scheduler.max_num_seqs + queued if queued >= 0 else 1 << 30
+        self._card = self._card.model_copy(update={
+            "max_model_len": model_config.max_model_len, "dtype": str(model_config.dtype).removeprefix("torch."),
+            "scheduling": scheduler.policy,
+        })
         logger.info("vLLM engine ready: %s (%s)", self.served_name, self.model_path)
 
     async def check_health(self) -> None:

@@ -41,7 +41,8 @@ def openai_router(generation: GenerationService, catalog: ModelCatalog) -> APIRo
     """`/v1/models`, `/v1/chat/completions`, `/v1/completions`.
 
     The two POST routes are also reached without this router, by the app's direct path
-    (`GatewayApp`): both end in `generation.create`. Their typed body is what the OpenAPI document shows.
+    (`GatewayApp`): both end in `generation.create`. Their typed body is what the OpenAPI document shows; FastAPI
+    validates it here, and the service takes it as it is.
     """
     r = APIRouter(prefix="/v1")
 
@@ -55,10 +56,10 @@ def openai_router(generation: GenerationService, catalog: ModelCatalog) -> APIRo
 
     @r.post("/chat/completions", responses=STREAM_OR_JSON)
     async def chat_completions(request: Request, body: ChatCompletionRequest = Body()) -> Response:  # noqa: B008
-        return await generation.create("chat", request)
+        return await generation.create("chat", request, body)
 
     @r.post("/completions", responses=STREAM_OR_JSON)
     async def completions(request: Request, body: CompletionRequest = Body()) -> Response:  # noqa: B008
-        return await generation.create("completion", request)
+        return await generation.create("completion", request, body)
 
     return r

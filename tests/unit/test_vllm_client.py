@@ -19,7 +19,7 @@ def _workload(**kw: object) -> Workload:
 
 
 def test_the_command_line_is_the_issue_s_yardstick(tmp_path: Path) -> None:
-    argv = client_argv("/py", "http://127.0.0.1:8000/v1", "m", "/tok", _workload(), 64, 8, tmp_path, 0)
+    argv = client_argv("/py", "http://127.0.0.1:8000/v1", "m", "/tok", _workload(), 64, tmp_path, 0)
     flags = dict(zip(argv[3::2], argv[4::2], strict=False))
     assert argv[:2] == ["/py", "-c"] and "vllm.benchmarks.serve" in argv[2]
     assert flags["--backend"] == "openai-chat" and flags["--endpoint"] == "/v1/chat/completions"
@@ -28,7 +28,7 @@ def test_the_command_line_is_the_issue_s_yardstick(tmp_path: Path) -> None:
     assert (flags["--max-concurrency"], flags["--num-prompts"], flags["--num-warmups"]) == ("64", "512", "64")
     assert "--ignore-eos" in argv and argv[argv.index("--tokenizer") + 1] == "/tok"
     completion = client_argv("/py", "http://h:1/v1", "m", None, _workload(endpoint="completion", exact_output=False),
-                             1, 8, tmp_path, 0)
+                             1, tmp_path, 0)
     assert completion[completion.index("--backend") + 1] == "openai" and "--ignore-eos" not in completion
     assert completion[completion.index("--endpoint") + 1] == "/v1/completions" and "--tokenizer" not in completion
 
