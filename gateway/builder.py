@@ -124,16 +124,22 @@ def check_shared_state(cfg: AppConfig) -> None:
         )
 
 
-def build_app(args: dict[str, Any] | AppConfig | str | Path) -> Application:
-    """Serve entry point: `serve run gateway.builder:build_app config=raygate.yaml`."""
+def build_app(args: dict[str, Any] | AppConfig | str | Path, listen: tuple[str, int] | None = None) -> Application:
+    """Serve entry point: `serve run gateway.builder:build_app config=raygate.yaml`.
+
+    `listen` (host, port): every gateway replica takes client connections there itself, with no Serve
+    ingress in front (`raygate up` on one node; see gateway/listener.py).
+    """
     if isinstance(args, dict) and "config" in args and len(args) == 1:
         args = args["config"]
     cfg = AppConfig.load(args)
     check_shared_state(cfg)
     for model in cfg.serve.models:
         check_engine_args(model)  # a misspelt vLLM argument fails here, naming it, not in a replica
+    if listen is not None and (reason := cfg.gateway.needs_serve_ingress()):
+        raise ValueError(f"{reason} needs Serve's ingress in front of the gateway replicas")
     app = as_deployment(GatewayIngress).options(**deployment_options(cfg)).bind(
-        cfg.model_dump(mode="json"), model_apps(cfg))
+        cfg.model_dump(mode="json"), model_apps(cfg), {"host": listen[0], "port": listen[1]} if listen else None)
     return with_conversation_router(app, cfg)
 
 

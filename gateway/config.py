@@ -54,10 +54,11 @@ class GatewayDeploymentConfig(BaseModel):
     )
     num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves per gateway replica.")
     max_ongoing_requests: int = Field(
-        default=1024, ge=1, description="Requests in flight per replica before Serve queues more; keep it well above the "
-        "client concurrency one replica should carry."
+        default=1024, ge=1, description="Requests in flight per replica before Serve queues more (a replica that listens "
+        "itself, on one node, answers 503 past this plus max_queued_requests); keep it well above the client "
+        "concurrency one replica should carry."
     )
-    max_queued_requests: int = Field(default=2048, ge=-1, description="Requests Serve queues per replica before it refuses; lower it to shed load sooner.")
+    max_queued_requests: int = Field(default=2048, ge=-1, description="Requests Serve queues per replica before it refuses (-1: no limit); lower it to shed load sooner.")
     health_check_period_s: float = Field(default=10.0, gt=0, description="How often Serve checks replica health.")
     health_check_timeout_s: float = Field(default=30.0, gt=0, description="A health check slower than this fails.")
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Time a stopping replica drains its requests; raise it above your longest generation.")
@@ -82,6 +83,18 @@ class GatewayDeploymentConfig(BaseModel):
         Serve's per-request access log stays off: the gateway writes its own off the hot path (`access_log`).
         """
         return {"encoding": self.log_encoding, "log_level": "INFO", "enable_access_log": False}
+
+    def needs_serve_ingress(self) -> str | None:
+        """Why the replicas cannot take client connections themselves on one node (None: they can).
+
+        Conversation routing is HAProxy asking a router for each request's replica; gateway autoscaling
+        scales on the requests Serve's ingress hands the replicas. Both need Serve's ingress in front.
+        """
+        if self.conversation_routing.enabled:
+            return "conversation routing"
+        if self.autoscaling is not None:
+            return "gateway autoscaling"
+        return None
 
 
 class AppConfig(BaseModel):

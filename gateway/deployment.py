@@ -16,6 +16,7 @@ from gateway.app import create_app
 from gateway.backend import build_backend
 from gateway.config import AppConfig
 from gateway.governance.gate import Governance
+from gateway.listener import Listener, reuse_port_socket
 from gateway.logs import OWN_LOGGERS
 from gateway.metrics import multiprocess_dir
 from gateway.routing.replica_router import IN_FLIGHT_STAT
@@ -26,6 +27,9 @@ from serve.errors import EngineUnavailable
 from serve.replica_logs import route_logs_to_serve
 
 logger = logging.getLogger(__name__)
+
+# Of a stopping replica's `graceful_shutdown_timeout_s`, what its engines keep to shut down after the drain.
+ENGINE_STOP_S = 5.0
 
 
 def registry_location(cfg: AppConfig, settings: GatewaySettings) -> tuple[str, str]:
@@ -63,9 +67,11 @@ class GatewayIngress:
     """One replica: the FastAPI gateway plus the engines of its co-located models."""
 
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
-        self, config: dict[str, Any], models: dict[str, Any] | None = None
+        self, config: dict[str, Any], models: dict[str, Any] | None = None, listen: dict[str, Any] | None = None
     ) -> None:
-        """`models`: handles of the models in deployments of their own, by the id clients send."""
+        """`models`: handles of the models in deployments of their own, by the id clients send.
+        `listen` (`{"host", "port"}`): take client connections there (SO_REUSEPORT, gateway/listener.py)
+        instead of through Serve's ingress; the app starts listening once its engines are ready."""
         shared = multiprocess_dir()
         if shared is not None:
             shared.mkdir(parents=True, exist_ok=True)  # the builder set it; `serve deploy` has no Stack to make it
@@ -74,15 +80,28 @@ class GatewayIngress:
         self.settings = GatewaySettings(**cfg.gateway.settings)
         # Governance first: a configuration error (keys, store) fails in a second, not after an engine's load.
         self.governance = Governance.build(self.settings)
+        # A taken port fails here, in a second, not after the engines load.
+        sock = reuse_port_socket(listen["host"], int(listen["port"])) if listen is not None else None
         self.backend = build_backend(cfg.serve, registry_for(cfg, self.settings), models)
         await self.backend.start()
         self.replica_header = cfg.gateway.conversation_routing.replica_header
+        self.asgi_app = self._build_app()
+        self.drain_s = max(0.0, cfg.gateway.graceful_shutdown_timeout_s - ENGINE_STOP_S)
+        self.listener: Listener | None = None
+        if sock is not None:
+            g = cfg.gateway
+            most = g.max_ongoing_requests + g.max_queued_requests if g.max_queued_requests >= 0 else 2**31
+            self.listener = Listener(self.asgi_app, sock, most)
+            await self.listener.start()
 
-    def __serve_build_asgi_app__(self) -> Any:
+    def _build_app(self) -> Any:
         app = create_app(self.settings, self.backend, self.governance)
         if self.replica_header:
             return with_header(app, b"x-raygate-replica", serve.get_replica_context().replica_id.unique_id.encode())
         return app
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.asgi_app
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """What this replica tells Serve's request routers (conversation routing passes over busy replicas)."""
@@ -100,6 +119,9 @@ class GatewayIngress:
         return stats_by_version(self.backend.engines.values())
 
     async def __del__(self) -> None:
+        listener = getattr(self, "listener", None)
+        if listener is not None:
+            await listener.close(self.drain_s)  # new connections go to other replicas; requests held finish
         governance = getattr(self, "governance", None)  # absent when __init__ failed before it
         if governance is not None:
             try:

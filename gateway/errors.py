@@ -92,6 +92,14 @@ class KeyStoreUnavailable(GatewayError):
     retry_after_s = 1
 
 
+class ReplicaBusy(GatewayError):
+    """The replica holds as many requests as it takes (`max_ongoing_requests` + `max_queued_requests`)."""
+
+    status = 503
+    default_code = "replica_busy"
+    retry_after_s = 1
+
+
 class QuotaUnavailable(GatewayError):
     """The quota store cannot be reached and the policy is fail_closed."""
 

@@ -216,6 +216,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.settings import GatewaySettings
 
     cfg = AppConfig.load(args.config)
+    if args.home:  # the global --home, as `up` takes it
+        cfg.gateway.settings.setdefault("home", str(home_mod.home_dir(args.home)))
     settings = GatewaySettings(**cfg.gateway.settings)
     registry = registry_for(cfg, settings)
     logs.configure()  # JSON lines on stderr

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -21,7 +22,8 @@ from gateway.config import AppConfig
 
 logger = logging.getLogger(__name__)
 
-# Read at import time by every Ray process: set before `import ray` starts the cluster.
+# Read at import time by every Ray process: set before `import ray` starts the cluster. These are the
+# flags of Serve's ingress (HAProxy) that clusters run with too (deploy/kuberay, deploy/cluster.yaml).
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC handles, user code on the replica loop
     "RAY_SERVE_ENABLE_HA_PROXY": "1",  # bundled HAProxy instead of the Python HTTP proxy
@@ -44,6 +46,21 @@ SERVE_ENV = {
     "VLLM_DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# When the replicas take client connections themselves (gateway/listener.py) there is no Serve ingress:
+# neither HAProxy nor Serve's direct ingress (with it, Serve starts its Python proxy whatever
+# `proxy_location` says), and no balancer to stay reachable for while a replica stops.
+LISTENING_REPLICAS_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "0",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+}
+
+
+def stack_env(replicas_listen: bool) -> dict[str, str]:
+    """The environment `raygate up` starts Ray with."""
+    if replicas_listen:
+        return {**SERVE_ENV, **LISTENING_REPLICAS_ENV}
+    return {**SERVE_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}
 
 
 # Ray's bookkeeping processes run at the lowest priority (Ray starts them at nice 0, its workers at 15):
@@ -71,10 +88,14 @@ class Stack:
     dashboard_port: int = 8265
     metrics_export_port: int = 8080  # Ray's Prometheus endpoint: ray_serve_*, vLLM's engine metrics, ray_* (scraped per node)
     num_cpus: int | None = None
-    env: dict[str, str] = field(
-        default_factory=lambda: {**SERVE_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads())}
-    )
+    env: dict[str, str] = field(default_factory=dict)  # beside stack_env's, overriding it
     started: bool = False
+
+    @property
+    def replicas_listen(self) -> bool:
+        """The gateway replicas take client connections on `port` themselves (no Serve ingress: one node,
+        nothing in the config that needs Serve's, see `GatewayConfig.needs_serve_ingress`)."""
+        return self.config.gateway.needs_serve_ingress() is None
 
     @property
     def base_url(self) -> str:
@@ -87,8 +108,16 @@ class Stack:
     def start(self, ready_timeout_s: float = 600.0, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Start Ray, Serve and the app; wait until `/ready` answers 200. `cancelled` (asked while waiting)
         ends the wait early with `StartCancelled`; the caller then stops what has started."""
-        for key, value in self.env.items():
+        listen = self.replicas_listen
+        env = {**stack_env(listen), **self.env}
+        for key, value in env.items():
             os.environ.setdefault(key, value)
+        for key in LISTENING_REPLICAS_ENV:  # this mode's, whatever an earlier stack in this process set
+            if key in env:
+                os.environ[key] = env[key]
+            else:
+                os.environ.pop(key, None)
+        check_port_free(self.host, self.port)
         import ray
         from ray import serve
 
@@ -114,6 +143,7 @@ class Stack:
         # Gateway metrics are pooled per node; a new cluster starts from zero (replicas make the directory).
         shutil.rmtree(self.config.metrics_dir(), ignore_errors=True)
         serve.start(
+            proxy_location="Disabled" if listen else None,
             http_options={"host": self.host, "port": self.port},
             logging_config=self.config.gateway.serve_logging(),
         )
@@ -121,7 +151,8 @@ class Stack:
         # Deploy without waiting here (serve.run waits for the app to run, deaf to Ctrl-C while the engine
         # starts); the ready wait below asks `cancelled` and Serve's status as it goes.
         serve.run_many(
-            [serve.RunTarget(build_app(self.config), name=self.config.app_name,
+            [serve.RunTarget(build_app(self.config, listen=(self.host, self.port) if listen else None),
+                             name=self.config.app_name,
                              route_prefix=self.config.route_prefix)],
             wait_for_ingress_deployment_creation=False,
             wait_for_applications_running=False,
@@ -178,6 +209,27 @@ _DAEMON_MARKERS = (
     "/gcs/gcs_server", "dashboard/dashboard.py", "ray-dashboard-", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
     "_private/log_monitor.py", "autoscaler/_private/monitor.py", "ray::ServeController",
 )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise `StartFailed` naming the process that listens on (host, port): a stack left running, for one."""
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections of a stopped stack in TIME_WAIT
+    try:
+        probe.bind((host, port))
+        return
+    except OSError as exc:
+        error = exc
+    finally:
+        probe.close()
+    owners = set()
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                with contextlib.suppress(psutil.Error):
+                    owners.add(f"pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:80]})")
+    held = f"; held by {', '.join(sorted(owners))}" if owners else ""
+    raise StartFailed(f"cannot listen on {host}:{port}: {error.strerror}{held}. Stop it, or pass another --port.")
 
 
 def haproxy_threads() -> int:

@@ -1,7 +1,7 @@
 """`raygate up` as a user runs it: prints a working key, serves, and SIGTERM leaves no Ray process.
 
-Runs before the session stack starts (file order): two local Serve instances on one
-machine would contend for HAProxy's fixed stats/metrics ports.
+Runs before the session stack starts (file order): a stack with conversation routing on (Serve's
+HAProxy in front) would contend with another for HAProxy's fixed stats/metrics ports.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
 
-from tests.support import free_ports
+from tests.support import free_ports, wait_until
 
 pytestmark = pytest.mark.integration
 PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
@@ -32,26 +34,41 @@ def _ray_processes() -> set[int]:
     return out
 
 
-def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
-    before = _ray_processes()
+def _listeners(port: int) -> list[str]:
+    """The command lines of the processes listening on `port`."""
+    out = []
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            out.append(" ".join(psutil.Process(conn.pid).cmdline()))
+    return out
+
+
+def _start_up(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """`raygate up *args` on this file's ports; the process and what it printed until it was up (or ended)."""
     exe = Path(sys.executable).with_name("raygate")
     proc = subprocess.Popen(
-        [str(exe), "--home", str(tmp_path), "up", "--engine", "fake", "--port", str(PORT),
+        [str(exe), "--home", str(tmp_path), "up", *args, "--port", str(PORT),
          "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            break
+    return proc, "".join(lines)
+
+
+def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    before = _ray_processes()
+    exe = Path(sys.executable).with_name("raygate")
+    proc, text = _start_up(tmp_path, "--engine", "fake")
     try:
-        deadline = time.monotonic() + 300
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C stops everything"):
-                break
-        text = "".join(lines)
         assert "raygate is up" in text, text
         key = re.search(r"API key\s+(\S+)", text).group(1)
         assert key == (tmp_path / "dev-key").read_text().strip()
@@ -73,13 +90,79 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
         stop_s = time.monotonic() - stop_started
-    assert rc == 0, "".join(lines) + (proc.stdout.read() if proc.stdout else "")
+    assert rc == 0, text + (proc.stdout.read() if proc.stdout else "")
     # Serve's replicas would stay reachable 30 s for load balancers (raygate.stack.SERVE_ENV shortens it).
     assert stop_s < 20, f"SIGTERM took {stop_s:.0f} s to stop the stack"
     deadline = time.monotonic() + 30
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(1)
     assert not (_ray_processes() - before), "Ray processes left behind"
+
+
+def test_sigterm_drains_the_replica_listening_itself(tmp_path: Path) -> None:
+    """On one node the gateway replica is the only listener on the port (no proxy). SIGTERM: streams in
+    flight finish whole; new connections are refused once the replica stops listening, never accepted and cut."""
+    key = "sk-drain-test-0123456789"
+    config = tmp_path / "raygate.yaml"
+    config.write_text(
+        f"gateway:\n  settings:\n    api_keys: [{key}]\n"
+        "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n      fake:\n        itl_ms: 20\n"
+    )
+    proc, text = _start_up(tmp_path, "--config", str(config))
+    base = f"http://127.0.0.1:{PORT}"
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "raygate/tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400,
+            "stream": True}
+    first_chunk = threading.Event()
+    stream: dict[str, object] = {}
+
+    def read_stream() -> None:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            stream["status"] = r.status_code
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first_chunk.set()
+            stream["events"] = events
+
+    try:
+        assert "raygate is up" in text, text
+        listeners = _listeners(PORT)
+        assert listeners and all("ServeReplica" in cmd for cmd in listeners), listeners
+        assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        assert first_chunk.wait(30), stream
+        proc.send_signal(signal.SIGTERM)
+        late: list[str] = []
+
+        def refused() -> bool:
+            try:
+                r = httpx.post(f"{base}/v1/chat/completions", headers=headers, timeout=30,
+                               json={**body, "stream": False, "max_tokens": 5})
+            except httpx.ConnectError:
+                return True
+            except httpx.RemoteProtocolError as exc:  # connected as the listener closed: no answer, no work
+                assert "without sending a response" in str(exc), exc
+                return True
+            late.append(f"{r.status_code} {r.text[:80]}")
+            return False
+
+        assert wait_until(refused, 15, every_s=0.2), late
+        assert reader.is_alive(), "the stream ended before the replica stopped listening: the test proves nothing"
+        reader.join(60)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0
+    assert stream["status"] == 200
+    events = stream["events"]
+    assert isinstance(events, list) and events[-1] == "[DONE]", events[-3:]
+    assert sum(1 for e in events if '"content"' in e) >= 400
+    # Requests that got through before the listener closed were answered whole.
+    assert all(line.startswith("200 ") or line.startswith("503 ") for line in late), late
 
 
 def _has_replica(pid: int) -> bool:
