@@ -106,8 +106,8 @@ class Listener:
         host, port = sock.getsockname()[:2]
         self.address = f"{host}:{port}"
         config = uvicorn.Config(
-            echoing_request_id(bounded(app, max_requests)), lifespan="off", access_log=False, log_config=None, log_level="warning",
-            timeout_keep_alive=KEEP_ALIVE_S,
+            echoing_request_id(bounded(app, max_requests)),
+            lifespan="off", access_log=False, log_config=None, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
         )
         self.server = _Server(config)
         self.task: asyncio.Task[None] | None = None
