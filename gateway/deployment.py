@@ -16,7 +16,7 @@ from gateway.app import create_app
 from gateway.backend import build_backend
 from gateway.config import AppConfig
 from gateway.governance.gate import Governance
-from gateway.listener import Listener, reuse_port_socket
+from gateway.listener import Listener, reuse_port_socket, with_response_header
 from gateway.logs import OWN_LOGGERS
 from gateway.metrics import multiprocess_dir
 from gateway.routing.replica_router import IN_FLIGHT_STAT
@@ -47,19 +47,7 @@ def registry_for(cfg: AppConfig, settings: GatewaySettings) -> Registry:
 
 def with_header(app: Any, name: bytes, value: bytes) -> Any:
     """`app` with one more header on every HTTP response."""
-
-    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-
-        async def send_with_header(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (name, value)]
-            await send(message)
-
-        return await app(scope, receive, send_with_header)
-
-    return wrapped
+    return with_response_header(app, name, lambda _scope: value)
 
 
 @serve.ingress()

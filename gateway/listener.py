@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -65,25 +65,30 @@ def bounded(app: Any, limit: int) -> Any:
     return wrapped
 
 
-def echoing_request_id(app: Any) -> Any:
-    """`app`, echoing a caller's `x-request-id` on the response as Serve's ingress does (the gateway sets
-    its own id only when the caller sent none)."""
+def with_response_header(app: Any, name: bytes, value_for: Callable[[dict[str, Any]], bytes | None]) -> Any:
+    """`app`, adding `name: value_for(scope)` to every HTTP response that lacks it (no header where it is None)."""
 
     async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        rid = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
-        if scope["type"] != "http" or rid is None:
+        value = value_for(scope) if scope["type"] == "http" else None
+        if value is None:
             return await app(scope, receive, send)
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_header(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
-                if not any(k.lower() == b"x-request-id" for k, _ in headers):
-                    message["headers"] = [*headers, (b"x-request-id", rid)]
+                if not any(k.lower() == name for k, _ in headers):
+                    message["headers"] = [*headers, (name, value)]
             await send(message)
 
-        return await app(scope, receive, send_with_id)
+        return await app(scope, receive, send_with_header)
 
     return wrapped
+
+
+def caller_request_id(scope: dict[str, Any]) -> bytes | None:
+    """The `x-request-id` a caller sent, which Serve's ingress echoes and so does a listening replica (the
+    gateway sets its own id only when the caller sent none)."""
+    return next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
 
 
 class _Server(uvicorn.Server):
@@ -106,7 +111,7 @@ class Listener:
         host, port = sock.getsockname()[:2]
         self.address = f"{host}:{port}"
         config = uvicorn.Config(
-            echoing_request_id(bounded(app, max_requests)),
+            with_response_header(bounded(app, max_requests), b"x-request-id", caller_request_id),
             lifespan="off", access_log=False, log_config=None, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
         )
         self.server = _Server(config)
