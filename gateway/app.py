@@ -21,7 +21,7 @@ from gateway.api.admin_router import admin_router
 from gateway.api.openai_router import openai_router
 from gateway.api.system_router import system_router
 from gateway.backend import ModelBackend
-from gateway.errors import MethodNotAllowed, NotFound, error_response
+from gateway.errors import MethodNotAllowed, NotFound, PayloadTooLarge, error_response
 from gateway.governance.gate import Governance
 from gateway.logs import access_logger
 from gateway.metrics import GatewayMetrics
@@ -30,7 +30,7 @@ from gateway.serving import GenerationService, id_headers, request_id
 from gateway.serving_models import ModelCatalog
 from gateway.settings import GatewaySettings
 from gateway.tracing import Tracing
-from serve.errors import InvalidRequest, RaygateError
+from serve.errors import InvalidRequest, RaygateError, param_from_validation_error
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -48,13 +48,27 @@ class GatewayApp(FastAPI):
 
     direct_routes: dict[str, Handler]
     on_error: Callable[[Request, Exception], Response]
+    admin_gate: Callable[[str], bool]  # whether a path needs the admin key
+    governance: Governance
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not self.user_middleware:
-            path = scope["path"]
-            root = scope.get("root_path")
-            if root and path.startswith(root):
-                path = path[len(root):]
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        path = scope["path"]
+        root = scope.get("root_path")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if self.admin_gate(path):
+            # The admin key is checked before a byte of the body is read, and the body is capped.
+            request = Request(scope, receive, send)
+            try:
+                self.governance.authenticate_admin(request)
+                receive = await bounded_body(receive, ADMIN_MAX_BODY_BYTES, request.headers.get("content-length"))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI envelope
+                await self.on_error(request, exc)(scope, receive, send)
+                return
+        elif scope["method"] == "POST" and not self.user_middleware:
             handler = self.direct_routes.get(path)
             if handler is not None:
                 request = Request(scope, receive, send)
@@ -67,6 +81,33 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+ADMIN_MAX_BODY_BYTES = 1024 * 1024  # an admin body is a key's settings: a long model list fits many times over
+
+
+async def bounded_body(receive: Any, max_bytes: int, length: str | None) -> Callable[[], Awaitable[Any]]:
+    """Read the whole body (413 past `max_bytes`) and return a `receive` that replays it, then waits as the
+    original does (for the disconnect)."""
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes.")
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"Request body is larger than {max_bytes} bytes.")
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    replay: list[Any] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replayed() -> Any:
+        return replay.pop() if replay else await receive()
+
+    return replayed
+
+
 def build_observer(settings: GatewaySettings, tracing: Tracing | None = None) -> Observer:
     """Metrics, traces and the access log as `settings` ask (tracing: the `OTEL_*` environment)."""
     return Observer(
@@ -75,6 +116,7 @@ def build_observer(settings: GatewaySettings, tracing: Tracing | None = None) ->
         access_logger(settings.access_log),
         slo_ttft_s=settings.slo_ttft_s,
         slo_tpot_s=settings.slo_tpot_s,
+        metric_key_ids=frozenset(settings.metrics_key_ids),
     )
 
 
@@ -125,7 +167,10 @@ def create_app(
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        return on_error(request, InvalidRequest(str(errors[0].get("msg")) if errors else str(exc)))
+        param = param_from_validation_error(exc)
+        message = str(errors[0].get("msg")) if errors else str(exc)
+        return on_error(request, InvalidRequest(f"Invalid value for '{param}': {message}" if param else message,
+                                                param=param))
 
     app.add_exception_handler(RaygateError, any_error)  # each carries its status, type and code
     app.add_exception_handler(Exception, any_error)  # anything else: a logged 500 in the envelope
@@ -140,4 +185,9 @@ def create_app(
         "/v1/completions": partial(generation.create, "completion"),
     }
     app.on_error = on_error
+    app.governance = gov
+    metrics_gated = settings.metrics_auth == "admin"
+    app.admin_gate = lambda path: path == "/admin" or path.startswith("/admin/") or (
+        metrics_gated and path == "/metrics"
+    )
     return app

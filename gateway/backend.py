@@ -36,6 +36,18 @@ class ModelBackend:
                     return engine
         raise ModelNotFound(model)
 
+    def grant_names(self, model: str) -> tuple[str, ...]:
+        """The names a key's model list may grant `model` by: itself, the served id (an alias's target) and the
+        registry reference it serves.
+
+        An adapter is granted by its own name only: a key allowed a base model may not call every adapter on it.
+        """
+        live = self.models.get(model) or self.models.get(self.aliases.get(model, ""))
+        if live is None:
+            return (model,)
+        card = live.card
+        return tuple(dict.fromkeys(n for n in (model, card.id, card.root) if n))
+
     @property
     def engines(self) -> dict[str, Engine]:
         """Every running engine by its version's reference (old versions still draining excluded)."""

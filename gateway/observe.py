@@ -43,12 +43,13 @@ class Observer:
     """Builds a `Watch` per request; holds what every request reports to."""
 
     def __init__(self, metrics: GatewayMetrics | None, tracing: Tracing, access_log: logging.Logger | None,
-                 slo_ttft_s: float, slo_tpot_s: float) -> None:
+                 slo_ttft_s: float, slo_tpot_s: float, metric_key_ids: frozenset[str] = frozenset()) -> None:
         self.metrics = metrics
         self.tracing = tracing
         self.access_log = access_log
         self.slo_ttft_s = slo_ttft_s
         self.slo_tpot_s = slo_tpot_s
+        self.metric_key_ids = metric_key_ids  # keys with SLO series of their own; the rest are "other"
 
     def start(self, scope: MutableMapping[str, Any], headers: Any, request_id: str) -> Watch:
         return Watch(self, scope, headers, request_id)
@@ -58,7 +59,7 @@ class Watch:
     """One request: timestamps as it goes, every report at `end`."""
 
     __slots__ = ("obs", "t0", "t0_ns", "marks", "span", "parent", "model", "caller", "stream", "fallbacks", "first_ns",
-                 "in_flight", "request_id", "path", "ended", "target")
+                 "in_flight", "request_id", "client_request_id", "path", "ended", "target")
 
     def __init__(self, obs: Observer, scope: MutableMapping[str, Any], headers: Any, request_id: str) -> None:
         self.obs = obs
@@ -73,6 +74,7 @@ class Watch:
         self.first_ns: int | None = None
         self.in_flight = False
         self.request_id = request_id
+        self.client_request_id: str | None = None  # the caller's own id, sanitized (a correlation field)
         self.path = scope["path"]
         self.ended = False
         self.span: SpanContext | None = None  # this request's span (sampled or not); None: tracing off
@@ -127,8 +129,9 @@ class Watch:
             self._spans(outcome, end_ns, error)
         if self.obs.access_log is not None:
             self.obs.access_log.info(
-                "request", extra={"request_id": self.request_id, "path": self.path, "status": outcome.status,
-                                  "model": self.model, "version": outcome.version,
+                "request", extra={"request_id": self.request_id, "client_request_id": self.client_request_id,
+                                  "path": self.path, "status": outcome.status, "model": self.model or outcome.model,
+                                  "version": outcome.version,
                                   "key_id": self.caller.id if self.caller else None,
                                   "prompt_tokens": outcome.prompt_tokens,
                                   "completion_tokens": outcome.completion_tokens,
@@ -157,7 +160,8 @@ class Watch:
             m.count(m.fallbacks, (model, self.target))
         if outcome.status == 200 and self.caller is not None:
             met = slo_met(ttft, tpot, e2e, outcome.completion_tokens, self.obs.slo_ttft_s, self.obs.slo_tpot_s)
-            m.count(m.slo, (self.caller.id, "met" if met else "missed"))
+            key = self.caller.id if self.caller.id in self.obs.metric_key_ids else "other"
+            m.count(m.slo, (key, "met" if met else "missed"))
 
     def _spans(self, outcome: Outcome, end_ns: int, error: BaseException | None) -> None:
         """The request span and its phases, as finished SDK spans, to the exporters."""

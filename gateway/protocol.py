@@ -1,7 +1,10 @@
 """Wire schemas of the OpenAI requests the gateway validates before any engine sees them.
 
-Unknown fields are allowed and passed through (a new OpenAI field needs no release);
-the engine validates what it alone knows (context length, template, logprob limits).
+One validated request drives everything: the engine receives its dump (`engine_body`: the values
+as validated, so a `"2"` the schema coerced reaches the engine as the `2` quotas counted), and
+quotas reserve its `demand`. Unknown fields are allowed and passed through (a new OpenAI field
+needs no release); the engine validates what it alone knows (context length, template, logprob
+limits). Every field that changes how much an engine generates is typed here.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.requests import Request
 
 from gateway.errors import PayloadTooLarge
+from gateway.governance.quota_policy import Demand, estimate_text_tokens
 from serve.engine import Endpoint
 from serve.errors import InvalidRequest, param_from_validation_error
 
@@ -49,6 +53,14 @@ class _Sampling(BaseModel):
         return v
 
 
+    def engine_body(self) -> dict[str, Any]:
+        """What the engine receives: the fields the client set, as validated (unknown ones as sent)."""
+        return self.model_dump(exclude_unset=True)
+
+    def demand(self) -> Demand:
+        raise NotImplementedError
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -65,6 +77,12 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    def demand(self) -> Demand:
+        """Every message's text (4 tokens of framing each), `n` choices of at most `max_completion_tokens`,
+        else `max_tokens` (vLLM's precedence on chat)."""
+        prompt = 2 + sum(4 + _text_tokens(m.content) for m in self.messages)
+        return Demand(prompt, n=self.n or 1, max_new_tokens=self.max_completion_tokens or self.max_tokens)
+
 
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`."""
@@ -74,6 +92,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, description="Only 1 (or absent): vLLM no longer runs best_of.")
 
     @field_validator("prompt")
     @classmethod
@@ -82,11 +101,61 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be empty")
         return v
 
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None) -> int | None:
+        if v is not None and v > 1:
+            raise ValueError("best_of is not supported; ask for n choices instead")
+        return v
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts of the request: a batch is a list of texts or of token lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
+
+    def demand(self) -> Demand:
+        """Every prompt of the batch, each generating `n` choices of at most `max_tokens` (vLLM ignores
+        `max_completion_tokens` on completions, so it bounds nothing here)."""
+        prompts = self.prompts()
+        tokens = sum(len(p) if isinstance(p, list) else estimate_text_tokens(p) + 1 for p in prompts)
+        return Demand(tokens, prompts=len(prompts), n=self.n or 1, max_new_tokens=self.max_tokens)
+
+
+def _text_tokens(content: str | list[dict[str, Any]] | None) -> int:
+    """Estimated tokens of a message's content: its text, or its text parts (other parts count nothing here;
+    the engine's exact count replaces the estimate where `prompt_token_count: engine`)."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return estimate_text_tokens(content)
+    return sum(estimate_text_tokens(t) for p in content if isinstance(t := p.get("text"), str))
+
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 SCHEMAS: dict[Endpoint, type[ChatCompletionRequest] | type[CompletionRequest]] = {
     "chat": ChatCompletionRequest, "completion": CompletionRequest,
 }
+
+
+MAX_JSON_DEPTH = 64  # far beyond any OpenAI request (a tool's JSON schema included); deeper is an attack
+
+
+def too_deep(doc: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a parsed JSON document nests lists and objects deeper than `limit` (iterative: no recursion)."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -103,7 +172,14 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    ensure_shallow(body)
     return body
+
+
+def ensure_shallow(doc: Any) -> None:
+    """InvalidRequest if `doc` nests deeper than MAX_JSON_DEPTH (a token estimate or an engine would recurse)."""
+    if too_deep(doc):
+        raise InvalidRequest(f"The request body nests lists and objects deeper than {MAX_JSON_DEPTH} levels.")
 
 
 def validate(endpoint: Endpoint, body: dict[str, Any]) -> GenerationRequest:

@@ -13,34 +13,50 @@ import uuid
 
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from gateway.backend import ModelBackend
 from gateway.dispatch import ClientDisconnected, generate
-from gateway.errors import status_of
+from gateway.errors import RequestTimeout, status_of
 from gateway.governance.gate import Governance, Outcome
-from gateway.governance.quota_policy import unreported_usage
+from gateway.governance.quota_policy import reservation, unreported_usage
+from gateway.governance.records import KeyRecord
 from gateway.logs import REQUEST_ID
 from gateway.observe import Observer
-from gateway.protocol import GenerationRequest, read_json, validate
+from gateway.protocol import GenerationRequest, ensure_shallow, read_json, validate
 from gateway.routing.routes import plan, priority_for
 from gateway.settings import GatewaySettings
-from gateway.streaming import SettleAfterResponse, read_usage, relay, want_usage
+from gateway.streaming import SettleAfterResponse, SettledStream, observe, read_usage, relay, want_usage
 from gateway.tracing import attach_trace, detach_trace
-from serve.engine import Endpoint
-from serve.errors import RaygateError
+from serve.engine import Endpoint, Engine
+from serve.errors import ModelNotFound, RaygateError
+
+CLIENT_ID_HEADERS = ("x-client-request-id", "x-request-id")
+_CLIENT_ID_MAX = 128
 
 
 def request_id(request: Request) -> str:
-    """The caller's (or Serve's) `x-request-id`, else a new one."""
+    """This request's id, always ours: the engine, the ledger and traces use it (two clients sending the same
+    `x-request-id` must not collide in the engine, nor a long one break the ledger)."""
     rid = getattr(request.state, "request_id", None)
     if rid is None:
-        rid = request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = request.state.request_id = uuid.uuid4().hex
     return rid
 
 
+def client_request_id(request: Request) -> str | None:
+    """The caller's own id for the request (OpenAI's `X-Client-Request-Id`, else `x-request-id`), bounded and
+    reduced to printable ASCII: a correlation field for the access log, never an id we rely on."""
+    for name in CLIENT_ID_HEADERS:
+        value = request.headers.get(name)
+        if value:
+            return "".join(c for c in value[:_CLIENT_ID_MAX] if c.isascii() and c.isprintable()) or None
+    return None
+
+
 def id_headers(request: Request, rid: str) -> dict[str, str]:
-    """Serve echoes an incoming x-request-id itself; set it only when nobody else will."""
+    """Our id in `x-request-id`, unless the caller sent one: Serve's ingress (and a listening replica) echo the
+    caller's there, so ours would be overwritten."""
     return {} if "x-request-id" in request.headers else {"x-request-id": rid}
 
 
@@ -63,6 +79,18 @@ class GenerationService:
             return [model]
         return plan(route, random.random(), self.settings.max_route_attempts)
 
+    async def _resolve(self, caller: KeyRecord, requested: str) -> tuple[Engine, list[str]]:
+        """The engine of the first target the key may use and every target it may try, or ModelNotFound (an
+        unknown model and one the key may not use look the same, and both count against its rpm)."""
+        try:
+            chosen = self.gov.authorize(
+                caller, requested, self.targets(requested), self.backend.grant_names, requested in self.settings.routes
+            )
+            return self.backend.resolve(chosen[0]), chosen
+        except ModelNotFound:
+            await self.gov.count_refusal(caller)
+            raise ModelNotFound(requested) from None
+
     async def create(self, endpoint: Endpoint, request: Request, typed: GenerationRequest | None = None) -> Response:
         """Answer one generation request (a full body or an SSE stream); errors raise for the app's envelope.
 
@@ -72,22 +100,26 @@ class GenerationService:
         rid = request_id(request)
         REQUEST_ID.set(rid)
         watch = self.obs.start(request.scope, request.headers, rid)
+        watch.client_request_id = client_request_id(request)
         try:
             caller = watch.caller = await gov.authenticate(request)
             watch.mark("auth")
-            body = await read_json(request, settings.max_request_bytes)
+            parsed = typed is not None  # FastAPI's path parsed and validated the body itself
             if typed is None:
-                typed = validate(endpoint, body)
-            requested = watch.model = typed.model
-            chosen = self.targets(requested)
-            first = self.backend.resolve(chosen[0])  # 404 for an unknown model, before any quota
+                typed = validate(endpoint, await read_json(request, settings.max_request_bytes))
+            body = typed.engine_body()  # what the engine runs is what was validated
+            if parsed:
+                ensure_shallow(body)
+            requested = typed.model
+            first, chosen = await self._resolve(caller, requested)
+            watch.model = requested  # a metric label: only names the gateway serves, never any string a client sends
             card = first.card
-            gov.authorize(caller, requested, card.id)
             watch.mark("routing")
             if card.scheduling == "priority":
                 body["priority"] = priority_for(caller.tier, settings.tier_priority)
+            demand = typed.demand()
             count = (lambda: first.count_prompt_tokens(endpoint, body)) if self.exact_prompts else None
-            adm = await gov.admit(caller, body, card.max_model_len, count)
+            adm = await gov.admit(caller, demand, card.max_model_len, count)
             watch.mark("quota")
         except BaseException as exc:
             watch.fail(exc)
@@ -114,6 +146,11 @@ class GenerationService:
                 detach_trace(trace_token)
         except BaseException as exc:
             outcome.status = 499 if isinstance(exc, ClientDisconnected) else status_of(exc)
+            if isinstance(exc, ClientDisconnected | RequestTimeout):
+                # Cancelled in the engine before its full body: no engine reports what it had made by then,
+                # so the request is charged the most it could have (its reservation's bound), never nothing.
+                outcome.prompt_tokens = demand.prompt_tokens
+                outcome.completion_tokens = reservation(demand, card.max_model_len) - demand.prompt_tokens
             await done(exc)
             if isinstance(exc, ClientDisconnected):
                 return Response(status_code=499)
@@ -131,16 +168,32 @@ class GenerationService:
                 result, media_type="application/json", headers=headers, background=BackgroundTask(done)
             )
 
+        finished = False
+
         async def finish(client_left: bool) -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
             if client_left:
                 outcome.status = 499
             if not outcome.usage_seen:  # cut short: charge what was sent, not nothing
                 outcome.prompt_tokens, outcome.completion_tokens = unreported_usage(
-                    body, outcome.events, endpoint == "chat"
+                    demand, outcome.events, endpoint == "chat"
                 )
             await done()
 
+        async def close_unsent() -> None:
+            """The client left before the body started: the engine's first event was made, and is charged."""
+            if not finished:
+                if not outcome.events:
+                    observe(result.head, outcome, client_wants_usage)
+                try:
+                    await result.aclose()
+                finally:
+                    await finish(True)
+
         events = relay(result, outcome, client_wants_usage, rid, finish)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
+        return SettledStream(
+            events, close_unsent, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
         )

@@ -75,6 +75,17 @@ class GatewaySettings(BaseSettings):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above it); raise it for very long prompts.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a non-streaming request may take before a 504 (the engine request is aborted); streams are not bounded.")
     metrics: bool = Field(default=True, description="Serve Prometheus metrics on /metrics.")
+    metrics_auth: Literal["admin", "open"] = Field(
+        default="admin",
+        description="Who may read /metrics: `admin` asks for the admin key as a bearer token (Prometheus sends it "
+        "with `authorization: {credentials_file: ...}`); `open` answers anyone who reaches the port, for a gateway "
+        "only Prometheus can reach.",
+    )
+    metrics_key_ids: list[str] = Field(
+        default_factory=list,
+        description="Key ids whose SLO attainment gets series of their own in raygate_slo_requests_total; every "
+        "other key counts under key=\"other\". List the keys you report SLOs for: each adds two series.",
+    )
     tracing: str | None = Field(
         default=None,
         description="Trace exporters ('otlp', 'console', comma-separated, or 'none'); None: OTEL_TRACES_EXPORTER, "

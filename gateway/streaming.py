@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import orjson
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from gateway.dispatch import Started
 from gateway.errors import sse_error_event, status_of
@@ -30,6 +30,28 @@ class SettleAfterResponse(Response):
         finally:
             if task is not None:
                 await task()
+
+
+class SettledStream(StreamingResponse):
+    """An SSE response whose `closer` runs however it ends, its body sent or not.
+
+    `relay` settles in its own `finally`, but a generator that never started has no `finally` to run:
+    when the client is gone before the first byte (the response start fails, or Starlette sees the
+    disconnect first), Starlette never iterates the body, and the request's concurrency slot and
+    reservation stayed held until the lease expired. `closer` must be idempotent: it runs after a
+    normal end too.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], closer: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.closer = closer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.closer()
 
 
 def read_usage(payload: bytes, outcome: Outcome) -> None:

@@ -128,7 +128,7 @@ def param_from_validation_error(exc: object) -> str | None:
         first = errors()[0]
     except (IndexError, TypeError):
         return None
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     # pydantic puts the union member or validator name last for some errors
     loc = [p for p in loc if not p.startswith("function-") and p not in ("str", "int", "list[str]", "list[int]")]
     if not loc:

@@ -40,6 +40,14 @@ def _prompt_words(endpoint: Endpoint, body: dict[str, Any]) -> int:
     return _words(body.get("messages") if endpoint == "chat" else body.get("prompt"))
 
 
+def _prompt_count(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """How many prompts a request carries (a completions batch: a list of texts or of token lists)."""
+    prompt = body.get("prompt")
+    if endpoint == "chat" or not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -84,7 +92,9 @@ class FakeEngine(Engine):
 
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         prompt_tokens = _prompt_words(endpoint, body)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
+        # vLLM's semantics: max_completion_tokens is chat's (and wins there); completions read max_tokens only.
+        chat_max = body.get("max_completion_tokens") if endpoint == "chat" else None
+        max_tokens = chat_max or body.get("max_tokens") or self.cfg.default_max_tokens
         if prompt_tokens + max_tokens > self.cfg.max_model_len:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.cfg.max_model_len} tokens; the request asks for "
@@ -95,7 +105,7 @@ class FakeEngine(Engine):
         if fail and self.cfg.fail_after_tokens is None:
             raise EngineFailure("injected failure")
         seed = int(body.get("seed") or 0)
-        n = int(body.get("n") or 1)
+        n = int(body.get("n") or 1) * _prompt_count(endpoint, body)  # a batch: n choices for each prompt
         stops = body.get("stop") or []
         stops = [stops] if isinstance(stops, str) else list(stops)
         choices = [self._tokens(seed, c, max_tokens, stops) for c in range(n)]

@@ -8,15 +8,19 @@ import asyncio
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from gateway.errors import NotFound, ServiceDisabled
 from gateway.governance.gate import Governance
 from gateway.governance.limits import Limits
-from gateway.governance.records import KeyRecord
+from gateway.governance.records import KeyRecord, as_utc
 from gateway.governance.store import KeyNotFound, KeyStore, reachable
+from serve.errors import InvalidRequest
+
+MAX_LIFETIME_S = 100 * 365 * 86400  # a key for a century is a key forever; beyond, datetimes overflow
+MAX_PAGE = 1000
 
 
 class KeyCreate(BaseModel):
@@ -28,8 +32,12 @@ class KeyCreate(BaseModel):
     tier: str = Field(default="default", max_length=50, description="Service tier (engine priority).")
     allowed_models: list[str] | None = Field(default=None, description="Models or aliases it may call; null: all.")
     limits: Limits = Field(default_factory=Limits, description="The key's own limits.")
-    expires_at: datetime | None = Field(default=None, description="Refused after this instant.")
-    expires_in_s: float | None = Field(default=None, gt=0, description="Alternative to expires_at: seconds from now.")
+    expires_at: datetime | None = Field(
+        default=None, description="Refused after this instant (an offset is honoured; without one, UTC)."
+    )
+    expires_in_s: float | None = Field(
+        default=None, gt=0, le=MAX_LIFETIME_S, description="Alternative to expires_at: seconds from now."
+    )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form labels.")
 
     def expiry(self) -> datetime | None:
@@ -37,18 +45,25 @@ class KeyCreate(BaseModel):
             return datetime.now(UTC) + timedelta(seconds=self.expires_in_s)
         return self.expires_at
 
+    _utc = field_validator("expires_at")(lambda v: as_utc(v))
+
 
 class KeyUpdate(BaseModel):
+    """Only the fields sent change. `owner`, `team`, `allowed_models` and `expires_at` may be set to null
+    (none, no team, every model, never); `name`, `tier`, `limits` and `metadata` may not."""
+
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, max_length=200, description="Human label.")
+    name: str = Field(default=None, max_length=200, description="Human label.")  # type: ignore[assignment]
     owner: str | None = Field(default=None, max_length=200, description="Owner.")
     team: str | None = Field(default=None, max_length=200, description="Team.")
-    tier: str | None = Field(default=None, max_length=50, description="Service tier.")
+    tier: str = Field(default=None, max_length=50, description="Service tier.")  # type: ignore[assignment]
     allowed_models: list[str] | None = Field(default=None, description="Allowed models; send [] to allow none.")
-    limits: Limits | None = Field(default=None, description="Replaces the key's limits.")
-    expires_at: datetime | None = Field(default=None, description="New expiry.")
-    metadata: dict[str, Any] | None = Field(default=None, description="Replaces the labels.")
+    limits: Limits = Field(default=None, description="Replaces the key's limits.")  # type: ignore[assignment]
+    expires_at: datetime | None = Field(default=None, description="New expiry (an offset is honoured).")
+    metadata: dict[str, Any] = Field(default=None, description="Replaces the labels.")  # type: ignore[assignment]
+
+    _utc = field_validator("expires_at")(lambda v: as_utc(v))
 
 
 class Rotate(BaseModel):
@@ -63,6 +78,13 @@ class TeamLimits(BaseModel):
     limits: Limits = Field(description="Limits shared by every key of the team.")
 
 
+def _page(data: list[Any], limit: int, cursor: Any) -> dict[str, Any]:
+    """OpenAI's list shape: `data`, `has_more`, and the cursor of the last item to pass as `after`."""
+    more = len(data) > limit
+    data = data[:limit]
+    return {"object": "list", "data": data, "has_more": more, "last_id": cursor(data[-1]) if data else None}
+
+
 def _json(data: Any, status: int = 200) -> Response:
     import orjson
 
@@ -73,9 +95,19 @@ def _key_view(record: KeyRecord) -> dict[str, Any]:
     return record.model_dump(mode="json")
 
 
+def _usage_cursor(after: str) -> tuple[str, str, str]:
+    parts = after.split("|", 2)
+    if len(parts) != 3:
+        raise InvalidRequest("`after` is the `last_id` of a previous page (day|key_id|model).", param="after")
+    return parts[0], parts[1], parts[2]
+
+
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")]
+
+
 def admin_router(gov: Governance) -> APIRouter:
     async def admin(request: Request) -> KeyStore:
-        gov.authenticate_admin(request)
+        gov.authenticate_admin(request)  # the app checked it before reading the body; this router may stand alone
         if gov.store is None:
             raise ServiceDisabled("This gateway runs without a key store.")
         return gov.store
@@ -99,9 +131,12 @@ def admin_router(gov: Governance) -> APIRouter:
         return _json({"key": plaintext, **_key_view(record)}, 201)
 
     @r.get("/keys")
-    async def list_keys(store: Store, include_revoked: bool = False, team: str | None = None) -> Response:
-        records = await call(store.list_keys, include_revoked=include_revoked, team=team)
-        return _json({"object": "list", "data": [_key_view(k) for k in records]})
+    async def list_keys(
+        store: Store, include_revoked: bool = False, team: str | None = None, limit: Limit = 100,
+        after: str | None = None,
+    ) -> Response:
+        records = await call(store.list_keys, include_revoked=include_revoked, team=team, limit=limit + 1, after=after)
+        return _json(_page([_key_view(k) for k in records], limit, lambda k: k["id"]))
 
     @r.get("/keys/{key_id}")
     async def get_key(key_id: str, store: Store) -> Response:
@@ -143,12 +178,16 @@ def admin_router(gov: Governance) -> APIRouter:
 
     @r.get("/usage")
     async def usage(
-        store: Store, since: date | None = None, until: date | None = None, key_id: str | None = None
+        store: Store, since: date | None = None, until: date | None = None, key_id: str | None = None,
+        limit: Limit = 100, after: str | None = None,
     ) -> Response:
         if gov.ledger is not None:
             with reachable():
                 await gov.ledger.flush()  # this process's pending rows first
-        rows = await call(store.usage_summary, since=since, until=until, key_id=key_id)
-        return _json({"object": "list", "data": rows})
+        cursor = _usage_cursor(after) if after else None
+        rows = await call(
+            store.usage_summary, since=since, until=until, key_id=key_id, limit=limit + 1, after=cursor
+        )
+        return _json(_page(rows, limit, lambda g: "|".join((g["day"], g["key_id"] or "", g["model"]))))
 
     return r

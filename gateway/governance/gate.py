@@ -10,19 +10,19 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.requests import Request
 
-from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.errors import AuthenticationFailed
 from gateway.governance.keycache import KeyCache
 from gateway.governance.keys import hash_key, key_prefix
 from gateway.governance.ledger import UsageLedger
 from gateway.governance.quota import LocalQuota, QuotaLimiter
-from gateway.governance.quota_policy import Admission, Subject, reservation
+from gateway.governance.quota_policy import Admission, Demand, Subject, reservation
 from gateway.governance.records import KeyRecord, UsageRow
 from gateway.governance.store import KeyStore, open_store
 from gateway.settings import GatewaySettings
+from serve.errors import ModelNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +122,22 @@ class Governance:
             raise AuthenticationFailed(_INVALID)
 
     @staticmethod
-    def authorize(record: KeyRecord, requested: str, target: str) -> None:
-        if not record.may_use(requested, target):
-            raise PermissionDenied(
-                f"The API key {record.prefix}... may not use the model '{requested}'.", param="model"
-            )
+    def authorize(
+        record: KeyRecord, requested: str, targets: list[str], names: Callable[[str], tuple[str, ...]],
+        route: bool,
+    ) -> list[str]:
+        """The targets of a request `record` may use, in order (pure); ModelNotFound if none.
+
+        A route on the key's list grants the targets and fallbacks its config names; otherwise each
+        target must be on the list by one of its `names` (so a route's canary or fallback never takes a
+        key where it may not go). A model the key may not use looks exactly like one that does not exist.
+        """
+        if record.allowed_models is None or (route and record.may_use(requested)):
+            return targets
+        allowed = [t for t in targets if record.may_use(*names(t))]
+        if not allowed:
+            raise ModelNotFound(requested)
+        return allowed
 
     # -- how much -------------------------------------------------------------
     @staticmethod
@@ -139,16 +150,24 @@ class Governance:
         return out
 
     async def admit(
-        self, record: KeyRecord, body: dict[str, Any], max_model_len: int | None,
+        self, record: KeyRecord, demand: Demand, max_model_len: int | None,
         count_prompt: Callable[[], Awaitable[int | None]] | None = None,
     ) -> Admission:
-        """Reserve the request's tokens; `count_prompt` (the engine's exact count) is asked only when a limit applies."""
+        """Reserve the most the request can use; `count_prompt` (the engine's exact count) is asked only when a
+        limit applies. A batch counts one request a prompt for rpm and max_concurrent."""
         subjects = self.subjects(record)
         reserve = 0
         if subjects:
             counted = await count_prompt() if count_prompt is not None else None
-            reserve = reservation(body, max_model_len, counted)
-        return await self.limiter.admit(subjects, reserve)
+            reserve = reservation(demand, max_model_len, counted)
+        return await self.limiter.admit(subjects, reserve, demand.prompts)
+
+    async def count_refusal(self, record: KeyRecord) -> None:
+        """A request refused for its model still counts one request against the key's rpm (429 past it):
+        probing for model names is not free."""
+        subjects = self.subjects(record)
+        if subjects:
+            await self.limiter.settle(await self.limiter.admit(subjects, 0), 0)
 
     async def finish(
         self, record: KeyRecord, adm: Admission | None, outcome: Outcome, request_id: str, latency_s: float

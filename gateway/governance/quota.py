@@ -42,6 +42,11 @@ def rejection_error(r: Rejection) -> QuotaExceeded:
     return cls(message, retry_after_s=r.retry_after_s, headers=r.headers, kind=r.kind)
 
 
+def lease_members(adm: Admission) -> list[str]:
+    """The concurrency slots an admission holds: one a request it counts for."""
+    return [adm.lease] if adm.requests == 1 else [f"{adm.lease}:{i}" for i in range(adm.requests)]
+
+
 class QuotaLimiter(abc.ABC):
     """Admits or refuses a request against every subject's limits, atomically."""
 
@@ -51,10 +56,11 @@ class QuotaLimiter(abc.ABC):
         self.clock = clock
         self.fail_open_admissions = 0
 
-    async def admit(self, subjects: list[Subject], reserve: int) -> Admission:
-        """Reserve one request and `reserve` tokens for every subject, or raise QuotaExceeded."""
+    async def admit(self, subjects: list[Subject], reserve: int, requests: int = 1) -> Admission:
+        """Reserve `requests` requests (one a prompt of a batch) and `reserve` tokens for every subject, or raise
+        QuotaExceeded."""
         period = Period(self.clock(), self.window_s)
-        adm = Admission(subjects, reserve, period, uuid.uuid4().hex)
+        adm = Admission(subjects, reserve, period, uuid.uuid4().hex, requests=max(1, requests))
         if not subjects:
             return adm
         return await self._admit(adm)
@@ -66,6 +72,10 @@ class QuotaLimiter(abc.ABC):
         adm.settled = True
         if adm.subjects and not adm.unchecked:
             await self._settle(adm, used_tokens - adm.reserve)
+
+    @abc.abstractmethod
+    async def used(self, subject: Subject) -> tuple[int, ...]:
+        """What `subject` has used now in each dimension (requests, tokens, in flight, day, month)."""
 
     @abc.abstractmethod
     async def _admit(self, adm: Admission) -> Admission: ...
@@ -109,6 +119,11 @@ class LocalQuota(QuotaLimiter):
                 del leases[lease]
         return leases
 
+    async def used(self, subject: Subject) -> tuple[int, ...]:
+        now = self.clock()
+        keys = Period(now, self.window_s).keys(subject.id, "q")
+        return tuple(len(self._live_leases(k, now)) if d == 2 else self._get(k, now) for d, k in enumerate(keys))
+
     async def _admit(self, adm: Admission) -> Admission:
         now = adm.period.now
         self._admits += 1
@@ -122,28 +137,33 @@ class LocalQuota(QuotaLimiter):
                 len(self._live_leases(k, now)) if d == 2 else self._get(k, now) for d, k in enumerate(keys)
             )
             used.append(u)
-            bad = first_exceeded(limit_values(subj.limits), u, adm.reserve)
+            bad = first_exceeded(limit_values(subj.limits), u, adm.reserve, adm.requests)
             if bad is not None:
-                raise rejection_error(reject(adm.subjects, used, adm.reserve, adm.period, len(used) - 1, bad))
+                raise rejection_error(reject(adm, used, len(used) - 1, bad))
         ttl = (2 * self.window_s, 2 * self.window_s, 0, 2 * 86400, 32 * 86400)
         for subj, keys in zip(adm.subjects, all_keys):
-            for d, (k, c, lim) in enumerate(zip(keys, costs(adm.reserve), limit_values(subj.limits))):
+            for d, (k, c, lim) in enumerate(zip(keys, costs(adm.reserve, adm.requests), limit_values(subj.limits))):
                 if lim is None:
                     continue
                 if d == 2:
-                    self._leases.setdefault(k, {})[adm.lease] = now + self.lease_s
+                    leases = self._leases.setdefault(k, {})
+                    for member in lease_members(adm):
+                        leases[member] = now + self.lease_s
                 else:
                     self._counts[k] = self._counts.get(k, 0) + c
                     self._expiry.setdefault(k, now + ttl[d])
-        adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True)
+        adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True, requests=adm.requests)
         return adm
 
     async def _settle(self, adm: Admission, delta_tokens: int) -> None:
         now = self.clock()
         for subj in adm.subjects:
             keys = adm.period.keys(subj.id, "q")
-            self._leases.get(keys[2], {}).pop(adm.lease, None)
+            leases = self._leases.get(keys[2], {})
+            for member in lease_members(adm):
+                leases.pop(member, None)
             for d in (1, 3, 4):
-                if keys[d] in self._counts and self._get(keys[d], now) > 0:
-                    self._counts[keys[d]] = max(0, self._counts[keys[d]] + delta_tokens)
+                count = self._get(keys[d], now)  # a counter of a period that ended is gone: nothing to settle
+                if keys[d] in self._counts:
+                    self._counts[keys[d]] = max(0, count + delta_tokens)
 

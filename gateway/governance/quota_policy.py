@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 from gateway.governance.limits import Limits
 
@@ -21,9 +21,9 @@ def limit_values(limits: Limits) -> tuple[int | None, ...]:
     return (limits.rpm, limits.tpm, limits.max_concurrent, limits.tokens_per_day, limits.tokens_per_month)
 
 
-def costs(reserve: int) -> tuple[int, ...]:
-    """What one admission adds to each counter."""
-    return (1, reserve, 1, reserve, reserve)
+def costs(reserve: int, requests: int = 1) -> tuple[int, ...]:
+    """What one admission adds to each counter (`requests`: the sequences a batch runs at once, one a prompt)."""
+    return (requests, reserve, requests, reserve, reserve)
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,11 @@ class Subject:
     limits: Limits
 
 
-def first_exceeded(limits: tuple[int | None, ...], used: tuple[int, ...], reserve: int) -> int | None:
+def first_exceeded(
+    limits: tuple[int | None, ...], used: tuple[int, ...], reserve: int, requests: int = 1
+) -> int | None:
     """Index of the first dimension this admission would push over its limit, or None."""
-    for d, (lim, u, c) in enumerate(zip(limits, used, costs(reserve))):
+    for d, (lim, u, c) in enumerate(zip(limits, used, costs(reserve, requests))):
         if lim is not None and u + c > lim:
             return d
     return None
@@ -95,6 +97,7 @@ class Admission:
     reserve: int
     period: Period
     lease: str
+    requests: int = 1  # what it counts for rpm and max_concurrent: one a prompt of a batch
     headers: dict[str, str] = field(default_factory=dict)
     unchecked: bool = False  # admitted without a check (quota store down, fail_open)
     settled: bool = False
@@ -133,7 +136,8 @@ def retry_after(seconds: float) -> int:
 
 
 def rate_headers(
-    subjects: list[Subject], used: list[tuple[int, ...]], reserve: int, period: Period, admitted: bool
+    subjects: list[Subject], used: list[tuple[int, ...]], reserve: int, period: Period, admitted: bool,
+    requests: int = 1,
 ) -> dict[str, str]:
     """`x-ratelimit-*` for requests and tokens: the tightest subject that has a limit."""
     headers: dict[str, str] = {}
@@ -143,7 +147,7 @@ def rate_headers(
             lim = limit_values(subj.limits)[dim]
             if lim is None:
                 continue
-            remaining = lim - u[dim] - (costs(reserve)[dim] if admitted else 0)
+            remaining = lim - u[dim] - (costs(reserve, requests)[dim] if admitted else 0)
             if best is None or remaining < best[1]:
                 best = (lim, max(0, remaining))
         if best is not None:
@@ -153,45 +157,54 @@ def rate_headers(
     return headers
 
 
-def reject(subjects: list[Subject], used: list[tuple[int, ...]], reserve: int, period: Period, index: int, dim: int) -> Rejection:
-    subj = subjects[index]
+def reject(adm: Admission, used: list[tuple[int, ...]], index: int, dim: int) -> Rejection:
+    subj = adm.subjects[index]
     lim = limit_values(subj.limits)[dim]
     assert lim is not None
-    headers = rate_headers(subjects, used, reserve, period, admitted=False)
+    headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=False)
+    period = adm.period
     return Rejection(subj.id, dim, lim, retry_after(period.reset_s(dim)), headers)
 
 
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """A cheap upper-leaning estimate (4 bytes a token, 4 tokens of framing a message).
+def estimate_text_tokens(text: str) -> int:
+    """A cheap estimate of a text's tokens with no tokenizer: 4 bytes a token (requests add their framing)."""
+    return len(text.encode()) // 4
 
-    The gateway does not tokenize; the reservation is settled to the engine's real count.
+
+@dataclass(frozen=True)
+class Demand:
+    """The most work one validated request can make an engine do (built by `gateway.protocol`).
+
+    `prompt_tokens`: every prompt together (an estimate, or the engine's exact count); `prompts`: how
+    many prompts (a completions batch), each generating `n` sequences of at most `max_new_tokens`
+    (None: up to the model's context).
     """
-    if "messages" in body and isinstance(body["messages"], list):
-        n = 0
-        for m in body["messages"]:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):
-                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            n += 4 + len(str(content or "").encode()) // 4
-        return n + 2
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list):
-        return sum(len(p) if isinstance(p, list) else len(str(p).encode()) // 4 + 1 for p in prompt)
-    return len(str(prompt).encode()) // 4 + 1
+
+    prompt_tokens: int
+    prompts: int = 1
+    n: int = 1
+    max_new_tokens: int | None = None
+
+    @property
+    def sequences(self) -> int:
+        return self.prompts * self.n
 
 
-def reservation(body: dict[str, Any], max_model_len: int | None, prompt_tokens: int | None = None) -> int:
-    """Tokens to reserve: the prompt (`prompt_tokens` if counted, else estimated) plus the most it may generate."""
-    prompt = estimate_prompt_tokens(body) if prompt_tokens is None else prompt_tokens
-    n = body.get("n") or 1
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(max_tokens, int) or max_tokens <= 0:
-        max_tokens = max(1, (max_model_len or 4096) - prompt)
-    n = n if isinstance(n, int) and n > 0 else 1
-    return prompt + max_tokens * n
+def reservation(demand: Demand, max_model_len: int | None, prompt_tokens: int | None = None) -> int:
+    """Tokens to reserve: the prompts (`prompt_tokens` if counted, else estimated) plus the most they may generate.
+
+    Without `max_tokens` each sequence may run to the end of the context: `max_model_len` less its prompt.
+    """
+    prompt = demand.prompt_tokens if prompt_tokens is None else prompt_tokens
+    if demand.max_new_tokens is not None:
+        new = demand.sequences * demand.max_new_tokens
+    else:
+        context = max_model_len or 4096
+        new = demand.n * max(demand.prompts, demand.prompts * context - prompt)
+    return prompt + new
 
 
-def unreported_usage(body: dict[str, Any], events: int, chat: bool) -> tuple[int, int]:
+def unreported_usage(demand: Demand, events: int, chat: bool) -> tuple[int, int]:
     """Prompt and completion tokens to charge a stream that ended before the engine reported usage (pure).
 
     The client left, the engine failed mid-stream, or an upstream ignored `include_usage`: the
@@ -201,6 +214,5 @@ def unreported_usage(body: dict[str, Any], events: int, chat: bool) -> tuple[int
     """
     if events <= 0:
         return 0, 0
-    n = body.get("n") or 1
-    role_events = (n if isinstance(n, int) and n > 0 else 1) if chat else 0
-    return estimate_prompt_tokens(body), max(0, events - role_events)
+    role_events = demand.n if chat else 0
+    return demand.prompt_tokens, max(0, events - role_events)

@@ -14,19 +14,21 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from gateway.errors import QuotaUnavailable
-from gateway.governance.quota import QuotaLimiter, rejection_error
-from gateway.governance.quota_policy import Admission, limit_values, rate_headers, reject
+from gateway.governance.quota import QuotaLimiter, lease_members, rejection_error
+from gateway.governance.quota_policy import Admission, Period, Subject, limit_values, rate_headers, reject
 
 logger = logging.getLogger(__name__)
 
-# KEYS: five per subject (rpm, tpm, conc, day, month). ARGV: now_ms, reserve, lease,
-# lease_expiry_ms, window_ms, then five limits per subject (-1: none).
+# KEYS: five per subject (rpm, tpm, conc, day, month). ARGV: now_ms, reserve, requests,
+# lease_expiry_ms, window_ms, then five limits per subject (-1: none), then the `requests` lease members.
 # Returns {1, used...} (five per subject, before this admission) or {0, subject_index, dim, used...}.
 ADMIT = """
 local n = #KEYS / 5
 local now = tonumber(ARGV[1])
 local reserve = tonumber(ARGV[2])
-local cost = {1, reserve, 1, reserve, reserve}
+local requests = tonumber(ARGV[3])
+local cost = {requests, reserve, requests, reserve, reserve}
+local members = 5 + n * 5
 local used = {}
 for i = 0, n - 1 do
   local k = i * 5
@@ -56,7 +58,7 @@ for i = 0, n - 1 do
     if tonumber(ARGV[5 + k + d]) >= 0 then
       local key = KEYS[k + d]
       if d == 3 then
-        redis.call('ZADD', key, ARGV[4], ARGV[3])
+        for j = 1, requests do redis.call('ZADD', key, ARGV[4], ARGV[members + j]) end
         redis.call('PEXPIRE', key, tonumber(ARGV[4]) - now)
       else
         if redis.call('INCRBY', key, cost[d]) == cost[d] then
@@ -69,13 +71,13 @@ end
 return {1, unpack(used)}
 """
 
-# KEYS: the admission's five keys per subject. ARGV: lease, token delta (used - reserved).
+# KEYS: the admission's five keys per subject. ARGV: token delta (used - reserved), then the lease members.
 SETTLE = """
 local n = #KEYS / 5
-local delta = tonumber(ARGV[2])
+local delta = tonumber(ARGV[1])
 for i = 0, n - 1 do
   local k = i * 5
-  redis.call('ZREM', KEYS[k + 3], ARGV[1])
+  for j = 2, #ARGV do redis.call('ZREM', KEYS[k + 3], ARGV[j]) end
   if delta ~= 0 then
     for _, d in ipairs({2, 4, 5}) do
       local key = KEYS[k + d]
@@ -122,12 +124,13 @@ class RedisQuota(QuotaLimiter):
 
         keys: list[str] = []
         args: list[Any] = [
-            int(adm.period.now * 1000), adm.reserve, adm.lease,
+            int(adm.period.now * 1000), adm.reserve, adm.requests,
             int((adm.period.now + self.lease_s) * 1000), int(self.window_s * 1000),
         ]
         for s in adm.subjects:
             keys += adm.period.keys(s.id, self.prefix)
             args += [-1 if v is None else v for v in limit_values(s.limits)]
+        args += lease_members(adm)
         try:
             res = await self._admit_script(keys=keys, args=args)
         except RedisError as exc:
@@ -135,16 +138,24 @@ class RedisQuota(QuotaLimiter):
         flat = [int(x) for x in (res[1:] if res[0] == 1 else res[3:])]
         used = [tuple(flat[i : i + 5]) for i in range(0, len(flat), 5)]
         if res[0] != 1:
-            raise rejection_error(reject(adm.subjects, used, adm.reserve, adm.period, int(res[1]), int(res[2])))
-        adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True)
+            raise rejection_error(reject(adm, used, int(res[1]), int(res[2])))
+        adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True, requests=adm.requests)
         return adm
+
+    async def used(self, subject: Subject) -> tuple[int, ...]:
+        now = self.clock()
+        keys = Period(now, self.window_s).keys(subject.id, self.prefix)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.get(keys[0]).get(keys[1]).zcount(keys[2], int(now * 1000) + 1, "+inf").get(keys[3]).get(keys[4])
+            values = await pipe.execute()
+        return tuple(int(v or 0) for v in values)
 
     async def _settle(self, adm: Admission, delta_tokens: int) -> None:
         from redis.exceptions import RedisError
 
         keys = [k for s in adm.subjects for k in adm.period.keys(s.id, self.prefix)]
         try:
-            await self._settle_script(keys=keys, args=[adm.lease, delta_tokens])
+            await self._settle_script(keys=keys, args=[delta_tokens, *lease_members(adm)])
         except RedisError as exc:
             # The lease expires by itself; token counters keep the reservation (never under-count).
             logger.warning("quota settle failed (lease %s): %s", adm.lease, exc)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +12,18 @@ from gateway.governance.limits import Limits
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def as_utc(dt: datetime) -> datetime: ...
+@overload
+def as_utc(dt: datetime | None) -> datetime | None: ...
+def as_utc(dt: datetime | None) -> datetime | None:
+    """`dt` in UTC: a naive one is taken as UTC, an aware one converted (SQLite keeps no offset: a `+05:00`
+    stored as it is would read back five hours late)."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 class KeyRecord(BaseModel):

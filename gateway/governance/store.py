@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    tuple_,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -32,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from gateway.errors import KeyStoreUnavailable
 from gateway.governance.keys import hash_key, key_prefix, new_key
 from gateway.governance.limits import Limits
-from gateway.governance.records import KeyRecord, UsageRow, utcnow
+from gateway.governance.records import KeyRecord, UsageRow, as_utc, utcnow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -103,15 +104,6 @@ def open_store(url: str, secret: bytes) -> KeyStore:
     return store
 
 
-@overload
-def _aware(dt: datetime) -> datetime: ...
-@overload
-def _aware(dt: datetime | None) -> datetime | None: ...
-def _aware(dt: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
-
-
 class KeyStore:
     """Keys, teams and usage rows behind one SQLAlchemy engine."""
 
@@ -170,7 +162,7 @@ class KeyStore:
             limits=(limits or Limits()).model_dump(exclude_none=True),
             meta=metadata or {},
             created_at=utcnow(),
-            expires_at=_aware(expires_at),
+            expires_at=as_utc(expires_at),
             rotated_from=rotated_from,
         )
         with self._session.begin() as s:
@@ -188,13 +180,23 @@ class KeyStore:
         with self._session() as s:
             return self._record(s, self._row(s, key_id))
 
-    def list_keys(self, *, include_revoked: bool = False, team: str | None = None) -> list[KeyRecord]:
+    def list_keys(
+        self, *, include_revoked: bool = False, team: str | None = None, limit: int | None = None,
+        after: str | None = None,
+    ) -> list[KeyRecord]:
+        """Keys oldest first; a page of `limit` of them after the key `after` (its id), if given."""
+        k = ApiKeyRow
         with self._session() as s:
-            q = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+            q = select(k).order_by(k.created_at, k.id)
             if not include_revoked:
-                q = q.where(ApiKeyRow.revoked_at.is_(None))
+                q = q.where(k.revoked_at.is_(None))
             if team is not None:
-                q = q.where(ApiKeyRow.team == team)
+                q = q.where(k.team == team)
+            if after is not None:
+                cursor = self._row(s, after)
+                q = q.where(tuple_(k.created_at, k.id) > tuple_(cursor.created_at, cursor.id))
+            if limit is not None:
+                q = q.limit(limit)
             return [self._record(s, r) for r in s.scalars(q)]
 
     def update_key(self, key_id: str, **fields: Any) -> KeyRecord:
@@ -206,7 +208,7 @@ class KeyStore:
                 if field == "limits" and isinstance(value, Limits):
                     value = value.model_dump(exclude_none=True)
                 if field == "expires_at":
-                    value = _aware(value)
+                    value = as_utc(value)
                 setattr(row, columns.get(field, field), value)
             return self._record(s, row)
 
@@ -257,10 +259,13 @@ class KeyStore:
             conn.execute(insert(UsageRecordRow.__table__), values)  # type: ignore[arg-type]
 
     def usage_summary(
-        self, *, since: date | None = None, until: date | None = None, key_id: str | None = None
+        self, *, since: date | None = None, until: date | None = None, key_id: str | None = None,
+        limit: int | None = None, after: tuple[str, str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Requests and tokens grouped by key, model and UTC day (inclusive date bounds)."""
+        """Requests and tokens grouped by UTC day, key and model (inclusive date bounds); a page of `limit` groups
+        after the group `after` (day, key id or "", model), if given."""
         u = UsageRecordRow
+        key = func.coalesce(u.key_id, "")
         q = select(
             u.key_id, u.model, u.day,
             func.count().label("requests"),
@@ -268,7 +273,11 @@ class KeyStore:
             func.coalesce(func.sum(u.completion_tokens), 0).label("completion_tokens"),
             func.sum(func.cast(u.status >= 400, Integer)).label("errors"),
             func.avg(u.latency_ms).label("mean_latency_ms"),
-        ).group_by(u.key_id, u.model, u.day).order_by(u.day, u.key_id, u.model)
+        ).group_by(u.key_id, u.model, u.day).order_by(u.day, key, u.model)
+        if after is not None:
+            q = q.where(tuple_(u.day, key, u.model) > tuple_(*after))
+        if limit is not None:
+            q = q.limit(limit)
         if since is not None:
             q = q.where(u.day >= since.isoformat())
         if until is not None:
@@ -302,8 +311,8 @@ class KeyStore:
         return KeyRecord(
             id=row.id, name=row.name, prefix=row.prefix, owner=row.owner, team=row.team, tier=row.tier,
             allowed_models=row.allowed_models, limits=Limits.model_validate(row.limits or {}),
-            team_limits=team_limits, metadata=row.meta or {}, created_at=_aware(row.created_at),
-            expires_at=_aware(row.expires_at), revoked_at=_aware(row.revoked_at),
+            team_limits=team_limits, metadata=row.meta or {}, created_at=as_utc(row.created_at),
+            expires_at=as_utc(row.expires_at), revoked_at=as_utc(row.revoked_at),
         )
 
 

@@ -17,9 +17,10 @@ PARENT_ID = "b7ad6b7169203331"
 PROMPT = "observability probe 93kd"
 
 
-def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _scrape(url: str, token: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     out = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+    for family in text_string_to_metric_families(httpx.get(url, headers=headers, timeout=10).text):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
@@ -31,7 +32,7 @@ def _total(samples: dict, name: str, **labels: str) -> float:
 
 def test_metrics_traces_and_logs_after_traffic(stack) -> None:
     auth = {"authorization": f"Bearer {stack.key}"}
-    before = _scrape(stack.base_url + "/metrics")
+    before = _scrape(stack.base_url + "/metrics", stack.admin_key)
     ray_metrics = f"http://127.0.0.1:{stack.metrics_port}/metrics"
     generated_before = _total(_scrape(ray_metrics), "ray_vllm_generation_tokens_total")
     sent, tokens, rids = 0, 0, []
@@ -54,7 +55,7 @@ def test_metrics_traces_and_logs_after_traffic(stack) -> None:
             sent += 1
         assert c.post("/v1/chat/completions", headers={"authorization": "Bearer rg-bogus-key-000000"},
                       json={"model": stack.model, "messages": []}).status_code == 401
-    after = _scrape(stack.base_url + "/metrics")
+    after = _scrape(stack.base_url + "/metrics", stack.admin_key)
 
     def delta(name: str, **labels: str) -> float:
         return _total(after, name, **labels) - _total(before, name, **labels)

@@ -113,13 +113,15 @@ async def test_json_logs_and_access_log_carry_the_request_id_never_the_key_or_pr
             logging.getLogger(name).removeHandler(handler)
     lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
     access = [d for d in lines if d["logger"] == "gateway.access"]
-    assert [(d["request_id"], d["status"]) for d in access] == [
-        (ok.headers["x-request-id"], 200), ("caller-rid-1", bad.status_code)
+    # Our id everywhere (the engine, the ledger, the logs); the caller's is kept beside it, never used as ours.
+    assert [(d["request_id"], d["client_request_id"], d["status"]) for d in access] == [
+        (ok.headers["x-request-id"], None, 200), (access[1]["request_id"], "caller-rid-1", bad.status_code)
     ]
+    assert len(access[1]["request_id"]) == 32
     assert access[0]["completion_tokens"] == 2 and access[0]["key_id"].startswith("static:")
     text = out.getvalue()
     assert KEY not in text and PROMPT not in text
-    assert any(d["logger"] != "gateway.access" and d.get("request_id") == "caller-rid-1" for d in lines)
+    assert any(d["logger"] != "gateway.access" and d.get("request_id") == access[1]["request_id"] for d in lines)
 
 
 def test_json_formatter_shape() -> None:
@@ -162,7 +164,7 @@ async def test_quota_store_down_is_counted(tmp_path, mode) -> None:
         codes = [(await http.post("/v1/chat/completions", headers=limited, json={
             "model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})).status_code
             for _ in range(2)]
-        text = (await http.get("/metrics")).text
+        text = (await http.get("/metrics", headers={"authorization": f"Bearer {admin}"})).text
     samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
                for f in text_string_to_metric_families(text) for x in f.samples}
     if mode == "fail_open":

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.governance.limits import Limits
 from gateway.governance.quota_policy import (
+    Demand,
     Period,
     Subject,
     first_exceeded,
@@ -64,20 +65,21 @@ def test_headers_report_the_tightest_subject() -> None:
     assert rate_headers([Subject("key:b", Limits(max_concurrent=1))], [(0,) * 5], 1, Period(0, 60), True) == {}
 
 
-def test_reservation_is_prompt_estimate_plus_max_tokens_times_n() -> None:
-    body = {"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 16, "n": 2}
-    assert reservation(body, 2048) == (4 + 10 + 2) + 32
-    assert reservation({"prompt": "abcd" * 3, "max_tokens": 5}, 2048) == 4 + 5
-    # no max_tokens: the rest of the context may be generated
-    assert reservation({"prompt": "abcd"}, 100) == 100
+def test_reservation_is_the_prompts_plus_every_sequence_they_may_generate() -> None:
+    assert reservation(Demand(16, n=2, max_new_tokens=16), 2048) == 16 + 2 * 16
+    assert reservation(Demand(20, prompts=6, n=2, max_new_tokens=10), 2048) == 20 + 6 * 2 * 10
+    assert reservation(Demand(20, max_new_tokens=10), 2048, prompt_tokens=7) == 7 + 10  # the engine's count
+    # no max_tokens: each sequence may run to the end of the context, less its prompt
+    assert reservation(Demand(4), 100) == 100
+    assert reservation(Demand(30, prompts=2, n=3), 100) == 30 + 3 * (2 * 100 - 30)
 
 
 def test_a_stream_cut_short_is_charged_what_was_sent() -> None:
-    chat = {"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 100}
-    # A chat stream opens with a role-only event; the rest carried a token each.
-    assert unreported_usage(chat, 1 + 7, chat=True) == (4 + 10 + 2, 7)
-    assert unreported_usage({**chat, "n": 2}, 2 + 6, chat=True) == (16, 6)
-    assert unreported_usage({"prompt": "abcd" * 3, "max_tokens": 9}, 5, chat=False) == (4, 5)
+    chat = Demand(16, max_new_tokens=100)
+    # A chat stream opens with a role-only event per choice; the rest carried a token each.
+    assert unreported_usage(chat, 1 + 7, chat=True) == (16, 7)
+    assert unreported_usage(Demand(16, n=2, max_new_tokens=100), 2 + 6, chat=True) == (16, 6)
+    assert unreported_usage(Demand(4, max_new_tokens=9), 5, chat=False) == (4, 5)
     # Nothing reached the client: the engine never answered, nothing is charged.
     assert unreported_usage(chat, 0, chat=True) == (0, 0)
     assert unreported_usage(chat, 1, chat=True) == (16, 0)
