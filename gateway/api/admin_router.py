@@ -8,6 +8,7 @@ import asyncio
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
@@ -21,6 +22,20 @@ from serve.errors import InvalidRequest
 
 MAX_LIFETIME_S = 100 * 365 * 86400  # a key for a century is a key forever; beyond, datetimes overflow
 MAX_PAGE = 1000
+MAX_METADATA_BYTES = 16 * 1024
+
+
+def storable_metadata(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Labels that serialize as JSON within 64-bit integers and MAX_METADATA_BYTES (they are stored and shown)."""
+    if v is None:
+        return v
+    try:
+        size = len(orjson.dumps(v))
+    except (TypeError, orjson.JSONEncodeError):
+        raise ValueError("metadata must be plain JSON with integers within 64 bits") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+    return v
 
 
 class KeyCreate(BaseModel):
@@ -46,6 +61,7 @@ class KeyCreate(BaseModel):
         return self.expires_at
 
     _utc = field_validator("expires_at")(lambda v: as_utc(v))
+    _labels = field_validator("metadata")(storable_metadata)
 
 
 class KeyUpdate(BaseModel):
@@ -64,6 +80,7 @@ class KeyUpdate(BaseModel):
     metadata: dict[str, Any] = Field(default=None, description="Replaces the labels.")  # type: ignore[assignment]
 
     _utc = field_validator("expires_at")(lambda v: as_utc(v))
+    _labels = field_validator("metadata")(storable_metadata)
 
 
 class Rotate(BaseModel):
@@ -86,8 +103,6 @@ def _page(data: list[Any], limit: int, cursor: Any) -> dict[str, Any]:
 
 
 def _json(data: Any, status: int = 200) -> Response:
-    import orjson
-
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
