@@ -6,10 +6,12 @@ Built once per gateway process by `Governance.build(settings)`; routes use it th
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from starlette.requests import Request
 
@@ -18,9 +20,9 @@ from gateway.governance.keycache import KeyCache
 from gateway.governance.keys import hash_key, key_prefix
 from gateway.governance.ledger import UsageLedger
 from gateway.governance.quota import LocalQuota, QuotaLimiter
-from gateway.governance.quota_policy import Admission, Demand, Subject, reservation
+from gateway.governance.quota_policy import Admission, Demand, Period, Subject, reservation
 from gateway.governance.records import KeyRecord, UsageRow
-from gateway.governance.store import KeyStore, open_store
+from gateway.governance.store import KeyStore, open_store, reachable
 from gateway.settings import GatewaySettings
 from serve.errors import ModelNotFound
 
@@ -79,6 +81,8 @@ class Governance:
         self.keys = KeyCache(store, self.hash, static=static, ttl_s=settings.key_cache_ttl_s)
         admin = settings.admin_secret()
         self._admin_hash = hash_key(secret, admin) if admin else None
+        if store is not None:
+            limiter.budgets = self.budget_used  # day and month budgets survive restarts
 
     @classmethod
     def build(cls, settings: GatewaySettings) -> Governance:
@@ -140,6 +144,19 @@ class Governance:
         return allowed
 
     # -- how much -------------------------------------------------------------
+    async def budget_used(self, subject: Subject, period: Period) -> tuple[int, int]:
+        """What the ledger says `subject` used on the period's day and in its month (this process's pending rows
+        written first)."""
+        assert self.store is not None
+        kind, _, name = subject.id.partition(":")
+        with reachable():
+            if self.ledger is not None:
+                await self.ledger.flush()
+            return await asyncio.to_thread(
+                self.store.tokens_used, key_id=name if kind == "key" else None, team=name if kind == "team" else None,
+                at=datetime.fromtimestamp(period.now, UTC),
+            )
+
     @staticmethod
     def subjects(record: KeyRecord) -> list[Subject]:
         out = []

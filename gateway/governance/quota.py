@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.errors import BudgetExhausted, QuotaExceeded, TokenRateExceeded
 from gateway.governance.quota_policy import (
@@ -42,6 +42,19 @@ def rejection_error(r: Rejection) -> QuotaExceeded:
     return cls(message, retry_after_s=r.retry_after_s, headers=r.headers, kind=r.kind)
 
 
+# What a subject used of its day and month budgets before this process counted (the ledger's sums).
+BudgetSource = Callable[[Subject, Period], Awaitable[tuple[int, int]]]
+
+
+class Unseeded(Exception):  # noqa: N818 - a signal between a limiter and its base class, never raised further
+    """Day or month counters of these subjects do not exist in the store yet: a new period, a restarted gateway,
+    a restarted Redis. They are seeded from the ledger before the admission is checked."""
+
+    def __init__(self, subjects: list[Subject]) -> None:
+        super().__init__()
+        self.subjects = subjects
+
+
 def lease_members(adm: Admission) -> list[str]:
     """The concurrency slots an admission holds: one a request it counts for."""
     return [adm.lease] if adm.requests == 1 else [f"{adm.lease}:{i}" for i in range(adm.requests)]
@@ -55,6 +68,7 @@ class QuotaLimiter(abc.ABC):
         self.lease_s = lease_s
         self.clock = clock
         self.fail_open_admissions = 0
+        self.budgets: BudgetSource | None = None  # the ledger's sums; None: budgets start from zero
 
     async def admit(self, subjects: list[Subject], reserve: int, requests: int = 1) -> Admission:
         """Reserve `requests` requests (one a prompt of a batch) and `reserve` tokens for every subject, or raise
@@ -63,7 +77,15 @@ class QuotaLimiter(abc.ABC):
         adm = Admission(subjects, reserve, period, uuid.uuid4().hex, requests=max(1, requests))
         if not subjects:
             return adm
-        return await self._admit(adm)
+        try:
+            return await self._admit(adm)
+        except Unseeded as missing:
+            # Budgets survive restarts: a day or month counter this store does not hold yet starts from what the
+            # ledger says was used in that period, then the admission is checked against it.
+            for subject in missing.subjects:
+                day, month = await self.budgets(subject, period) if self.budgets is not None else (0, 0)
+                await self._seed(subject, period, day, month)
+            return await self._admit(adm, check_seeded=False)
 
     async def settle(self, adm: Admission, used_tokens: int) -> None:
         """Replace the reservation by the tokens really used; frees the concurrency slot. Idempotent."""
@@ -78,7 +100,14 @@ class QuotaLimiter(abc.ABC):
         """What `subject` has used now in each dimension (requests, tokens, in flight, day, month)."""
 
     @abc.abstractmethod
-    async def _admit(self, adm: Admission) -> Admission: ...
+    async def _admit(self, adm: Admission, check_seeded: bool = True) -> Admission:
+        """Check and reserve atomically; raise Unseeded first (when `check_seeded`) for subjects whose day or
+        month counters with a limit do not exist."""
+
+    @abc.abstractmethod
+    async def _seed(self, subject: Subject, period: Period, day: int, month: int) -> None:
+        """Create the subject's day and month counters (those with a limit) holding `day` and `month`, unless
+        they exist (another process seeded them first)."""
 
     @abc.abstractmethod
     async def _settle(self, adm: Admission, delta_tokens: int) -> None: ...
@@ -105,6 +134,11 @@ class LocalQuota(QuotaLimiter):
         for key in [k for k in self._leases if not self._live_leases(k, now)]:
             del self._leases[key]
 
+    def _holds(self, key: str, now: float) -> bool:
+        """Whether the counter `key` exists in its period (zero included)."""
+        self._get(key, now)  # drops it if its period ended
+        return key in self._counts
+
     def _get(self, key: str, now: float) -> int:
         exp = self._expiry.get(key)
         if exp is not None and exp <= now:
@@ -124,13 +158,18 @@ class LocalQuota(QuotaLimiter):
         keys = Period(now, self.window_s).keys(subject.id, "q")
         return tuple(len(self._live_leases(k, now)) if d == 2 else self._get(k, now) for d, k in enumerate(keys))
 
-    async def _admit(self, adm: Admission) -> Admission:
+    async def _admit(self, adm: Admission, check_seeded: bool = True) -> Admission:
         now = adm.period.now
         self._admits += 1
         if self._admits % 4096 == 0:
             self._purge(now)
         prefix = "q"
         all_keys = [adm.period.keys(s.id, prefix) for s in adm.subjects]
+        if check_seeded:
+            missing = [s for s, keys in zip(adm.subjects, all_keys) if any(
+                limit_values(s.limits)[d] is not None and not self._holds(keys[d], now) for d in (3, 4))]
+            if missing:
+                raise Unseeded(missing)
         used = []
         for subj, keys in zip(adm.subjects, all_keys):
             u = tuple(
@@ -140,7 +179,7 @@ class LocalQuota(QuotaLimiter):
             bad = first_exceeded(limit_values(subj.limits), u, adm.reserve, adm.requests)
             if bad is not None:
                 raise rejection_error(reject(adm, used, len(used) - 1, bad))
-        ttl = (2 * self.window_s, 2 * self.window_s, 0, 2 * 86400, 32 * 86400)
+        ttl = self._ttls()
         for subj, keys in zip(adm.subjects, all_keys):
             for d, (k, c, lim) in enumerate(zip(keys, costs(adm.reserve, adm.requests), limit_values(subj.limits))):
                 if lim is None:
@@ -154,6 +193,16 @@ class LocalQuota(QuotaLimiter):
                     self._expiry.setdefault(k, now + ttl[d])
         adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True, requests=adm.requests)
         return adm
+
+    def _ttls(self) -> tuple[float, ...]:
+        return (2 * self.window_s, 2 * self.window_s, 0, 2 * 86400, 32 * 86400)
+
+    async def _seed(self, subject: Subject, period: Period, day: int, month: int) -> None:
+        keys = period.keys(subject.id, "q")
+        for d, value in ((3, day), (4, month)):
+            if limit_values(subject.limits)[d] is not None and keys[d] not in self._counts:
+                self._counts[keys[d]] = value
+                self._expiry[keys[d]] = period.now + self._ttls()[d]
 
     async def _settle(self, adm: Admission, delta_tokens: int) -> None:
         now = self.clock()

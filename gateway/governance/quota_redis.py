@@ -14,21 +14,37 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from gateway.errors import QuotaUnavailable
-from gateway.governance.quota import QuotaLimiter, lease_members, rejection_error
+from gateway.governance.quota import QuotaLimiter, Unseeded, lease_members, rejection_error
 from gateway.governance.quota_policy import Admission, Period, Subject, limit_values, rate_headers, reject
 
 logger = logging.getLogger(__name__)
 
 # KEYS: five per subject (rpm, tpm, conc, day, month). ARGV: now_ms, reserve, requests,
-# lease_expiry_ms, window_ms, then five limits per subject (-1: none), then the `requests` lease members.
-# Returns {1, used...} (five per subject, before this admission) or {0, subject_index, dim, used...}.
+# lease_expiry_ms, window_ms, check_seeded (1/0), then five limits per subject (-1: none), then the `requests`
+# lease members. Returns {1, used...} (five per subject, before this admission), {0, subject_index, dim,
+# used...}, or {2, subject_index...}: those subjects' day or month counters (with a limit) do not exist yet.
 ADMIT = """
 local n = #KEYS / 5
 local now = tonumber(ARGV[1])
 local reserve = tonumber(ARGV[2])
 local requests = tonumber(ARGV[3])
 local cost = {requests, reserve, requests, reserve, reserve}
-local members = 5 + n * 5
+local members = 6 + n * 5
+if tonumber(ARGV[6]) == 1 then
+  local missing = {}
+  for i = 0, n - 1 do
+    local k = i * 5
+    for _, d in ipairs({4, 5}) do
+      if tonumber(ARGV[6 + k + d]) >= 0 and redis.call('EXISTS', KEYS[k + d]) == 0 then
+        table.insert(missing, i)
+        break
+      end
+    end
+  end
+  if #missing > 0 then
+    return {2, unpack(missing)}
+  end
+end
 local used = {}
 for i = 0, n - 1 do
   local k = i * 5
@@ -44,7 +60,7 @@ for i = 0, n - 1 do
     table.insert(used, u[d])
   end
   for d = 1, 5 do
-    local lim = tonumber(ARGV[5 + k + d])
+    local lim = tonumber(ARGV[6 + k + d])
     if lim >= 0 and u[d] + cost[d] > lim then
       return {0, i, d - 1, unpack(used)}
     end
@@ -55,7 +71,7 @@ local ttl_ms = {2 * window_ms, 2 * window_ms, 0, 2 * 86400000, 32 * 86400000}
 for i = 0, n - 1 do
   local k = i * 5
   for d = 1, 5 do
-    if tonumber(ARGV[5 + k + d]) >= 0 then
+    if tonumber(ARGV[6 + k + d]) >= 0 then
       local key = KEYS[k + d]
       if d == 3 then
         for j = 1, requests do redis.call('ZADD', key, ARGV[4], ARGV[members + j]) end
@@ -119,13 +135,13 @@ class RedisQuota(QuotaLimiter):
         self._admit_script = self._client.register_script(ADMIT)
         self._settle_script = self._client.register_script(SETTLE)
 
-    async def _admit(self, adm: Admission) -> Admission:
+    async def _admit(self, adm: Admission, check_seeded: bool = True) -> Admission:
         from redis.exceptions import RedisError
 
         keys: list[str] = []
         args: list[Any] = [
             int(adm.period.now * 1000), adm.reserve, adm.requests,
-            int((adm.period.now + self.lease_s) * 1000), int(self.window_s * 1000),
+            int((adm.period.now + self.lease_s) * 1000), int(self.window_s * 1000), int(check_seeded),
         ]
         for s in adm.subjects:
             keys += adm.period.keys(s.id, self.prefix)
@@ -135,6 +151,8 @@ class RedisQuota(QuotaLimiter):
             res = await self._admit_script(keys=keys, args=args)
         except RedisError as exc:
             return self._unreachable(adm, exc)
+        if res[0] == 2:
+            raise Unseeded([adm.subjects[int(i)] for i in res[1:]])
         flat = [int(x) for x in (res[1:] if res[0] == 1 else res[3:])]
         used = [tuple(flat[i : i + 5]) for i in range(0, len(flat), 5)]
         if res[0] != 1:
@@ -149,6 +167,20 @@ class RedisQuota(QuotaLimiter):
             pipe.get(keys[0]).get(keys[1]).zcount(keys[2], int(now * 1000) + 1, "+inf").get(keys[3]).get(keys[4])
             values = await pipe.execute()
         return tuple(int(v or 0) for v in values)
+
+    async def _seed(self, subject: Subject, period: Period, day: int, month: int) -> None:
+        from redis.exceptions import RedisError
+
+        keys = period.keys(subject.id, self.prefix)
+        limits = limit_values(subject.limits)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for d, value, ttl_s in ((3, day, 2 * 86400), (4, month, 32 * 86400)):
+                    if limits[d] is not None:
+                        pipe.set(keys[d], value, nx=True, px=int(ttl_s * 1000))
+                await pipe.execute()
+        except RedisError:
+            pass  # the admission that follows meets the outage too, and the failure mode answers it
 
     async def _settle(self, adm: Admission, delta_tokens: int) -> None:
         from redis.exceptions import RedisError

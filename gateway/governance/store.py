@@ -294,6 +294,18 @@ class KeyStore:
                 out.append(row)
             return out
 
+    def tokens_used(self, *, key_id: str | None = None, team: str | None = None, at: datetime) -> tuple[int, int]:
+        """Tokens the ledger holds for a key or a team on `at`'s UTC day and in its UTC month."""
+        u = UsageRecordRow
+        day = at.astimezone(UTC).date()
+        tokens = func.coalesce(func.sum(u.prompt_tokens + u.completion_tokens), 0)
+        who = u.key_id == key_id if key_id is not None else u.team == team
+        with self._session() as s:
+            on_day = s.scalar(select(tokens).where(who, u.day == day.isoformat()))
+            in_month = s.scalar(select(tokens).where(who, u.day >= day.replace(day=1).isoformat(),
+                                                     u.day <= day.isoformat()))
+        return int(on_day or 0), int(in_month or 0)
+
     # -- helpers --------------------------------------------------------------
     @staticmethod
     def _row(s: Session, key_id: str) -> ApiKeyRow:
