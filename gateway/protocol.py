@@ -114,7 +114,7 @@ class CompletionRequest(_Sampling):
         if isinstance(p, str):
             return [p]
         if p and isinstance(p[0], int):
-            return [p]  # type: ignore[list-item]
+            return [p]
         return p  # type: ignore[return-value]
 
     def demand(self) -> Demand:

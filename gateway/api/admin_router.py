@@ -77,7 +77,7 @@ class KeyUpdate(BaseModel):
     allowed_models: list[str] | None = Field(default=None, description="Allowed models; send [] to allow none.")
     limits: Limits = Field(default=None, description="Replaces the key's limits.")  # type: ignore[assignment]
     expires_at: datetime | None = Field(default=None, description="New expiry (an offset is honoured).")
-    metadata: dict[str, Any] = Field(default=None, description="Replaces the labels.")  # type: ignore[assignment]
+    metadata: dict[str, Any] = Field(default=None, description="Replaces the labels.")  # type: ignore[arg-type]
 
     _utc = field_validator("expires_at")(lambda v: as_utc(v))
     _labels = field_validator("metadata")(storable_metadata)
