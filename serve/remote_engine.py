@@ -9,6 +9,7 @@ boundaries so the gateway sees whole events. Upstream errors keep their status c
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,9 @@ from opentelemetry.propagate import inject
 
 from serve.config import UpstreamConfig
 from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
-from serve.errors import EngineError, EngineFailure, EngineUnavailable, error_for_status
+from serve.errors import EngineError, EngineFailure, EngineUnavailable, InvalidRequest, error_for_status
+
+logger = logging.getLogger(__name__)
 
 _PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completion": "/completions"}
 
@@ -37,7 +40,14 @@ def upstream_error(status: int, payload: bytes, retry_after: str | None = None) 
     code = err.get("code")
     code = str(code) if code is not None else None
     wait = int(retry_after) if retry_after and retry_after.isdigit() else None
-    return error_for_status(status, message, param=err.get("param"), code=code, retry_after_s=wait)
+    exc = error_for_status(status, message, param=err.get("param"), code=code, retry_after_s=wait)
+    if not isinstance(exc, InvalidRequest):
+        # Not the client's mistake (raygate's credentials, the upstream's load or failure): the client learns
+        # that, and nothing of the upstream (its address, its internals); the operator's log has the message.
+        logger.warning("upstream answered %s: %s", status, message[:500])
+        exc.message = f"The upstream model answered {status}; retry later."
+        exc.args = (exc.message,)
+    return exc
 
 
 async def reframe(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -62,7 +72,7 @@ class RemoteEngine(Engine):
         self.cfg = cfg
         self.upstream_model = upstream_model
         self._card = ModelCard(
-            id=served_name, created=int(time.time()), root=f"{upstream_model} @ {cfg.base_url}",
+            id=served_name, created=int(time.time()), root=upstream_model,  # never the address: clients see it
             max_model_len=cfg.max_model_len, engine="remote",
         )
         self._session: aiohttp.ClientSession | None = None

@@ -97,6 +97,21 @@ def test_upstream_error_mapping() -> None:
     assert type(_error_from_vllm(429, "m", None)) is type(over)
 
 
+async def test_nothing_names_the_upstream_address(gateway, upstream: str) -> None:  # noqa: ANN001
+    _, http = gateway
+    auth = {"authorization": f"Bearer {KEY}"}
+    ok = await http.post("/v1/chat/completions", headers=auth,
+                         json={"model": "proxied", "messages": MSG, "max_tokens": 1})
+    models = await http.get("/v1/models", headers=auth)
+    dead = await http.post("/v1/chat/completions", headers=auth, json={"model": "dead", "messages": MSG})
+    assert ok.headers["x-raygate-model-version"] == "up"
+    for r in (ok, models, dead):
+        text = r.text + " ".join(r.headers.values())
+        assert upstream.split("//")[1] not in text and "127.0.0.1:9" not in text
+    leaky = upstream_error(503, b'{"error": {"message": "pool at http://10.1.2.3:8000 exhausted"}}')
+    assert "10.1.2.3" not in leaky.message and "503" in leaky.message
+
+
 def test_openai_engine_needs_upstream() -> None:
     with pytest.raises(ValueError, match="upstream"):
         ModelDeploymentConfig(model="x", engine="openai")
