@@ -78,9 +78,12 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def demand(self) -> Demand:
-        """Every message's text (4 tokens of framing each), `n` choices of at most `max_completion_tokens`,
-        else `max_tokens` (vLLM's precedence on chat)."""
-        prompt = 2 + sum(4 + _text_tokens(m.content) for m in self.messages)
+        """Every message's text (4 tokens of framing each) and tool calls, the tool definitions the template
+        renders into the prompt, then `n` choices of at most `max_completion_tokens`, else `max_tokens` (vLLM's
+        precedence on chat)."""
+        prompt = 2 + sum(4 + _text_tokens(m.content) + _json_tokens((m.model_extra or {}).get("tool_calls"))
+                         for m in self.messages)
+        prompt += sum(_json_tokens((self.model_extra or {}).get(k)) for k in RENDERED_EXTRAS)
         return Demand(prompt, n=self.n or 1, max_new_tokens=self.max_completion_tokens or self.max_tokens)
 
 
@@ -123,6 +126,14 @@ class CompletionRequest(_Sampling):
         prompts = self.prompts()
         tokens = sum(len(p) if isinstance(p, list) else estimate_text_tokens(p) + 1 for p in prompts)
         return Demand(tokens, prompts=len(prompts), n=self.n or 1, max_new_tokens=self.max_tokens)
+
+
+RENDERED_EXTRAS = ("tools", "functions", "response_format")  # request fields a chat template puts in the prompt
+
+
+def _json_tokens(value: Any) -> int:
+    """Estimated tokens of a JSON value rendered into the prompt (tool schemas, tool-call arguments)."""
+    return 0 if value is None else estimate_text_tokens(orjson.dumps(value).decode())
 
 
 def _text_tokens(content: str | list[dict[str, Any]] | None) -> int:

@@ -1,4 +1,4 @@
-"""What tests share: free ports, a private redis-server, a bounded wait on a condition.
+"""What tests share: free ports, a private redis-server, a bounded wait on a condition, a client that leaves.
 
 The machine's Redis and PostgreSQL are shared with other work: tests never flush a database they
 did not create. Redis comes from a server of the test's own, on a free port, gone when the test ends.
@@ -6,12 +6,14 @@ did not create. Redis comes from a server of the test's own, on a free port, gon
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -77,3 +79,40 @@ class PrivateRedis:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+async def asgi_call(
+    app: Any, path: str, body: dict[str, Any], headers: dict[str, str], *, leave_after_s: float | None = None,
+    sends_before_reset: int | None = None,
+) -> list[dict[str, Any]]:
+    """One POST straight through ASGI, from a client that goes away: it reports leaving after `leave_after_s`,
+    or its connection resets after `sends_before_reset` messages went out (0: as the response starts).
+    Returns the messages sent before that."""
+    import orjson
+
+    raw = orjson.dumps(body)
+    sent: list[dict[str, Any]] = []
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.sleep(leave_after_s if leave_after_s is not None else 3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if sends_before_reset is not None and len(sent) >= sends_before_reset:
+            raise OSError("connection reset by peer")
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": b"", "server": ("gw", 80), "client": ("127.0.0.1", 1),
+             "headers": [(k.encode(), v.encode()) for k, v in {**headers, "content-type": "application/json"}.items()]}
+    try:
+        await app(scope, receive, send)
+    except Exception:  # noqa: BLE001 - the server's part once the client is gone
+        assert sends_before_reset is not None
+    return sent

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sqlalchemy.exc import DataError, IntegrityError
+
 from gateway.governance.records import UsageRow
 from gateway.governance.store import KeyStore
 
@@ -53,9 +55,22 @@ class UsageLedger:
         async with self._lock:
             while self._pending:
                 batch = self._pending[: self.batch_size]
-                await asyncio.to_thread(self.store.insert_usage, batch)
+                try:
+                    await asyncio.to_thread(self.store.insert_usage, batch)
+                except (DataError, IntegrityError):
+                    # The database refuses a row itself (not an outage): written one by one, the refused are
+                    # dropped and counted, so one bad row never holds back every row after it.
+                    await asyncio.to_thread(self._insert_each, batch)
                 del self._pending[: len(batch)]
                 self.written += len(batch)
+
+    def _insert_each(self, batch: list[UsageRow]) -> None:
+        for row in batch:
+            try:
+                self.store.insert_usage([row])
+            except (DataError, IntegrityError) as exc:
+                self.dropped += 1
+                logger.error("usage row %s refused by the database, dropped: %s", row.request_id, exc)
 
     @property
     def pending(self) -> int:

@@ -85,3 +85,23 @@ def test_usage_summary_by_key_model_day(store: KeyStore) -> None:
     ]
     assert len(store.usage_summary(since=date(2026, 11, 2))) == 1
     assert store.usage_summary(key_id="key_a")[0]["prompt_tokens"] == 9
+
+
+async def test_a_row_the_database_refuses_does_not_hold_back_the_others(tmp_path: Path, pg_url: str) -> None:
+    from gateway.governance.ledger import UsageLedger
+
+    store = KeyStore(pg_url, b"s" * 32)
+    store.migrate()
+    try:
+        ledger = UsageLedger(store)
+        good = [UsageRow(request_id=f"ok-{i}", key_id="key_ledger", model="m", completion_tokens=1) for i in range(3)]
+        bad = UsageRow(request_id="x" * 500, key_id="key_ledger", model="m")  # over VARCHAR(100) on PostgreSQL
+        for row in (good[0], bad, *good[1:]):
+            ledger.record(row)
+        await ledger.close()
+        assert ledger.pending == 0 and ledger.dropped == 1 and ledger.written == 4
+        assert [r["requests"] for r in store.usage_summary(key_id="key_ledger")] == [3]
+    finally:
+        with store.engine.begin() as c:
+            c.execute(text("DELETE FROM usage WHERE key_id = 'key_ledger'"))
+        store.close()

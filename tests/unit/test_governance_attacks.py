@@ -7,12 +7,10 @@ concurrency slot comes back however a request ends.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from gateway import create_app
@@ -21,6 +19,7 @@ from gateway.governance.limits import Limits
 from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine
+from tests.support import asgi_call
 
 KEY = "test-key-0123456789abcdef"
 ADMIN = "admin-key-0123456789abcdef"
@@ -191,43 +190,11 @@ async def test_metrics_need_the_admin_key_and_take_no_label_from_clients(app, ht
     assert 'key="other"' in text and "key_" not in text  # no key has a series of its own unless listed
 
 
-async def _asgi(app: Any, body: dict[str, Any], headers: dict[str, str], *, leave_after_s: float | None = None,
-                fail_start: bool = False, path: str = "/v1/chat/completions") -> list[dict[str, Any]]:
-    """One request straight through ASGI: the client leaves after `leave_after_s`, or its socket fails as the
-    response starts (`fail_start`)."""
-    raw = orjson.dumps(body)
-    sent: list[dict[str, Any]] = []
-    delivered = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await asyncio.sleep(leave_after_s if leave_after_s is not None else 3600)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if fail_start and message["type"] == "http.response.start":
-            raise OSError("connection reset by peer")
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "server": ("gw", 80), "client": ("127.0.0.1", 1),
-             "headers": [(k.encode(), v.encode()) for k, v in {**headers, "content-type": "application/json"}.items()]}
-    try:
-        await app(scope, receive, send)
-    except Exception:  # noqa: BLE001 - the server's part: the client is gone
-        assert fail_start
-    return sent
-
-
 async def test_a_stream_dropped_before_its_first_byte_frees_its_slot(app, http) -> None:
     auth = new_key(app, limits=Limits(max_concurrent=1))
     body = {"model": "fake", "messages": MSG, "max_tokens": 3, "stream": True}
     for _ in range(3):
-        await _asgi(app, body, auth, fail_start=True)
+        await asgi_call(app, "/v1/chat/completions", body, auth, sends_before_reset=0)
     r = await http.post("/v1/chat/completions", headers=auth, json=body)
     assert r.status_code == 200, r.text  # the dropped streams gave their slot back
 
@@ -235,7 +202,8 @@ async def test_a_stream_dropped_before_its_first_byte_frees_its_slot(app, http) 
 async def test_a_full_response_dropped_midway_is_charged_its_bound(app, engine, http) -> None:
     auth = new_key(app, limits=Limits(tpm=100_000))
     engine.cfg.ttft_ms = 2000
-    sent = await _asgi(app, {"model": "fake", "messages": MSG, "max_tokens": 50}, auth, leave_after_s=0.05)
+    sent = await asgi_call(app, "/v1/chat/completions", {"model": "fake", "messages": MSG, "max_tokens": 50}, auth,
+                           leave_after_s=0.05)
     assert sent[0]["status"] == 499
     engine.cfg.ttft_ms = 0
     r = await http.post("/v1/chat/completions", headers=auth, json={"model": "fake", "messages": MSG, "max_tokens": 1})

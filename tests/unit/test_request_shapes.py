@@ -90,3 +90,14 @@ def test_nesting_is_bounded_without_recursion() -> None:
         shallow = {"k": shallow}
     assert not too_deep(shallow)
     assert too_deep({"k": shallow})
+
+
+def test_tool_definitions_and_calls_count_in_the_prompt() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "description": "x" * 400}}}}}
+    bare = validate("chat", {"model": "m", "messages": MSG}).demand().prompt_tokens
+    with_tools = validate("chat", {"model": "m", "messages": MSG, "tools": [tool]}).demand().prompt_tokens
+    assert with_tools - bare > 100
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "y" * 400}}]}
+    assert validate("chat", {"model": "m", "messages": [*MSG, call]}).demand().prompt_tokens - bare > 100
