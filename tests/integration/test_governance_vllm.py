@@ -112,3 +112,26 @@ def test_revoked_key_refused_within_a_second(stack: LiveStack, limited: tuple[st
             break
         assert time.monotonic() - t0 < 1.0
         time.sleep(0.05)
+
+
+def test_what_vllm_generates_is_what_was_reserved(stack: LiveStack) -> None:
+    """vLLM's own semantics, as the reservation assumes them: a coerced `n` and a batch run every sequence;
+    `max_completion_tokens` bounds nothing on completions. Each request's usage fits its reservation exactly."""
+    r = _admin(stack, "POST", "/admin/keys", json={"name": "shapes", "limits": {"tpm": 1_000_000}})
+    auth = {"authorization": f"Bearer {r.json()['key']}"}
+
+    def post(path: str, body: dict) -> httpx.Response:
+        resp = httpx.post(stack.base_url + path, headers=auth, timeout=120,
+                          json={"model": stack.model, "seed": 7, "ignore_eos": True, **body})
+        assert resp.status_code == 200, resp.text
+        return resp
+
+    chat = post("/v1/chat/completions", {"messages": MSG, "n": "2", "max_tokens": 3}).json()
+    assert len(chat["choices"]) == 2 and chat["usage"]["completion_tokens"] == 2 * 3
+    raw = post("/v1/completions", {"prompt": ["one", "two", "three"], "n": 2, "max_tokens": 4,
+                                   "max_completion_tokens": 1})
+    batch = raw.json()
+    assert len(batch["choices"]) == 3 * 2 and batch["usage"]["completion_tokens"] == 3 * 2 * 4
+    # Reserved: vLLM's count of the three prompts + 3 x 2 x 4, after the chat request settled to its usage.
+    reserved = batch["usage"]["prompt_tokens"] + 3 * 2 * 4
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 1_000_000 - chat["usage"]["total_tokens"] - reserved
