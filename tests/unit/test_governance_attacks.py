@@ -209,3 +209,18 @@ async def test_a_full_response_dropped_midway_is_charged_its_bound(app, engine, 
     r = await http.post("/v1/chat/completions", headers=auth, json={"model": "fake", "messages": MSG, "max_tokens": 1})
     # charged CHAT_PROMPT + 50 for the dropped one (the engine could not say what it had made), then this one
     assert int(r.headers["x-ratelimit-remaining-tokens"]) == 100_000 - (CHAT_PROMPT + 50) - (CHAT_PROMPT + 1)
+
+
+def test_an_adapter_is_granted_by_its_own_name_not_its_base(app) -> None:
+    from gateway.governance.gate import Governance
+    from gateway.governance.records import KeyRecord
+    from serve.errors import ModelNotFound
+
+    backend = app.state.backend
+    base_only = KeyRecord(id="k", prefix="rg-", allowed_models=["fake"])
+    assert backend.grant_names("chat") == ("chat", "fake")  # an alias goes by its target too
+    assert Governance.authorize(base_only, "chat", ["chat"], backend.grant_names, route=False) == ["chat"]
+    with pytest.raises(ModelNotFound):  # an adapter on "fake" (not a served id or alias) needs its own name
+        Governance.authorize(base_only, "fake-sql-lora", ["fake-sql-lora"], backend.grant_names, route=False)
+    lora = KeyRecord(id="k", prefix="rg-", allowed_models=["fake-sql-lora"])
+    assert Governance.authorize(lora, "fake-sql-lora", ["fake-sql-lora"], backend.grant_names, route=False)
