@@ -224,8 +224,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     async def serve_forever() -> None:
         backend = build_backend(cfg.serve, registry)
+        app = create_app(settings, backend)  # opens the key store first: an unreachable one fails before engines load
         await backend.start()
-        app = create_app(settings, backend)
         server = uvicorn.Server(
             uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning", lifespan="on")
         )

@@ -26,7 +26,7 @@ from sqlalchemy import (
     select,
     tuple_,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -97,10 +97,20 @@ def reachable() -> Iterator[None]:
         raise KeyStoreUnavailable("The key store is unavailable; retry shortly.") from exc
 
 
+class StoreUnreachable(ValueError):
+    """The key store cannot be opened at start: a one-line reason naming its URL without the password."""
+
+
 def open_store(url: str, secret: bytes) -> KeyStore:
-    """A store with its schema migrated to the newest revision."""
+    """A store with its schema migrated to the newest revision, or StoreUnreachable."""
     store = KeyStore(url, secret)
-    store.migrate()
+    try:
+        store.migrate()
+    except SQLAlchemyError as exc:
+        store.close()
+        shown = make_url(url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StoreUnreachable(f"cannot open the key store at {shown}: {reason}") from None
     return store
 
 

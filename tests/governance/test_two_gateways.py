@@ -295,3 +295,47 @@ async def test_metrics_add_up_across_two_processes(gateways: Gateways) -> None:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+
+
+async def test_redis_restarted_under_load_across_two_processes(gateways: Gateways, private_redis: Any) -> None:
+    """Redis stops and comes back while both processes take traffic: every answer is a 200 or, while it is
+    down, the configured policy's 503 envelope with Retry-After (fail_closed, the default), never a 500 nor a
+    hang; traffic succeeds again once it is back, and the limits are exact again."""
+    _, key = gateways.new_key(limits={"rpm": 100_000, "max_concurrent": 50, "tokens_per_day": 10**9})
+    auth = {"authorization": f"Bearer {key}"}
+    answers: list[tuple[float, int, str]] = []  # (time, status, error code)
+    stop = asyncio.Event()
+
+    async def worker(i: int, client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            r = await client.post(gateways.urls[i % 2] + "/v1/chat/completions", headers=auth,
+                                  json={"model": "fake-a", "messages": MSG, "max_tokens": 2, "stream": i % 3 == 0})
+            code = r.json()["error"]["code"] if r.status_code >= 400 else ""
+            if r.status_code == 503:
+                assert int(r.headers["retry-after"]) >= 1
+            answers.append((time.monotonic(), r.status_code, code))
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        workers = [asyncio.create_task(worker(i, client)) for i in range(6)]
+        await asyncio.sleep(1.0)
+        down_at = time.monotonic()
+        private_redis.stop()
+        await asyncio.sleep(1.5)
+        private_redis.start()  # the same port, empty
+        back_at = time.monotonic()
+        deadline = back_at + 15
+        while not any(t > back_at and s == 200 for t, s, _ in answers[-6:]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        recovered_at = next((t for t, s, _ in answers if t > back_at and s == 200), None)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*workers)
+    statuses = {(s, c) for _, s, c in answers}
+    assert statuses <= {(200, ""), (503, "quota_unavailable")}, statuses
+    assert any(s == 503 for t, s, _ in answers if down_at < t < back_at), "Redis was down and nothing noticed"
+    assert recovered_at is not None and recovered_at - back_at < 5, "traffic did not come back with Redis"
+    assert all(s == 200 for t, s, _ in answers if t > recovered_at + 0.5)
+    # Exact again: a fresh key's rpm holds across both processes on the restarted Redis.
+    _, fresh = gateways.new_key(limits={"rpm": 5})
+    _align_to_window()
+    assert _codes(await _burst(gateways, fresh, 12)) == {200: 5, 429: 7}

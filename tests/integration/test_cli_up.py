@@ -6,6 +6,7 @@ HAProxy in front) would contend with another for HAProxy's fixed stats/metrics p
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -229,3 +230,63 @@ def test_an_engine_that_cannot_start_fails_up_with_its_reason(tmp_path: Path) ->
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(1)
     assert not (_ray_processes() - before), "Ray processes left behind"
+
+
+def test_a_killed_replica_of_two_loses_no_new_request(tmp_path: Path, private_redis) -> None:  # noqa: ANN001
+    """Two gateway replicas share the port. SIGKILL one under load: what it held fails, every request that
+    starts after it is gone is answered by the other, and Serve brings a second listener back."""
+    key = "sk-kill-test-0123456789ab"
+    config = tmp_path / "raygate.yaml"
+    config.write_text(
+        f"gateway:\n  num_replicas: 2\n  settings:\n    api_keys: [{key}]\n    redis_url: {private_redis.url}\n"
+        "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n      fake:\n        itl_ms: 5\n"
+    )
+    proc, text = _start_up(tmp_path, "--config", str(config))
+    base = f"http://127.0.0.1:{PORT}/v1/chat/completions"
+    body = {"model": "raygate/tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    answers: list[tuple[float, float, str]] = []  # (start, end, status or error)
+    stop = threading.Event()
+
+    def load() -> None:
+        # A new connection per request, as a fresh client opens one: a pooled connection to the killed replica
+        # is the in-flight case, not a new request.
+        with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    outcome = str(c.post(base, json=body, headers={"Authorization": f"Bearer {key}"}).status_code)
+                except httpx.HTTPError as exc:
+                    outcome = type(exc).__name__
+                answers.append((t0, time.monotonic(), outcome))
+
+    try:
+        assert "raygate is up" in text, text
+        assert wait_until(lambda: len(_listeners(PORT)) == 2, 60, every_s=0.5), _listeners(PORT)
+        victim = next(c.pid for c in psutil.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN and c.laddr.port == PORT and c.pid)
+        loaders = [threading.Thread(target=load) for _ in range(4)]
+        for t in loaders:
+            t.start()
+        time.sleep(2)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: not psutil.pid_exists(victim), 10, every_s=0.02)
+        gone_at = time.monotonic()
+        back = wait_until(lambda: len(_listeners(PORT)) == 2, 120, every_s=0.2)
+        back_after_s = time.monotonic() - gone_at
+        time.sleep(2)
+        stop.set()
+        for t in loaders:
+            t.join(60)
+    finally:
+        stop.set()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    after = [a for a in answers if a[0] > gone_at]
+    outcomes: dict[str, int] = {}
+    for *_, outcome in answers:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(f"requests: {len(answers)} {outcomes}; after the kill: {len(after)}; "
+          f"second listener back after {back_after_s:.1f} s")
+    assert len(after) > 20 and all(outcome == "200" for _, _, outcome in after), sorted({o for *_, o in after})
+    assert all(outcome == "200" for t0, end, outcome in answers if end < gone_at - 0.5)
+    assert back, "Serve did not bring the killed replica back"
