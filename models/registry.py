@@ -242,6 +242,9 @@ class Registry:
                 variants=self._sized(list(variants), entries),
             )
             manifest = self._commit(draft, staging)
+        except OSError as exc:  # a full disk, a failing write: said in one line, with nothing published
+            self._remove(staging)
+            raise RegistryError(f"publishing {name} failed and nothing was published: {exc}") from exc
         except BaseException:
             self._remove(staging)
             raise

@@ -156,3 +156,32 @@ def test_a_publish_clears_what_an_interrupted_one_left_in_staging(reg: Registry,
     assert reg.publish("m", make_checkpoint(tmp_path / "ckpt")).version == 1
     assert not stale.exists() and running.exists()
     assert reg.versions("m") == [1]
+
+
+def test_a_write_failing_during_publish_publishes_nothing_and_moves_no_alias(tmp_path: Path) -> None:
+    """A real failed write, not a patched one: `raygate models add` under a 1 MB file-size limit (the kernel
+    refuses the write past it, as a full disk would) with a 3 MB weights file."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("raygate")
+    home = tmp_path / "home"
+
+    def add(src: Path, limit: int | None = None) -> subprocess.CompletedProcess[str]:
+        def cap() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as ENOSPC does
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        return subprocess.run([str(exe), "--home", str(home), "models", "add", "m", str(src), "--alias", "stable"],
+                              capture_output=True, text=True, timeout=120, preexec_fn=cap if limit else None)
+
+    assert add(make_checkpoint(tmp_path / "v1")).returncode == 0
+    failed = add(make_checkpoint(tmp_path / "v2", payload=b"w" * 3_000_000), limit=1_000_000)
+    assert failed.returncode == 2, failed.stderr
+    assert failed.stderr.startswith("raygate: publishing m failed and nothing was published")
+    assert len(failed.stderr.strip().splitlines()) == 1
+    reg = Registry(home / "registry")
+    assert reg.versions("m") == [1] and reg.aliases("m") == {"stable": 1, "latest": 1}
+    assert not [p for p in (home / "registry").rglob("*") if p.is_file() and p.stat().st_size >= 1_000_000]
