@@ -290,3 +290,65 @@ def test_a_killed_replica_of_two_loses_no_new_request(tmp_path: Path, private_re
     assert len(after) > 20 and all(outcome == "200" for _, _, outcome in after), sorted({o for *_, o in after})
     assert all(outcome == "200" for t0, end, outcome in answers if end < gone_at - 0.5)
     assert back, "Serve did not bring the killed replica back"
+
+
+def _haproxies() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
+
+
+def _held_ports() -> set[int]:
+    ours = {PORT, DASHBOARD_PORT, METRICS_PORT, 8404, 9101}  # 8404, 9101: HAProxy's stats and metrics
+    return {c.laddr.port for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in ours}
+
+
+def test_five_starts_and_stops_leave_nothing(tmp_path: Path) -> None:
+    """Five `raygate up` cycles as an operator runs them: SIGTERM, Ctrl-C, a second Ctrl-C during the stop, and
+    one with HAProxy in front (conversation routing) whose replica is killed so HAProxy reloads. After each
+    stop no process it started is alive, no port it bound is held, and the stop took at most 15 s."""
+    key = "sk-cycle-test-0123456789a"
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"gateway:\n  settings:\n    api_keys: [{key}]\n"
+                     "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n")
+    routed = tmp_path / "routed.yaml"
+    routed.write_text(plain.read_text().replace("gateway:\n", "gateway:\n  conversation_routing: {enabled: true}\n"))
+    body = {"model": "raygate/tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+    def answers() -> bool:
+        try:
+            return httpx.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json=body, timeout=10,
+                              headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    before = _ray_processes()
+    stops = []
+    for cycle, (config, signals) in enumerate([
+        (plain, [signal.SIGTERM]), (routed, [signal.SIGINT]), (plain, [signal.SIGINT, signal.SIGINT]),
+        (plain, [signal.SIGTERM]), (plain, [signal.SIGINT]),
+    ]):
+        proc, text = _start_up(tmp_path, "--config", str(config))
+        try:
+            assert "raygate is up" in text, text
+            assert answers()
+            if config == routed:  # a replica restart: Serve reloads HAProxy, a new generation of it
+                assert _haproxies()
+                replica = next(p for p in psutil.process_iter(["cmdline"])
+                               if "ray::ServeReplica:raygate:gateway" in (p.info["cmdline"] or [])[:1])
+                replica.kill()
+                assert wait_until(answers, 90, every_s=0.5), "no answer after the replica restart"
+            t0 = time.monotonic()
+            for sig in signals:
+                proc.send_signal(sig)
+                time.sleep(0.5)
+            rc = proc.wait(timeout=120)
+            stops.append(time.monotonic() - t0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert rc in (0, 130), (cycle, rc)
+        # The processes a stop ends exit by themselves a moment later (Ray's own shutdown), ports with them.
+        assert wait_until(lambda: not (_ray_processes() - before) and not _haproxies() and not _held_ports(), 15,
+                          every_s=0.2), (cycle, _ray_processes() - before, _haproxies(), _held_ports())
+    print("stop seconds per cycle:", [round(s, 1) for s in stops])
+    assert max(stops) <= 15, stops
