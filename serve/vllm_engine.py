@@ -181,6 +181,8 @@ class VLLMEngine(Engine):
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         if self._engine is None:
             raise EngineUnavailable("engine is starting")
+        if self._engine.errored:
+            raise EngineUnavailable(ENGINE_DEAD)
         return await self._admission.admit(lambda: self._generate(endpoint, body, request_id))
 
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
@@ -201,10 +203,14 @@ class VLLMEngine(Engine):
         except EngineError:
             raise
         except Exception as exc:
+            if self._engine is not None and self._engine.errored:  # its engine-core process is gone
+                raise EngineUnavailable(ENGINE_DEAD) from None
             # vLLM's own exception -> status mapping (VLLMValidationError -> 400 with parameter, ...)
             result = serving.create_error_response(exc)
         error = getattr(result, "error", None)
         if error is not None:
+            if self._engine is not None and self._engine.errored:
+                raise EngineUnavailable(ENGINE_DEAD)
             raise _error_from_vllm(int(error.code), error.message, error.param, prompt_param)
         if hasattr(result, "__aiter__"):
             return self._stream(result, prompt_param)
@@ -227,6 +233,8 @@ class VLLMEngine(Engine):
             # goes on serving the new version's traffic meanwhile.
             await asyncio.to_thread(engine.shutdown)
 
+
+ENGINE_DEAD = "The engine stopped; its replica is being restarted. Retry shortly."
 
 # Fields vLLM sets to null where OpenAI's spec allows only an object/array or absence.
 _NON_NULLABLE_MESSAGE = ("annotations", "function_call", "audio", "tool_calls")
