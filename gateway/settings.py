@@ -53,8 +53,9 @@ class GatewaySettings(BaseSettings):
     quota_timeout_s: float = Field(default=0.25, gt=0, description="Longest a quota call to Redis may take before quota_failure_mode applies; raise it for a distant Redis.")
     rate_window_s: float = Field(default=60.0, gt=0, description="Window of the per-minute limits (rpm, tpm); shorten it only for tests.")
     concurrency_lease_s: float = Field(
-        default=900.0, gt=0, description="A concurrency slot a crashed process never released frees itself after this; keep it above the "
-        "longest request."
+        default=60.0, gt=0, description="A concurrency slot held by a process that died (a killed replica) frees "
+        "itself within this; a running request renews its slot every third of it, however long it runs. Shorter "
+        "frees a dead replica's slots sooner for one more quota-store write per request and third."
     )
     prompt_token_count: Literal["estimate", "engine"] = Field(
         default="estimate",

@@ -8,6 +8,9 @@ them). `RedisQuota` (quota_redis.py) is exact across processes. Both apply
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,6 +27,8 @@ from gateway.governance.quota_policy import (
     rate_headers,
     reject,
 )
+
+logger = logging.getLogger(__name__)
 
 _MESSAGES = {
     "requests": "Rate limit reached for requests ({limit} per window) on {subject}. Retry after {retry}s.",
@@ -63,12 +68,16 @@ def lease_members(adm: Admission) -> list[str]:
 class QuotaLimiter(abc.ABC):
     """Admits or refuses a request against every subject's limits, atomically."""
 
-    def __init__(self, window_s: float = 60.0, lease_s: float = 900.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, window_s: float = 60.0, lease_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.window_s = window_s
         self.lease_s = lease_s
         self.clock = clock
         self.fail_open_admissions = 0
         self.budgets: BudgetSource | None = None  # the ledger's sums; None: budgets start from zero
+        # Admissions holding a concurrency slot, renewed every lease_s / 3 while they run: a slot outlives its
+        # request only when the process holding it dies, and then by at most `lease_s`.
+        self._held: dict[str, Admission] = {}
+        self._renewer: asyncio.Task[None] | None = None
 
     async def admit(self, subjects: list[Subject], reserve: int, requests: int = 1) -> Admission:
         """Reserve `requests` requests (one a prompt of a batch) and `reserve` tokens for every subject, or raise
@@ -78,20 +87,36 @@ class QuotaLimiter(abc.ABC):
         if not subjects:
             return adm
         try:
-            return await self._admit(adm)
+            adm = await self._admit(adm)
         except Unseeded as missing:
             # Budgets survive restarts: a day or month counter this store does not hold yet starts from what the
             # ledger says was used in that period, then the admission is checked against it.
             for subject in missing.subjects:
                 day, month = await self.budgets(subject, period) if self.budgets is not None else (0, 0)
                 await self._seed(subject, period, day, month)
-            return await self._admit(adm, check_seeded=False)
+            adm = await self._admit(adm, check_seeded=False)
+        if not adm.unchecked and any(s.limits.max_concurrent is not None for s in subjects):
+            self._held[adm.lease] = adm
+            if self._renewer is None:
+                self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        return adm
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            held = list(self._held.values())
+            if held:
+                try:
+                    await self._extend(held, self.clock() + self.lease_s)
+                except Exception:  # noqa: BLE001 - the next tick tries again; a lease lasts three ticks
+                    logger.warning("renewing %d concurrency leases failed", len(held), exc_info=True)
 
     async def settle(self, adm: Admission, used_tokens: int) -> None:
         """Replace the reservation by the tokens really used; frees the concurrency slot. Idempotent."""
         if adm.settled:
             return
         adm.settled = True
+        self._held.pop(adm.lease, None)
         if adm.subjects and not adm.unchecked:
             await self._settle(adm, used_tokens - adm.reserve)
 
@@ -112,14 +137,22 @@ class QuotaLimiter(abc.ABC):
     @abc.abstractmethod
     async def _settle(self, adm: Admission, delta_tokens: int) -> None: ...
 
-    async def close(self) -> None:  # noqa: B027 - optional
-        pass
+    @abc.abstractmethod
+    async def _extend(self, held: list[Admission], expiry: float) -> None:
+        """Move the concurrency leases of `held` (admissions still running) to expire at `expiry`."""
+
+    async def close(self) -> None:
+        task, self._renewer = self._renewer, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class LocalQuota(QuotaLimiter):
     """In-process counters; exact for one gateway process (the single-process default)."""
 
-    def __init__(self, window_s: float = 60.0, lease_s: float = 900.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, window_s: float = 60.0, lease_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         super().__init__(window_s, lease_s, clock)
         self._counts: dict[str, int] = {}
         self._leases: dict[str, dict[str, float]] = {}
@@ -193,6 +226,15 @@ class LocalQuota(QuotaLimiter):
                     self._expiry.setdefault(k, now + ttl[d])
         adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True, requests=adm.requests)
         return adm
+
+    async def _extend(self, held: list[Admission], expiry: float) -> None:
+        for adm in held:
+            for subj in adm.subjects:
+                leases = self._leases.get(adm.period.keys(subj.id, "q")[2])
+                if leases is not None:
+                    for member in lease_members(adm):
+                        if member in leases:
+                            leases[member] = expiry
 
     def _ttls(self) -> tuple[float, ...]:
         return (2 * self.window_s, 2 * self.window_s, 0, 2 * 86400, 32 * 86400)

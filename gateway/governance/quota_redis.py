@@ -120,7 +120,7 @@ class RedisQuota(QuotaLimiter):
         failure_mode: FailureMode = "fail_closed",
         timeout_s: float = 0.25,
         window_s: float = 60.0,
-        lease_s: float = 900.0,
+        lease_s: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(window_s, lease_s, clock)
@@ -182,6 +182,18 @@ class RedisQuota(QuotaLimiter):
         except RedisError:
             pass  # the admission that follows meets the outage too, and the failure mode answers it
 
+    async def _extend(self, held: list[Admission], expiry: float) -> None:
+        expiry_ms = int(expiry * 1000)
+        ttl_ms = max(1, int((expiry - self.clock()) * 1000))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for adm in held:
+                for s in adm.subjects:
+                    if s.limits.max_concurrent is not None:
+                        key = adm.period.keys(s.id, self.prefix)[2]
+                        pipe.zadd(key, dict.fromkeys(lease_members(adm), expiry_ms), xx=True)  # only if still held
+                        pipe.pexpire(key, ttl_ms, gt=True)
+            await pipe.execute()
+
     async def _settle(self, adm: Admission, delta_tokens: int) -> None:
         from redis.exceptions import RedisError
 
@@ -206,4 +218,5 @@ class RedisQuota(QuotaLimiter):
         raise QuotaUnavailable("The quota service is unavailable; retry shortly.") from exc
 
     async def close(self) -> None:
+        await super().close()
         await self._client.aclose()

@@ -178,3 +178,30 @@ async def test_local_counters_of_past_windows_are_dropped() -> None:
     assert len(lim._counts) > 50  # one per minute window so far
     await lim.admit(subj, 1)  # the 4096th admission purges
     assert len(lim._counts) <= 2 and len(lim._leases) <= 1
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+async def test_a_running_request_keeps_its_slot_and_a_dead_process_frees_it(store: str, redis_url: str) -> None:
+    """Leases are short and renewed while the request runs: a request longer than its lease keeps its slot,
+    and the slot of a process that died (its renewals stop, nothing settles) frees itself within a lease."""
+    def make() -> QuotaLimiter:
+        return LocalQuota(lease_s=1.5) if store == "local" else RedisQuota(redis_url, lease_s=1.5, timeout_s=5.0)
+
+    holder = make()
+    other = holder if store == "local" else make()  # Redis: another process sees the same slot
+    subj = [Subject("key:lease", Limits(max_concurrent=1))]
+    await holder.admit(subj, 1)
+    await asyncio.sleep(4.0)  # well past two leases, the time being the point: renewals kept the slot
+    assert (await other.used(subj[0]))[2] == 1
+    with pytest.raises(QuotaExceeded):
+        await other.admit(subj, 1)
+    assert holder._renewer is not None
+    holder._renewer.cancel()  # the holder dies: no more renewals, no settlement
+    t0 = asyncio.get_running_loop().time()
+    while (await other.used(subj[0]))[2] != 0:
+        assert asyncio.get_running_loop().time() - t0 < 3.0, "a dead holder's slot outlived its lease"
+        await asyncio.sleep(0.05)
+    await other.settle(await other.admit(subj, 1), 1)
+    await holder.close()
+    if other is not holder:
+        await other.close()
