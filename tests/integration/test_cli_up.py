@@ -19,6 +19,7 @@ import httpx
 import openai
 import psutil
 import pytest
+import yaml
 
 from tests.support import free_ports, wait_until
 
@@ -42,6 +43,15 @@ def _listeners(port: int) -> list[str]:
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
             out.append(" ".join(psutil.Process(conn.pid).cmdline()))
     return out
+
+
+def _config(path: Path, key: str, *, gateway: dict | None = None, settings: dict | None = None,
+            fake: dict | None = None) -> Path:
+    """A config serving the tiny model on the fake engine that accepts `key`."""
+    model = {"model": "raygate/tiny-chat@1", "engine": "fake", **({"fake": fake} if fake else {})}
+    path.write_text(yaml.safe_dump({"gateway": {**(gateway or {}), "settings": {"api_keys": [key], **(settings or {})}},
+                                    "serve": {"models": [model]}}))
+    return path
 
 
 def _start_up(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
@@ -104,11 +114,7 @@ def test_sigterm_drains_the_replica_listening_itself(tmp_path: Path) -> None:
     """On one node the gateway replica is the only listener on the port (no proxy). SIGTERM: streams in
     flight finish whole; new connections are refused once the replica stops listening, never accepted and cut."""
     key = "sk-drain-test-0123456789"
-    config = tmp_path / "raygate.yaml"
-    config.write_text(
-        f"gateway:\n  settings:\n    api_keys: [{key}]\n"
-        "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n      fake:\n        itl_ms: 20\n"
-    )
+    config = _config(tmp_path / "raygate.yaml", key, fake={"itl_ms": 20})
     proc, text = _start_up(tmp_path, "--config", str(config))
     base = f"http://127.0.0.1:{PORT}"
     headers = {"Authorization": f"Bearer {key}"}
@@ -236,11 +242,8 @@ def test_a_killed_replica_of_two_loses_no_new_request(tmp_path: Path, private_re
     """Two gateway replicas share the port. SIGKILL one under load: what it held fails, every request that
     starts after it is gone is answered by the other, and Serve brings a second listener back."""
     key = "sk-kill-test-0123456789ab"
-    config = tmp_path / "raygate.yaml"
-    config.write_text(
-        f"gateway:\n  num_replicas: 2\n  settings:\n    api_keys: [{key}]\n    redis_url: {private_redis.url}\n"
-        "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n      fake:\n        itl_ms: 5\n"
-    )
+    config = _config(tmp_path / "raygate.yaml", key, gateway={"num_replicas": 2},
+                     settings={"redis_url": private_redis.url}, fake={"itl_ms": 5})
     proc, text = _start_up(tmp_path, "--config", str(config))
     base = f"http://127.0.0.1:{PORT}/v1/chat/completions"
     body = {"model": "raygate/tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
@@ -307,11 +310,8 @@ def test_five_starts_and_stops_leave_nothing(tmp_path: Path) -> None:
     one with HAProxy in front (conversation routing) whose replica is killed so HAProxy reloads. After each
     stop no process it started is alive, no port it bound is held, and the stop took at most 15 s."""
     key = "sk-cycle-test-0123456789a"
-    plain = tmp_path / "plain.yaml"
-    plain.write_text(f"gateway:\n  settings:\n    api_keys: [{key}]\n"
-                     "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n")
-    routed = tmp_path / "routed.yaml"
-    routed.write_text(plain.read_text().replace("gateway:\n", "gateway:\n  conversation_routing: {enabled: true}\n"))
+    plain = _config(tmp_path / "plain.yaml", key)
+    routed = _config(tmp_path / "routed.yaml", key, gateway={"conversation_routing": {"enabled": True}})
     body = {"model": "raygate/tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
     def answers() -> bool:
