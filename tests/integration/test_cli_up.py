@@ -352,3 +352,21 @@ def test_five_starts_and_stops_leave_nothing(tmp_path: Path) -> None:
                           every_s=0.2), (cycle, _ray_processes() - before, _haproxies(), _held_ports())
     print("stop seconds per cycle:", [round(s, 1) for s in stops])
     assert max(stops) <= 15, stops
+
+
+def test_an_unreachable_database_fails_up_naming_it_without_the_password(tmp_path: Path) -> None:
+    before = _ray_processes()
+    url = f"postgresql+psycopg://ana:s3cret-pass@127.0.0.1:{free_ports(1)[0]}/keys"
+    config = _config(tmp_path / "raygate.yaml", "sk-db-down-0123456789abc",
+                     settings={"database_url": url, "key_secret": "k" * 32})
+    exe = Path(sys.executable).with_name("raygate")
+    proc = subprocess.run(
+        [str(exe), "--home", str(tmp_path), "up", "--config", str(config), "--port", str(PORT),
+         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "cannot open the key store at postgresql+psycopg://ana:***@127.0.0.1:" in out, out[-3000:]
+    assert "s3cret-pass" not in out
+    assert wait_until(lambda: not (_ray_processes() - before), 30, every_s=1), "Ray processes left behind"
