@@ -117,11 +117,7 @@ class Stack:
                 os.environ[key] = env[key]
             else:
                 os.environ.pop(key, None)
-        # A stack left running (or a Ray cluster of a killed one) holds these: said now, with its pid, not as
-        # a bind error from deep inside Ray or a replica.
         check_port_free(self.host, self.port)
-        check_port_free("127.0.0.1", self.dashboard_port, "--dashboard-port")
-        check_port_free("127.0.0.1", self.metrics_export_port, "--metrics-port")
         import ray
         from ray import serve
 
@@ -215,7 +211,7 @@ _DAEMON_MARKERS = (
 )
 
 
-def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+def check_port_free(host: str, port: int) -> None:
     """Raise `StartFailed` naming the process that listens on (host, port): a stack left running, for one."""
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections of a stopped stack in TIME_WAIT
@@ -233,7 +229,7 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
                 with contextlib.suppress(psutil.Error):
                     owners.add(f"pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:80]})")
     held = f"; held by {', '.join(sorted(owners))}" if owners else ""
-    raise StartFailed(f"cannot listen on {host}:{port}: {error.strerror}{held}. Stop it, or pass another {flag}.")
+    raise StartFailed(f"cannot listen on {host}:{port}: {error.strerror}{held}. Stop it, or pass another --port.")
 
 
 def haproxy_threads() -> int:

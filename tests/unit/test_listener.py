@@ -126,18 +126,3 @@ def test_serves_ingress_is_kept_where_the_config_needs_it() -> None:
                           "serve": {"models": [{"model": "m", "engine": "fake"}]}})
     with pytest.raises(ValueError, match="conversation routing needs Serve's ingress"):
         build_app(cfg, listen=("127.0.0.1", 8000))
-
-
-def test_up_names_who_holds_its_dashboard_or_metrics_port_before_starting_ray(tmp_path) -> None:  # noqa: ANN001
-    from gateway.config import AppConfig
-
-    port, dashboard, metrics = free_port(), free_port(), free_port()
-    stack = Stack(AppConfig.load({"serve": {"models": [{"model": "m", "engine": "fake"}]}}), port=port,
-                  dashboard_port=dashboard, metrics_export_port=metrics)
-    for held, flag in ((dashboard, "--dashboard-port"), (metrics, "--metrics-port")):
-        with socket.socket() as leftover:  # what a killed stack's Ray leaves behind
-            leftover.bind(("127.0.0.1", held))
-            leftover.listen()
-            with pytest.raises(StartFailed, match=rf"127.0.0.1:{held}: .*held by pid \d+.*another {flag}"):
-                stack.start(ready_timeout_s=1)
-    assert not stack.started  # Ray was never started
