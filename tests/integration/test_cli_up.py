@@ -54,6 +54,19 @@ def _config(path: Path, key: str, *, gateway: dict | None = None, settings: dict
     return path
 
 
+def _up_fails(tmp_path: Path, config: Path) -> str:
+    """`raygate up --config config` run to its end, which must be a failure; what it printed."""
+    exe = Path(sys.executable).with_name("raygate")
+    proc = subprocess.run(
+        [str(exe), "--home", str(tmp_path), "up", "--config", str(config), "--port", str(PORT),
+         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    return out
+
+
 def _start_up(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     """`raygate up *args` on this file's ports; the process and what it printed until it was up (or ended)."""
     exe = Path(sys.executable).with_name("raygate")
@@ -223,14 +236,7 @@ def test_an_engine_that_cannot_start_fails_up_with_its_reason(tmp_path: Path) ->
         "serve:\n  models:\n    - model: raygate/tiny-chat@1\n      engine: fake\n      fake:\n"
         "        start_error: weights are missing\n"
     )
-    exe = Path(sys.executable).with_name("raygate")
-    proc = subprocess.run(
-        [str(exe), "--home", str(tmp_path), "up", "--config", str(config), "--port", str(PORT),
-         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
-        capture_output=True, text=True, timeout=300,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out
+    out = _up_fails(tmp_path, config)
     assert "failed to deploy" in out and "weights are missing" in out, out[-3000:]
     deadline = time.monotonic() + 30
     while _ray_processes() - before and time.monotonic() < deadline:
@@ -359,14 +365,7 @@ def test_an_unreachable_database_fails_up_naming_it_without_the_password(tmp_pat
     url = f"postgresql+psycopg://ana:s3cret-pass@127.0.0.1:{free_ports(1)[0]}/keys"
     config = _config(tmp_path / "raygate.yaml", "sk-db-down-0123456789abc",
                      settings={"database_url": url, "key_secret": "k" * 32})
-    exe = Path(sys.executable).with_name("raygate")
-    proc = subprocess.run(
-        [str(exe), "--home", str(tmp_path), "up", "--config", str(config), "--port", str(PORT),
-         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
-        capture_output=True, text=True, timeout=300,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out
+    out = _up_fails(tmp_path, config)
     assert "cannot open the key store at postgresql+psycopg://ana:***@127.0.0.1:" in out, out[-3000:]
     assert "s3cret-pass" not in out
     assert wait_until(lambda: not (_ray_processes() - before), 30, every_s=1), "Ray processes left behind"
