@@ -34,7 +34,8 @@ async def _stop(app: Any) -> None:
 
 @pytest.mark.parametrize("quota", ["local", "redis"])
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-async def test_a_restart_does_not_reset_day_and_month_budgets(tmp_path, redis_url, pg_url, quota, db) -> None:
+async def test_a_restart_does_not_reset_day_and_month_budgets(tmp_path, private_redis, pg_url, quota, db) -> None:
+    redis_url = private_redis.url
     settings = GatewaySettings(
         home=tmp_path, redis_url=redis_url if quota == "redis" else None,
         database_url=pg_url if db == "postgresql" else None, key_secret="s" * 32,
@@ -46,10 +47,9 @@ async def test_a_restart_does_not_reset_day_and_month_budgets(tmp_path, redis_ur
     first.state.governance.store.set_team(f"t-{tmp_path.name}", Limits(tokens_per_month=1000))
     assert (await _chat(first, key, 56)).status_code == 200  # 4 + 56 = 60 used today
     await _stop(first)
-    if quota == "redis":
-        import redis
-
-        redis.Redis.from_url(redis_url).flushdb()  # this test's own Redis, restarted empty
+    if quota == "redis":  # this test's own redis-server, restarted: it keeps nothing on disk
+        private_redis.stop()
+        private_redis.start()
 
     second = _gateway(settings)
     refused = await _chat(second, key, 40)  # 60 + 4 + 40 > 100: refused, as it would have been without the restart
