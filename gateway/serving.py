@@ -117,9 +117,8 @@ class GenerationService:
             watch.mark("routing")
             if card.scheduling == "priority":
                 body["priority"] = priority_for(caller.tier, settings.tier_priority)
-            demand = typed.demand()
             count = (lambda: first.count_prompt_tokens(endpoint, body)) if self.exact_prompts else None
-            adm = await gov.admit(caller, demand, card.max_model_len, count)
+            adm = await gov.admit(caller, typed.demand, card.max_model_len, count)
             watch.mark("quota")
         except BaseException as exc:
             watch.fail(exc)
@@ -149,6 +148,7 @@ class GenerationService:
             if isinstance(exc, ClientDisconnected | RequestTimeout):
                 # Cancelled in the engine before its full body: no engine reports what it had made by then,
                 # so the request is charged the most it could have (its reservation's bound), never nothing.
+                demand = typed.demand()
                 outcome.prompt_tokens = demand.prompt_tokens
                 outcome.completion_tokens = reservation(demand, card.max_model_len) - demand.prompt_tokens
             await done(exc)
@@ -179,7 +179,7 @@ class GenerationService:
                 outcome.status = 499
             if not outcome.usage_seen:  # cut short: charge what was sent, not nothing
                 outcome.prompt_tokens, outcome.completion_tokens = unreported_usage(
-                    demand, outcome.events, endpoint == "chat"
+                    typed.demand(), outcome.events, endpoint == "chat"
                 )
             await done()
 

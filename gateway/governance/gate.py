@@ -167,17 +167,18 @@ class Governance:
         return out
 
     async def admit(
-        self, record: KeyRecord, demand: Demand, max_model_len: int | None,
+        self, record: KeyRecord, demand_of: Callable[[], Demand], max_model_len: int | None,
         count_prompt: Callable[[], Awaitable[int | None]] | None = None,
     ) -> Admission:
-        """Reserve the most the request can use; `count_prompt` (the engine's exact count) is asked only when a
-        limit applies. A batch counts one request a prompt for rpm and max_concurrent."""
+        """Reserve the most the request can use. The request's demand (`demand_of`) and the engine's exact prompt
+        count (`count_prompt`) are asked only when a limit applies: a key without limits pays for neither.
+        A batch counts one request a prompt for rpm and max_concurrent."""
         subjects = self.subjects(record)
-        reserve = 0
-        if subjects:
-            counted = await count_prompt() if count_prompt is not None else None
-            reserve = reservation(demand, max_model_len, counted)
-        return await self.limiter.admit(subjects, reserve, demand.prompts)
+        if not subjects:
+            return await self.limiter.admit(subjects, 0)
+        demand = demand_of()
+        counted = await count_prompt() if count_prompt is not None else None
+        return await self.limiter.admit(subjects, reservation(demand, max_model_len, counted), demand.prompts)
 
     async def count_refusal(self, record: KeyRecord) -> None:
         """A request refused for its model still counts one request against the key's rpm (429 past it):
