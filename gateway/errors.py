@@ -23,12 +23,6 @@ class AuthenticationFailed(GatewayError):
     default_code = "invalid_api_key"
 
 
-class PermissionDenied(GatewayError):
-    status = 403
-    type = "permission_error"
-    default_code = "model_not_allowed"
-
-
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
