@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test train install install-test install-bench bench bench-harness bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak docs lint clean
+.PHONY: run test train install install-test install-bench bench bench-harness bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak chaos docs lint clean
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -83,6 +83,11 @@ bench-litellm: $(VENV)/.installed-bench bench-peers
 	$(VENV)/bin/raygate bench run benchmarks/scenarios/litellm.yaml
 
 # 30 minutes of steady load on the full stack; RSS of every process sampled every 10 s.
+# Ten minutes of streamed load on `raygate up` (vLLM, quotas in Redis) while the gateway replica, vLLM's engine and
+# Redis are killed and the model is rolled out and back; writes benchmarks/results/chaos/report.md.
+chaos: $(VENV)/.installed-bench
+	$(VENV)/bin/raygate bench chaos --minutes 10
+
 soak: $(VENV)/.installed-bench
 	$(VENV)/bin/raygate bench soak benchmarks/scenarios/vllm.yaml --target raygate --minutes 30 --concurrency 8
 

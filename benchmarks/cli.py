@@ -103,6 +103,13 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from benchmarks import chaos
+
+    chaos.run(args.minutes, args.concurrency, Path(args.out or RESULTS / "chaos"))
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     """The goal tables of finished runs, one after another (what `make bench` prints last)."""
     ok = True
@@ -167,6 +174,13 @@ def parser(prog: str = "raygate bench") -> argparse.ArgumentParser:
     sk.add_argument("--warmup-s", type=float, default=120.0, help="Seconds before drift is measured.")
     common(sk)
     sk.set_defaults(func=cmd_soak, levels=None, set=None)
+
+    ch = sub.add_parser("chaos", help="`raygate up` under streamed load while its replica, engine and Redis are "
+                        "killed and the model is rolled out and back; what clients saw.")
+    ch.add_argument("--minutes", type=float, default=10.0)
+    ch.add_argument("--concurrency", type=int, default=8, help="Streaming clients, each a closed loop.")
+    ch.add_argument("--out", help="Results directory (default benchmarks/results/chaos).")
+    ch.set_defaults(func=cmd_chaos)
 
     sm = sub.add_parser("summary", help="Goal tables of finished runs.")
     sm.add_argument("dirs", nargs="+")

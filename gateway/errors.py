@@ -94,6 +94,14 @@ class ReplicaBusy(GatewayError):
     retry_after_s = 1
 
 
+class NoReplicaServing(GatewayError):
+    """No gateway replica listens on this node (the last one died and Serve is starting another)."""
+
+    status = 503
+    default_code = "no_replica"
+    retry_after_s = 2
+
+
 class QuotaUnavailable(GatewayError):
     """The quota store cannot be reached and the policy is fail_closed."""
 

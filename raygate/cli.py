@@ -61,7 +61,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg = AppConfig.load(default_app_config(home, args.engine))
     stack = Stack(
         cfg, host=args.host, port=args.port, dashboard_port=args.dashboard_port,
-        metrics_export_port=args.metrics_port,
+        metrics_export_port=args.metrics_port, state_dir=home / "stacks",
     )
     stop = StopRequest()  # Ctrl-C or SIGTERM, any number of times
     wanted = ", ".join(m.model for m in cfg.serve.models)
@@ -88,8 +88,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             "Ctrl-C stops everything.".format(stack.base_url, key_path, models[0]["id"]),
             flush=True,
         )
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(5.0):
+            stack.keep_record()
     except StartCancelled:
         rc = 130
     except StartFailed as exc:

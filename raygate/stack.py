@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 import psutil
 
 from gateway.config import AppConfig
+from raygate.leftovers import StackRecord, stop_leftovers
+from raygate.standby import Standby
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +92,10 @@ class Stack:
     metrics_export_port: int = 8080  # Ray's Prometheus endpoint: ray_serve_*, vLLM's engine metrics, ray_* (scraped per node)
     num_cpus: int | None = None
     env: dict[str, str] = field(default_factory=dict)  # beside stack_env's, overriding it
+    state_dir: Path | None = None  # where the records of running stacks are kept (`leftovers`); None: no record
     started: bool = False
+    _record: StackRecord | None = field(default=None, init=False, repr=False)
+    _standby: Standby | None = field(default=None, init=False, repr=False)
 
     @property
     def replicas_listen(self) -> bool:
@@ -117,7 +123,16 @@ class Stack:
                 os.environ[key] = env[key]
             else:
                 os.environ.pop(key, None)
+        if self.state_dir is not None:
+            stopped = stop_leftovers(self.state_dir)
+            if stopped:
+                logger.warning("stopped what a killed raygate up left running: %s", ", ".join(stopped))
+            self._record = StackRecord(self.state_dir)
+        # A stack left running, or what a killed one left, holds these: said now with its pid, not as a bind
+        # error from deep inside Ray or a replica.
         check_port_free(self.host, self.port)
+        check_port_free("127.0.0.1", self.dashboard_port, "--dashboard-port")
+        check_port_free("127.0.0.1", self.metrics_export_port, "--metrics-port")
         import ray
         from ray import serve
 
@@ -135,6 +150,7 @@ class Stack:
             configure_logging=True,
         )
         self.started = True
+        self.keep_record()
         lower_priority(ray_daemons(), DAEMON_NICE)
         if threading.current_thread() is threading.main_thread():
             for sig, handler in saved.items():
@@ -158,6 +174,15 @@ class Stack:
             wait_for_applications_running=False,
         )
         self.wait_ready(ready_timeout_s, cancelled)
+        self.keep_record()
+        if listen:
+            self._standby = Standby(self.host, self.port).start()
+
+    def keep_record(self) -> None:
+        """Record the processes the stack runs now (engines and replicas come and go), so that the next start
+        can stop them if this process is killed before it stops them itself."""
+        if self._record is not None and self.started:
+            self._record.write(stack_processes())
 
     def wait_ready(self, timeout_s: float, cancelled: Callable[[], bool] = lambda: False) -> None:
         deadline = time.monotonic() + timeout_s
@@ -196,13 +221,20 @@ class Stack:
         import ray
         from ray import serve
 
-        engines = engine_processes()
+        if self._standby is not None:  # first: a stop refuses new connections once the replicas stop listening
+            self._standby.stop()
+            self._standby = None
+        procs = stack_processes()
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
             self.started = False
-            reap(engines)
+            # Until they are gone: Ray's agents outlive ray.shutdown a few seconds holding the metrics port, and a
+            # replica Ray killed (a stop that timed out) leaves its vLLM engine running.
+            reap(procs)
+            if self._record is not None:
+                self._record.remove()
 
 
 _DAEMON_MARKERS = (
@@ -211,7 +243,7 @@ _DAEMON_MARKERS = (
 )
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
     """Raise `StartFailed` naming the process that listens on (host, port): a stack left running, for one."""
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections of a stopped stack in TIME_WAIT
@@ -229,7 +261,7 @@ def check_port_free(host: str, port: int) -> None:
                 with contextlib.suppress(psutil.Error):
                     owners.add(f"pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:80]})")
     held = f"; held by {', '.join(sorted(owners))}" if owners else ""
-    raise StartFailed(f"cannot listen on {host}:{port}: {error.strerror}{held}. Stop it, or pass another --port.")
+    raise StartFailed(f"cannot listen on {host}:{port}: {error.strerror}{held}. Stop it, or pass another {flag}.")
 
 
 def haproxy_threads() -> int:
@@ -285,28 +317,49 @@ def lower_priority(procs: list[psutil.Process], nice: int) -> None:
                         thread.nice(nice)
 
 
-ENGINE_PROCESS_PREFIX = "VLLM::"  # vLLM names its engine-core and worker processes so
+def stack_processes() -> list[psutil.Process]:
+    """Every process of the Ray cluster this process started: Ray's own, its workers (the replicas) and what
+    they started (vLLM's engines, HAProxy). Other children of this process (a test's Redis) are left out."""
+    ray_dir = _ray_package_dir()
+    try:
+        roots = [p for p in psutil.Process().children() if _runs_from(p, ray_dir)]
+    except psutil.Error:
+        return []
+    out = list(roots)
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            out.extend(root.children(recursive=True))
+    return out
 
 
-def engine_processes() -> list[psutil.Process]:
-    """vLLM engine processes this stack started (descendants of this process, through Ray's workers)."""
-    return _descendants_where(lambda p: p.name().startswith(ENGINE_PROCESS_PREFIX))
+def _ray_package_dir() -> str:
+    spec = importlib.util.find_spec("ray")
+    return (spec.submodule_search_locations or [""])[0] if spec else "/nonexistent"
 
 
-def reap(procs: list[psutil.Process], grace_s: float = 10.0) -> list[int]:
-    """Kill what is left of `procs` after `grace_s`; the pids that had to be killed.
+def _runs_from(proc: psutil.Process, directory: str) -> bool:
+    """`proc`'s program or script is under `directory` (Ray's GCS, raylet and Python daemons all are)."""
+    try:
+        return any(a.startswith(directory + os.sep) for a in proc.cmdline()[:3])
+    except psutil.Error:
+        return False
+
+
+def reap(procs: list[psutil.Process], grace_s: float = 5.0) -> list[int]:
+    """Wait up to `grace_s` for `procs` to exit, kill what is left; the pids that had to be killed.
 
     A replica Ray killed (a stop that timed out) cannot close its engine: vLLM's engine core then
     lives on as an orphan, holding its KV cache and, on CPUs, spinning its worker's threads.
     """
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    killed = []
     for p in alive:
         with contextlib.suppress(psutil.Error):
+            killed.append(f"{p.pid} ({p.name()})")
             p.kill()
     if alive:
         psutil.wait_procs(alive, timeout=5)
-        logger.warning("killed %d vLLM engine processes left behind by the stop: %s", len(alive),
-                       [p.pid for p in alive])
+        logger.warning("killed %d processes left behind by the stop: %s", len(alive), ", ".join(killed))
     return [p.pid for p in alive]
 
 

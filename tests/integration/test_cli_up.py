@@ -244,6 +244,24 @@ def test_an_engine_that_cannot_start_fails_up_with_its_reason(tmp_path: Path) ->
     assert not (_ray_processes() - before), "Ray processes left behind"
 
 
+def _load(url: str, body: dict, key: str, stop: threading.Event, answers: list[tuple[float, float, str]],
+          timeout_s: float = 30) -> None:
+    """POST `body` until `stop`, appending (start, end, status or error name) per request. A new connection per
+    request, as a fresh client opens one: a pooled connection to a killed replica is the in-flight case."""
+    with httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                r = c.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+                outcome = f"{r.status_code} retry-after {r.headers['retry-after']}" if r.status_code == 503 \
+                    else str(r.status_code)
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            answers.append((t0, time.monotonic(), outcome))
+            if outcome.startswith("ConnectError"):
+                time.sleep(0.05)  # refused at once: a client backs off a little before the next try
+
+
 def test_a_killed_replica_of_two_loses_no_new_request(tmp_path: Path, private_redis) -> None:  # noqa: ANN001
     """Two gateway replicas share the port. SIGKILL one under load: what it held fails, every request that
     starts after it is gone is answered by the other, and Serve brings a second listener back."""
@@ -257,16 +275,7 @@ def test_a_killed_replica_of_two_loses_no_new_request(tmp_path: Path, private_re
     stop = threading.Event()
 
     def load() -> None:
-        # A new connection per request, as a fresh client opens one: a pooled connection to the killed replica
-        # is the in-flight case, not a new request.
-        with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    outcome = str(c.post(base, json=body, headers={"Authorization": f"Bearer {key}"}).status_code)
-                except httpx.HTTPError as exc:
-                    outcome = type(exc).__name__
-                answers.append((t0, time.monotonic(), outcome))
+        _load(base, body, key, stop, answers)
 
     try:
         assert "raygate is up" in text, text
@@ -299,6 +308,83 @@ def test_a_killed_replica_of_two_loses_no_new_request(tmp_path: Path, private_re
     assert len(after) > 20 and all(outcome == "200" for _, _, outcome in after), sorted({o for *_, o in after})
     assert all(outcome == "200" for t0, end, outcome in answers if end < gone_at - 0.5)
     assert back, "Serve did not bring the killed replica back"
+
+
+def test_the_only_replica_killed_gives_503s_with_retry_after_until_one_is_back(tmp_path: Path) -> None:
+    """One gateway replica (the default), SIGKILLed under load: what it held fails; while no replica listens,
+    every new request gets a 503 envelope with Retry-After at once (never a hang); answers resume as soon as
+    Serve's replacement listens. The outage is measured and bounded."""
+    key = "sk-kill-one-0123456789ab"
+    config = _config(tmp_path / "raygate.yaml", key, fake={"itl_ms": 5})
+    proc, text = _start_up(tmp_path, "--config", str(config))
+    body = {"model": "raygate/tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    answers: list[tuple[float, float, str]] = []
+    stop = threading.Event()
+    try:
+        assert "raygate is up" in text, text
+        replica = [c.pid for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == PORT and c.pid]
+        assert len(replica) == 1, replica
+        loaders = [threading.Thread(target=_load, args=(f"http://127.0.0.1:{PORT}/v1/chat/completions", body, key,
+                                                        stop, answers, 10)) for _ in range(4)]
+        for t in loaders:
+            t.start()
+        time.sleep(2)
+        os.kill(replica[0], signal.SIGKILL)
+        assert wait_until(lambda: not psutil.pid_exists(replica[0]), 10, every_s=0.02)
+        gone_at = time.monotonic()
+        assert wait_until(lambda: any(t0 > gone_at and o == "200" for t0, _, o in list(answers)), 120, every_s=0.2)
+        time.sleep(2)
+        stop.set()
+        for t in loaders:
+            t.join(30)
+    finally:
+        stop.set()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    after = [(t0, end, o) for t0, end, o in answers if t0 > gone_at]
+    first_200 = min(t0 for t0, _, o in after if o == "200")
+    outage = [(t0, end, o) for t0, end, o in after if t0 < first_200]
+    kinds: dict[str, int] = {}
+    for *_, o in outage:
+        kinds[o] = kinds.get(o, 0) + 1
+    refused_s = max((t0 - gone_at for t0, _, o in outage if o == "ConnectError"), default=0.0)
+    print(f"outage {first_200 - gone_at:.1f} s: {kinds}; refused until {refused_s:.2f} s after the kill; "
+          f"longest answer during it {max((e - t0 for t0, e, _ in outage), default=0):.3f} s")
+    assert first_200 - gone_at < 60
+    assert kinds.get("503 retry-after 2", 0) > 10, kinds
+    assert set(kinds) <= {"503 retry-after 2", "ConnectError"}, kinds  # no hang (ReadTimeout), no 500
+    assert refused_s < 1.0  # refused only until `raygate up` sees that nothing listens
+    assert all(end - t0 < 1.0 for t0, end, _ in outage)  # fast answers, not a wait for the replacement
+    assert all(o == "200" for t0, _, o in after if t0 > first_200 + 1)
+
+
+def test_a_killed_up_is_cleaned_up_by_the_next_start(tmp_path: Path) -> None:
+    """kill -9 on `raygate up` leaves Ray's agents running with the metrics port; the next `raygate up` with the
+    same home stops them (they are provably its own: recorded with their start times) and serves."""
+    before = _ray_processes()
+    key = "sk-kill-up-0123456789abcd"
+    config = _config(tmp_path / "raygate.yaml", key)
+    proc, text = _start_up(tmp_path, "--config", str(config))
+    assert "raygate is up" in text, text
+    proc.kill()
+    proc.wait()
+    assert wait_until(lambda: not _listeners(PORT), 30, every_s=0.2)  # the replica died with the raylet
+    left = _ray_processes() - before
+    assert left, "nothing was left behind: the test proves nothing"
+    proc, text = _start_up(tmp_path, "--config", str(config))
+    try:
+        assert "raygate is up" in text, text
+        assert "stopped what a killed raygate up left running" in text, text
+        assert not {pid for pid in left if psutil.pid_exists(pid)}
+        r = httpx.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "raygate/tiny-chat", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    assert rc == 0
+    assert not (_ray_processes() - before) and not _held_ports()  # the stop waits for its processes
 
 
 def _haproxies() -> list[int]:

@@ -11,7 +11,7 @@ import pytest
 from gateway.config import AppConfig
 from gateway.listener import Listener, reuse_port_socket
 from raygate.stack import Stack, StartFailed, check_port_free
-from tests.support import free_port
+from tests.support import free_port, free_ports
 
 
 def slow_app(release: asyncio.Event, entered: asyncio.Event | None = None):
@@ -126,3 +126,18 @@ def test_serves_ingress_is_kept_where_the_config_needs_it() -> None:
                           "serve": {"models": [{"model": "m", "engine": "fake"}]}})
     with pytest.raises(ValueError, match="conversation routing needs Serve's ingress"):
         build_app(cfg, listen=("127.0.0.1", 8000))
+
+
+def test_up_names_who_holds_its_dashboard_or_metrics_port_before_starting_ray(tmp_path) -> None:  # noqa: ANN001
+    from gateway.config import AppConfig
+
+    port, dashboard, metrics = free_ports(3)
+    stack = Stack(AppConfig.load({"serve": {"models": [{"model": "m", "engine": "fake"}]}}), port=port,
+                  dashboard_port=dashboard, metrics_export_port=metrics, state_dir=tmp_path)
+    for held, flag in ((dashboard, "--dashboard-port"), (metrics, "--metrics-port")):
+        with socket.socket() as foreign:  # a process that is not a raygate stack's: named, never touched
+            foreign.bind(("127.0.0.1", held))
+            foreign.listen()
+            with pytest.raises(StartFailed, match=rf"127.0.0.1:{held}: .*held by pid \d+.*another {flag}"):
+                stack.start(ready_timeout_s=1)
+    assert not stack.started  # Ray was never started

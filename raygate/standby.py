@@ -1,0 +1,129 @@
+"""Answers on the gateway's port while no replica listens there: a 503 with Retry-After, not a refused connection.
+
+On one node the gateway replicas take connections themselves (gateway/listener.py). When the last one dies
+(killed, out of memory) nothing listens until Serve has started another and its engines have loaded: tens of
+seconds of refused connections, which clients report as a network failure. `raygate up` watches the port
+instead; while no replica listens, it listens itself (SO_REUSEPORT, as the replicas do) and answers every
+request with OpenAI's error envelope, 503 `no_replica` and `Retry-After`, which the official SDKs retry.
+As soon as a replica listens again it stops, so it never takes a share of the traffic a replica can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+
+import orjson
+
+from gateway.errors import NoReplicaServing, error_body
+from gateway.listener import reuse_port_socket
+
+logger = logging.getLogger(__name__)
+
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
+MAX_HEAD = 64 * 1024
+MAX_BODY = 1024 * 1024  # read (and drop) a body up to this before answering, so the client sees the answer
+READ_TIMEOUT_S = 5.0
+
+
+def listening_sockets(port: int) -> set[int]:
+    """Inodes of the sockets in this network namespace that listen on TCP `port` (any address)."""
+    wanted = f"{port:04X}"
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)  # the header
+            for line in f:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == _LISTEN and fields[1].rsplit(":", 1)[1] == wanted:
+                    inodes.add(int(fields[9]))
+    return inodes
+
+
+def unavailable_response() -> bytes:
+    """The whole HTTP/1.1 answer: 503, OpenAI's envelope, Retry-After, and the connection closed."""
+    status, envelope, headers = error_body(NoReplicaServing(
+        "No gateway replica is serving right now (one is being restarted); retry shortly."))
+    body = orjson.dumps(envelope)
+    head = [f"HTTP/1.1 {status} Service Unavailable", "content-type: application/json",
+            f"content-length: {len(body)}", "connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        if 0 < length <= MAX_BODY:
+            await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT_S)
+        writer.write(unavailable_response())
+        await writer.drain()
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+        pass  # the client went away or sent no request: nothing to answer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+class Standby:
+    """Watches (host, port) from a thread of its own; listens there while no other socket does."""
+
+    def __init__(self, host: str, port: int, every_s: float = 0.2) -> None:
+        self.host, self.port, self.every_s = host, port, every_s
+        self.answering = False  # listening now, for tests and the log
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="raygate-standby", daemon=True)
+        self._watch: concurrent.futures.Future[None] | None = None
+
+    def start(self) -> Standby:
+        self._thread.start()
+        self._watch = asyncio.run_coroutine_threadsafe(self._watch_forever(), self._loop)
+        return self
+
+    def stop(self) -> None:
+        """Stop watching and answering (before the replicas drain, so that a stop refuses new connections)."""
+        if self._watch is None:
+            return
+        self._watch.cancel()
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._watch = None
+
+    async def _watch_forever(self) -> None:
+        server: asyncio.Server | None = None
+        own: int | None = None
+        try:
+            while True:
+                others = listening_sockets(self.port) - {own}
+                if server is None and not others:
+                    try:
+                        sock = reuse_port_socket(self.host, self.port)
+                    except OSError:  # held by a socket without SO_REUSEPORT, not listening yet: look again
+                        await asyncio.sleep(self.every_s)
+                        continue
+                    sock.listen(128)
+                    own = os.fstat(sock.fileno()).st_ino
+                    server = await asyncio.start_server(_answer, sock=sock, limit=MAX_HEAD)
+                    self.answering = True
+                    logger.warning("no gateway replica listens on %s:%d: answering 503 until one does",
+                                   self.host, self.port)
+                elif server is not None and others:
+                    server.close()
+                    server, own, self.answering = None, None, False
+                    logger.warning("a gateway replica listens on %s:%d again", self.host, self.port)
+                await asyncio.sleep(self.every_s)
+        finally:
+            if server is not None:
+                server.close()
+            self.answering = False

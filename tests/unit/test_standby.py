@@ -1,0 +1,66 @@
+"""While no gateway replica listens on the port, `raygate up` answers 503 with Retry-After (raygate/standby.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import httpx
+import openai
+import pytest
+
+from gateway.listener import reuse_port_socket
+from raygate.standby import Standby, listening_sockets
+from tests.support import free_port, wait_until
+
+
+def _replica(port: int) -> tuple[socket.socket, threading.Thread]:
+    """A listener sharing the port as a gateway replica does, answering 200 to each connection."""
+    sock = reuse_port_socket("127.0.0.1", port)
+    sock.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return sock, thread
+
+
+def test_the_port_answers_503_while_no_replica_listens_and_steps_aside_when_one_does() -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    standby = Standby("127.0.0.1", port, every_s=0.05).start()
+    try:
+        assert wait_until(lambda: standby.answering, 5, every_s=0.02)
+        resp = httpx.post(url, json={"model": "m", "messages": [{"role": "user", "content": "x" * 100_000}]})
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "2"
+        assert resp.json()["error"] == {"message": resp.json()["error"]["message"], "type": "server_error",
+                                        "param": None, "code": "no_replica"}
+        client = openai.OpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert err.value.status_code == 503 and err.value.code == "no_replica"
+
+        sock, thread = _replica(port)  # Serve's replacement replica listens: the standby steps aside
+        assert wait_until(lambda: not standby.answering, 5, every_s=0.02)
+        assert listening_sockets(port) == {os.fstat(sock.fileno()).st_ino}
+        assert all(httpx.get(url).status_code == 200 for _ in range(20))  # no share of the traffic taken
+
+        sock.close()  # the replica dies: 503 again, never refused for longer than a look
+        thread.join(5)
+        assert wait_until(lambda: standby.answering, 5, every_s=0.02)
+        assert httpx.get(url).status_code == 503
+    finally:
+        standby.stop()
+    assert not standby.answering and not listening_sockets(port)  # a stop leaves the port to be refused
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url)
