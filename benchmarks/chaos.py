@@ -222,9 +222,10 @@ class Drill:
                 delay = self.t0 + at * duration - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                when = time.monotonic() - self.t0
-                self.faults.append(Fault(name, when, action()))
-                print(f"[chaos] {when:6.1f} s  {name}: {self.faults[-1].note}", flush=True)
+                when = time.monotonic() - self.t0  # when it begins: Redis is down for the 2 s the action takes
+                note = action().splitlines()[0]
+                self.faults.append(Fault(name, when, note))
+                print(f"[chaos] {when:6.1f} s  {name}: {note}", flush=True)
             time.sleep(max(0.0, self.t0 + duration - time.monotonic()))
             stop.set()
             for t in clients:
