@@ -12,8 +12,9 @@ vLLM's engine-core process, restarts Redis, and rolls the model out to a second 
   requests it held, and nothing else should);
 - an exception's name: the connection failed (`ConnectError`) or hung (`ReadTimeout`).
 
-Reported: attempts, successes, failures by kind, and per fault the time from the fault to the first success
-of a request sent after it (the outage a client saw), and the longest stretch with no success at all.
+Reported: attempts, successes, failures by kind, and per fault its outage: the time from the fault to the first
+success of a request sent after it, where a request sent in between failed (0 where none did); and the longest
+stretch with no success at all.
 """
 
 from __future__ import annotations
@@ -267,10 +268,14 @@ def summarize(attempts: list[Attempt], faults: list[Fault], duration_s: float, c
         first_ok = min((a.start for a in after if a.kind == "ok"), default=None)
         window = [a for a in after if first_ok is None or a.start < first_ok]
         in_flight = [a for a in attempts if a.start < f.at <= a.end]
-        outages.append(duration_s if first_ok is None else first_ok - f.at)
+        # The outage: from the fault to the first success sent after it, when a request sent in between failed
+        # (none failed: no outage, whatever the clients' own latency).
+        failed_between = any(a.kind != "ok" for a in window)
+        outage = duration_s if first_ok is None else (first_ok - f.at if failed_between else 0.0)
+        outages.append(outage)
         per_fault.append({
             "fault": f.name, "at_s": round(f.at, 1), "what": f.note,
-            "outage_s": None if first_ok is None else round(first_ok - f.at, 2),
+            "outage_s": None if first_ok is None else round(outage, 2),
             "new_requests_failed": dict(Counter(a.kind for a in window if a.kind != "ok")),
             "in_flight_failed": dict(Counter(a.kind for a in in_flight if a.kind != "ok")),
         })
@@ -295,7 +300,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- longest outage after a fault: {result['longest_outage_s']} s; longest stretch with no success: "
         f"{result['longest_without_success_s']} s",
         "",
-        "| at | fault | outage (to the first success sent after it) | new requests failed | in flight failed |",
+        "| at | fault | outage (fault to the first success sent after it, if any failed between) | new requests failed | in flight failed |",
         "|---|---|---|---|---|",
     ]
     for f in result["faults"]:

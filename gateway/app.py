@@ -18,10 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from gateway.api.admin_router import admin_router
+from gateway.api.anthropic_router import anthropic_router
 from gateway.api.openai_router import openai_router
 from gateway.api.system_router import system_router
 from gateway.backend import ModelBackend
-from gateway.errors import MethodNotAllowed, NotFound, PayloadTooLarge, error_response
+from gateway.errors import MethodNotAllowed, NotFound, PayloadTooLarge, error_response, shape_of
 from gateway.governance.gate import Governance
 from gateway.logs import access_logger
 from gateway.metrics import GatewayMetrics
@@ -36,9 +37,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, plus a direct path for the two generation routes while the app has no middleware of its own.
+    """FastAPI, plus a direct path for the generation routes while the app has no middleware of its own.
 
-    `/v1/chat/completions` and `/v1/completions` are the hot path: `direct_routes` maps them straight to
+    `/v1/chat/completions`, `/v1/completions` and `/v1/messages` are the hot path: `direct_routes` maps them straight to
     the generation service, skipping Starlette's middleware stack, router and FastAPI's dependency solving
     (about a fifth of the gateway's CPU per request under load; commit 2b5f083, benchmarks/results/overhead).
     The same routes stay registered through the OpenAI router, which the OpenAPI document shows and every
@@ -150,7 +151,7 @@ def create_app(
 
     def on_error(request: Request, exc: Exception) -> Response:
         rid = request_id(request)
-        return error_response(exc, rid, id_headers(request, rid))
+        return error_response(exc, rid, id_headers(request, rid), shape_of(request.url.path))
 
     async def any_error(request: Request, exc: Exception) -> Response:
         return on_error(request, exc)
@@ -179,10 +180,12 @@ def create_app(
 
     app.include_router(system_router(backend, obs.metrics))
     app.include_router(openai_router(generation, ModelCatalog(settings, backend)))
+    app.include_router(anthropic_router(generation))
     app.include_router(admin_router(gov))
     app.direct_routes = {
         "/v1/chat/completions": partial(generation.create, "chat"),
         "/v1/completions": partial(generation.create, "completion"),
+        "/v1/messages": partial(generation.create, "messages"),
     }
     app.on_error = on_error
     app.governance = gov

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from starlette.responses import Response
@@ -133,17 +133,46 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
     return status, envelope, headers
 
 
+Shape = Literal["openai", "anthropic"]
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); its SDK raises by status.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+    504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def shape_of(path: str) -> Shape:
+    """The error envelope a route answers with: Anthropic's on `/v1/messages`, OpenAI's everywhere else."""
+    return "anthropic" if path.endswith("/v1/messages") or "/v1/messages/" in path else "openai"  # under any prefix
+
+
+def anthropic_envelope(status: int, openai_envelope: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+    """Anthropic's `{"type": "error", "error": {type, message}}` for what OpenAI's envelope says."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    doc: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": openai_envelope["error"]["message"]}}
+    if request_id:
+        doc["request_id"] = request_id
+    return doc
+
+
 def error_response(
-    exc: BaseException, request_id: str | None = None, extra_headers: dict[str, str] | None = None
+    exc: BaseException, request_id: str | None = None, extra_headers: dict[str, str] | None = None,
+    shape: Shape = "openai",
 ) -> Response:
     status, envelope, headers = error_body(exc)
     headers.update(extra_headers or {})
     if request_id and status >= 500:
         logger.warning("request %s failed: %s %s", request_id, status, envelope["error"]["code"])
-    return Response(orjson.dumps(envelope), status_code=status, media_type="application/json", headers=headers)
+    doc = anthropic_envelope(status, envelope, request_id) if shape == "anthropic" else envelope
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
 
 
-def sse_error_event(exc: BaseException) -> bytes:
-    """The SSE form, for an error after a stream has started (followed by [DONE])."""
-    _, envelope, _ = error_body(exc)
+def sse_error_event(exc: BaseException, shape: Shape = "openai") -> bytes:
+    """The SSE form, for an error after a stream has started (OpenAI's is followed by [DONE]; Anthropic's is an
+    `error` event, the stream's last)."""
+    status, envelope, _ = error_body(exc)
+    if shape == "anthropic":
+        return b"event: error\ndata: " + orjson.dumps(anthropic_envelope(status, envelope, None)) + b"\n\n"
     return b"data: " + orjson.dumps(envelope) + b"\n\n"

@@ -1,4 +1,4 @@
-"""Wire schemas of the OpenAI requests the gateway validates before any engine sees them.
+"""Wire schemas of the requests the gateway validates before any engine sees them (OpenAI's, Anthropic's Messages).
 
 One validated request drives everything: the engine receives its dump (`engine_body`: the values
 as validated, so a `"2"` the schema coerced reaches the engine as the `2` quotas counted), and
@@ -131,6 +131,61 @@ class CompletionRequest(_Sampling):
 RENDERED_EXTRAS = ("tools", "functions", "response_format")  # request fields a chat template puts in the prompt
 
 
+class AnthropicMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(BaseModel):
+    """`POST /v1/messages` (Anthropic's Messages API): the fields that bound what is generated, typed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="Model id or alias.")
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    max_tokens: int = Field(ge=1, description="Required, as Anthropic's API has it.")
+    system: str | list[dict[str, Any]] | None = None
+    stream: bool | None = False
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+    def engine_body(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+    def demand(self) -> Demand:
+        """The system prompt, every message's text, tool-use inputs and tool results, the tool definitions, then
+        one answer of at most `max_tokens`."""
+        prompt = 2 + _blocks_tokens(self.system) + _json_tokens(self.tools)
+        prompt += sum(4 + _blocks_tokens(m.content) for m in self.messages)
+        return Demand(prompt, n=1, max_new_tokens=self.max_tokens)
+
+
+def _blocks_tokens(content: str | list[dict[str, Any]] | None) -> int:
+    """Estimated tokens of Anthropic content: a string, or blocks (text, a tool_use's input, a tool_result's
+    content, nested as Anthropic nests it)."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return estimate_text_tokens(content)
+    total = 0
+    for block in content:
+        if isinstance(text := block.get("text"), str):
+            total += estimate_text_tokens(text)
+        if "input" in block:
+            total += _json_tokens(block["input"])
+        inner = block.get("content")
+        if isinstance(inner, str | list):
+            total += _blocks_tokens(inner if isinstance(inner, str) else [b for b in inner if isinstance(b, dict)])
+    return total
+
+
 def _json_tokens(value: Any) -> int:
     """Estimated tokens of a JSON value rendered into the prompt (tool schemas, tool-call arguments)."""
     return 0 if value is None else estimate_text_tokens(orjson.dumps(value).decode())
@@ -146,9 +201,9 @@ def _text_tokens(content: str | list[dict[str, Any]] | None) -> int:
     return sum(estimate_text_tokens(t) for p in content if isinstance(t := p.get("text"), str))
 
 
-GenerationRequest = ChatCompletionRequest | CompletionRequest
-SCHEMAS: dict[Endpoint, type[ChatCompletionRequest] | type[CompletionRequest]] = {
-    "chat": ChatCompletionRequest, "completion": CompletionRequest,
+GenerationRequest = ChatCompletionRequest | CompletionRequest | MessagesRequest
+SCHEMAS: dict[Endpoint, type[ChatCompletionRequest] | type[CompletionRequest] | type[MessagesRequest]] = {
+    "chat": ChatCompletionRequest, "completion": CompletionRequest, "messages": MessagesRequest,
 }
 
 

@@ -26,7 +26,7 @@ from gateway.observe import Observer
 from gateway.protocol import GenerationRequest, ensure_shallow, read_json, validate
 from gateway.routing.routes import plan, priority_for
 from gateway.settings import GatewaySettings
-from gateway.streaming import SettleAfterResponse, SettledStream, observe, read_usage, relay, want_usage
+from gateway.streaming import WIRES, SettleAfterResponse, SettledStream, relay
 from gateway.tracing import attach_trace, detach_trace
 from serve.engine import Endpoint, Engine
 from serve.errors import ModelNotFound, RaygateError
@@ -61,7 +61,7 @@ def id_headers(request: Request, rid: str) -> dict[str, str]:
 
 
 class GenerationService:
-    """Chat and text completions, for every engine behind `backend`."""
+    """Chat and text completions and Anthropic's Messages, for every engine behind `backend`."""
 
     def __init__(
         self, settings: GatewaySettings, backend: ModelBackend, governance: Governance, observer: Observer
@@ -124,10 +124,11 @@ class GenerationService:
             watch.fail(exc)
             raise
         streaming = bool(typed.stream)
+        wire = WIRES[endpoint]
         watch.admitted(streaming, adm.unchecked)
         outcome = Outcome(model=requested)
         headers = {**id_headers(request, rid), **adm.headers}
-        client_wants_usage = want_usage(body) if streaming else True
+        client_wants_usage = wire.want_usage(body) if streaming else True
 
         async def done(error: BaseException | None = None) -> None:
             watch.end(outcome, error)
@@ -162,7 +163,7 @@ class GenerationService:
         if engine.card.root:
             headers["x-raygate-model-version"] = engine.card.root
         if isinstance(result, bytes):
-            read_usage(result, outcome)
+            wire.read_usage(result, outcome)
             # Settle after the body is on its way: the client does not wait for the quota store.
             return SettleAfterResponse(
                 result, media_type="application/json", headers=headers, background=BackgroundTask(done)
@@ -179,7 +180,7 @@ class GenerationService:
                 outcome.status = 499
             if not outcome.usage_seen:  # cut short: charge what was sent, not nothing
                 outcome.prompt_tokens, outcome.completion_tokens = unreported_usage(
-                    typed.demand(), outcome.events, endpoint == "chat"
+                    typed.demand(), outcome.events, wire.opens_with_role
                 )
             await done()
 
@@ -187,13 +188,13 @@ class GenerationService:
             """The client left before the body started: the engine's first event was made, and is charged."""
             if not finished:
                 if not outcome.events:
-                    observe(result.head, outcome, client_wants_usage)
+                    wire.observe(result.head, outcome, client_wants_usage)
                 try:
                     await result.aclose()
                 finally:
                     await finish(True)
 
-        events = relay(result, outcome, client_wants_usage, rid, finish)
+        events = relay(result, outcome, client_wants_usage, rid, finish, wire)
         return SettledStream(
             events, close_unsent, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
         )

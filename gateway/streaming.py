@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import orjson
 from starlette.responses import Response, StreamingResponse
 
+from gateway import anthropic_wire
 from gateway.dispatch import Started
-from gateway.errors import sse_error_event, status_of
+from gateway.errors import Shape, sse_error_event, status_of
 from gateway.governance.gate import Outcome
+from serve.engine import Endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -109,29 +112,51 @@ def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
     return b"\n\n".join(kept) + b"\n\n" if kept else b""
 
 
+@dataclass(frozen=True)
+class Wire:
+    """How one endpoint's responses carry usage, and how its stream tells of an error after the start."""
+
+    shape: Shape
+    read_usage: Callable[[bytes, Outcome], None]
+    want_usage: Callable[[dict[str, Any]], bool]
+    observe: Callable[[bytes, Outcome, bool], bytes]
+    opens_with_role: bool  # each choice's stream opens with a role-only event (no token in it)
+
+    def error_events(self, exc: BaseException) -> list[bytes]:
+        event = sse_error_event(exc, self.shape)
+        return [event] if self.shape == "anthropic" else [event, DONE]
+
+
+OPENAI_CHAT = Wire("openai", read_usage, want_usage, observe, opens_with_role=True)
+OPENAI_COMPLETION = Wire("openai", read_usage, want_usage, observe, opens_with_role=False)
+ANTHROPIC = Wire("anthropic", anthropic_wire.read_usage, anthropic_wire.want_usage, anthropic_wire.observe,
+                 opens_with_role=False)
+WIRES: dict[Endpoint, Wire] = {"chat": OPENAI_CHAT, "completion": OPENAI_COMPLETION, "messages": ANTHROPIC}
+
+
 async def relay(
     stream: Started, outcome: Outcome, client_wants_usage: bool, request_id: str,
-    finish: Callable[[bool], Awaitable[None]],
+    finish: Callable[[bool], Awaitable[None]], wire: Wire = OPENAI_CHAT,
 ) -> AsyncIterator[bytes]:
     """The client's SSE body: one generator per stream, however many events.
 
-    Events pass through `observe`; an error after the start becomes one error event and
-    [DONE]; `finish(client_left)` runs once at the end, however the stream ended.
+    Events pass through the wire's `observe`; an error after the start becomes the wire's error events
+    (OpenAI: an error event and [DONE]); `finish(client_left)` runs once at the end, however the stream ended.
     """
     client_left = False
     try:
-        chunk = observe(stream.head, outcome, client_wants_usage) if stream.head else b""
+        chunk = wire.observe(stream.head, outcome, client_wants_usage) if stream.head else b""
         if chunk:
             yield chunk
         async for chunk in stream.rest:
-            chunk = observe(chunk, outcome, client_wants_usage)
+            chunk = wire.observe(chunk, outcome, client_wants_usage)
             if chunk:
                 yield chunk
     except Exception as exc:  # noqa: BLE001 - every failure must reach the client as an event
         logger.warning("stream %s failed after start: %s", request_id, exc)
         outcome.status = status_of(exc)  # the ledger and metrics see the failure the client was sent
-        yield sse_error_event(exc)
-        yield DONE
+        for event in wire.error_events(exc):
+            yield event
     except BaseException:  # cancelled or closed: the client went away mid-stream
         client_left = True
         raise

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Endpoint = Literal["chat", "completion"]
+Endpoint = Literal["chat", "completion", "messages"]  # messages: Anthropic's Messages API
 EngineResult = bytes | AsyncIterator[bytes]
 
 

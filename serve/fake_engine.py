@@ -2,8 +2,8 @@
 
 Token ``i`` of choice ``c`` is the word ``tok{(seed + c + i) % 997}``; the prompt's
 token count is its whitespace word count. Time to first token, inter-token latency,
-overload and failure injection are configurable. It speaks the same OpenAI shapes as
-the vLLM engine so that the gateway cannot tell them apart.
+overload and failure injection are configurable. It speaks the same OpenAI shapes (and
+Anthropic's, for Messages) as the vLLM engine so that the gateway cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from serve import fake_messages
 from serve.config import FakeEngineConfig
 from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
 from serve.errors import ContextLengthExceeded, EngineFailure
@@ -36,14 +37,17 @@ def _words(value: Any) -> int:
 
 
 def _prompt_words(endpoint: Endpoint, body: dict[str, Any]) -> int:
-    """The fake engine's token count of a prompt: its words."""
+    """The fake engine's token count of a prompt: its words (Messages: the system prompt's too)."""
+    if endpoint == "messages":
+        system = body.get("system")
+        return (_words(system) if system else 0) + _words(body.get("messages"))
     return _words(body.get("messages") if endpoint == "chat" else body.get("prompt"))
 
 
 def _prompt_count(endpoint: Endpoint, body: dict[str, Any]) -> int:
     """How many prompts a request carries (a completions batch: a list of texts or of token lists)."""
     prompt = body.get("prompt")
-    if endpoint == "chat" or not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
+    if endpoint != "completion" or not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
         return 1
     return len(prompt)
 
@@ -99,14 +103,14 @@ class FakeEngine(Engine):
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.cfg.max_model_len} tokens; the request asks for "
                 f"{prompt_tokens} prompt + {max_tokens} completion tokens.",
-                param="max_tokens" if endpoint == "chat" else "prompt",
+                param="prompt" if endpoint == "completion" else "max_tokens",
             )
         fail = self._should_fail(request_id)
         if fail and self.cfg.fail_after_tokens is None:
             raise EngineFailure("injected failure")
         seed = int(body.get("seed") or 0)
         n = int(body.get("n") or 1) * _prompt_count(endpoint, body)  # a batch: n choices for each prompt
-        stops = body.get("stop") or []
+        stops = body.get("stop_sequences" if endpoint == "messages" else "stop") or []
         stops = [stops] if isinstance(stops, str) else list(stops)
         choices = [self._tokens(seed, c, max_tokens, stops) for c in range(n)]
         meta = {
@@ -114,6 +118,15 @@ class FakeEngine(Engine):
             "created": int(time.time()),
             "model": self._card.id,
         }
+        if endpoint == "messages":
+            meta["id"] = "msg_" + request_id
+            (tokens, finish), = choices
+            if body.get("stream"):
+                fail_at = (self.cfg.fail_after_tokens or 0) if fail else None
+                return fake_messages.events(meta, tokens, finish, prompt_tokens, stops, ttft_s=self.cfg.ttft_ms / 1000,
+                                            itl_s=self.cfg.itl_ms / 1000, fail_at=fail_at)
+            await asyncio.sleep((self.cfg.ttft_ms + self.cfg.itl_ms * max(0, len(tokens) - 1)) / 1000)
+            return orjson.dumps(fake_messages.message(meta, tokens, finish, prompt_tokens, stops))
         if body.get("stream"):
             return self._stream(endpoint, body, meta, choices, prompt_tokens, fail)
         total = sum(len(t) for t, _ in choices)

@@ -1,8 +1,8 @@
 """The vLLM engine: `AsyncLLM` driven through vLLM's own OpenAI serving classes.
 
 Chat templating, sampling parameters, stop strings, `n`, logprobs and usage come from
-vLLM's `OpenAIServingChat` / `OpenAIServingCompletion` (built by vLLM's
-`init_app_state` from vLLM's own argument parser, so defaults match `vllm serve`).
+vLLM's `OpenAIServingChat` / `OpenAIServingCompletion` / `AnthropicServingMessages` (built by
+vLLM's `init_app_state` from vLLM's own argument parser, so defaults match `vllm serve`).
 This module only adapts their results to the engine interface and normalises errors.
 vLLM is imported inside methods: importing this module stays cheap.
 """
@@ -34,6 +34,7 @@ from serve.vllm_args import parse_engine_args
 logger = logging.getLogger(__name__)
 
 _ERROR_PREFIX = 'data: {"error"'
+_ANTHROPIC_ERROR_PREFIX = "event: error\n"  # a Messages stream's failure: Anthropic's error event, no status
 # vLLM's gauges and counters reach Ray's metrics export at most this often (serve/engine_metrics.py).
 ENGINE_METRICS_FLUSH_S = 1.0
 
@@ -64,10 +65,13 @@ class VLLMEngine(Engine):
         self._engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._messages: Any = None
         self._models: Any = None
         self.adapters: set[str] = set()
         self._chat_request_cls: Any = None
         self._completion_request_cls: Any = None
+        self._messages_request_cls: Any = None
+        self._count_tokens_request_cls: Any = None
         self._admission = InflightLimiter(0)  # sized from the engine's own batch size once it has started
 
     @property
@@ -77,6 +81,7 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -107,9 +112,12 @@ class VLLMEngine(Engine):
         await init_app_state(self._engine, state, args, tasks)
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
+        self._messages = state.anthropic_serving_messages
         self._models = state.openai_serving_models
         self._chat_request_cls = ChatCompletionRequest
         self._completion_request_cls = CompletionRequest
+        self._messages_request_cls = AnthropicMessagesRequest
+        self._count_tokens_request_cls = AnthropicCountTokensRequest
         model_config, scheduler = vllm_config.model_config, vllm_config.scheduler_config
         queued = self.cfg.max_queued_requests
         self._admission.limit = scheduler.max_num_seqs + queued if queued >= 0 else 1 << 30
@@ -162,6 +170,9 @@ class VLLMEngine(Engine):
             return None
         body = self._for_engine(body)
         try:
+            if endpoint == "messages":
+                counted = await self._messages.count_tokens(self._count_tokens_request_cls.model_validate(body))
+                return None if getattr(counted, "error", None) is not None else int(counted.input_tokens) or None
             if endpoint == "chat":
                 rendered = await self._chat.render_chat_request(self._chat_request_cls.model_validate(body))
             else:
@@ -188,11 +199,16 @@ class VLLMEngine(Engine):
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         from pydantic import ValidationError
 
-        body = {**self._for_engine(body), "request_id": request_id}
-        prompt_param = "messages" if endpoint == "chat" else "prompt"
-        serving = self._chat if endpoint == "chat" else self._completion
+        body = self._for_engine(body)
+        if endpoint != "messages":  # Anthropic's request has no field for it: vLLM names that one itself
+            body["request_id"] = request_id
+        prompt_param = "prompt" if endpoint == "completion" else "messages"
+        serving = {"chat": self._chat, "completion": self._completion, "messages": self._messages}[endpoint]
         try:
-            if endpoint == "chat":
+            if endpoint == "messages":
+                request = self._messages_request_cls.model_validate(body)
+                result = await self._messages.create_messages(request, None)
+            elif endpoint == "chat":
                 request = self._chat_request_cls.model_validate(body)
                 result = await self._chat.create_chat_completion(request, None)
             else:
@@ -214,12 +230,18 @@ class VLLMEngine(Engine):
             raise _error_from_vllm(int(error.code), error.message, error.param, prompt_param)
         if hasattr(result, "__aiter__"):
             return self._stream(result, prompt_param)
+        if endpoint == "messages":
+            return orjson.dumps(result.model_dump(exclude_none=True))  # as vLLM's own /v1/messages answers
         return orjson.dumps(spec_clean(result.model_dump()))
 
     async def _stream(self, gen: AsyncGenerator[str, None], prompt_param: str) -> AsyncIterator[bytes]:
         try:
             async for item in gen:
-                if item.startswith(_ERROR_PREFIX):
+                if item.startswith((_ERROR_PREFIX, _ANTHROPIC_ERROR_PREFIX)):
+                    if self._engine is not None and self._engine.errored:  # its engine-core process is gone
+                        raise EngineUnavailable(ENGINE_DEAD)
+                    if item.startswith(_ANTHROPIC_ERROR_PREFIX):
+                        raise EngineFailure("The engine failed while streaming the message.")
                     err = orjson.loads(item[6:])["error"]
                     raise _error_from_vllm(int(err.get("code") or 500), err.get("message", ""), err.get("param"), prompt_param)
                 yield item.encode()

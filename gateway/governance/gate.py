@@ -33,14 +33,18 @@ _INVALID = "Incorrect API key provided."
 
 
 def bearer_token(request: Request) -> str:
-    """The `Authorization: Bearer` token; keys in the URL are refused outright."""
+    """The key a request carries: `Authorization: Bearer` (OpenAI's clients), else `x-api-key` (Anthropic's);
+    keys in the URL are refused outright."""
     if request.scope.get("query_string") and any(p in request.query_params for p in _URL_KEY_PARAMS):
         raise AuthenticationFailed("API keys must be sent in the Authorization header, never in the URL.")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if not token:
+        token = request.headers.get("x-api-key", "").strip()
+    if not token:
         raise AuthenticationFailed(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' or 'x-api-key: YOUR_KEY'.",
+            code="missing_api_key",
         )
     return token
 

@@ -204,15 +204,15 @@ def reservation(demand: Demand, max_model_len: int | None, prompt_tokens: int | 
     return prompt + new
 
 
-def unreported_usage(demand: Demand, events: int, chat: bool) -> tuple[int, int]:
+def unreported_usage(demand: Demand, events: int, opens_with_role: bool) -> tuple[int, int]:
     """Prompt and completion tokens to charge a stream that ended before the engine reported usage (pure).
 
     The client left, the engine failed mid-stream, or an upstream ignored `include_usage`: the
     prompt was processed (a stream's first event comes after prefill), so it costs its estimate;
-    every event relayed with choices counts one token, except the role-only event a chat stream
-    opens each choice with. What the client was sent is charged, not nothing.
+    every event relayed with choices (or content delta) counts one token, except the role-only event a chat
+    stream opens each choice with (`opens_with_role`). What the client was sent is charged, not nothing.
     """
     if events <= 0:
         return 0, 0
-    role_events = demand.n if chat else 0
+    role_events = demand.n if opens_with_role else 0
     return demand.prompt_tokens, max(0, events - role_events)

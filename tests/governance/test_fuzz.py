@@ -23,6 +23,7 @@ from schemathesis import GenerationMode
 
 from gateway import create_app
 from gateway.backend import ModelBackend
+from gateway.errors import shape_of
 from gateway.governance.limits import Limits
 from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig
@@ -86,6 +87,8 @@ def served(pair: tuple[Any, str | None]) -> Any:
     return case
 
 
+ANTHROPIC_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                         "request_too_large", "rate_limit_error", "api_error", "overloaded_error", "timeout_error"}
 STATUSES: Counter[int] = Counter()  # every answer's status, printed with the case counts
 
 
@@ -93,7 +96,12 @@ def _check(response: Any) -> None:
     STATUSES[response.status_code] += 1
     assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
     if response.status_code >= 400:
-        assert_valid("ErrorResponse", response.json())
+        if shape_of(response.request.url.path) == "anthropic":
+            doc = response.json()
+            assert doc["type"] == "error" and set(doc["error"]) == {"type", "message"}, doc
+            assert doc["error"]["type"] in ANTHROPIC_ERROR_TYPES and isinstance(doc["error"]["message"], str), doc
+        else:
+            assert_valid("ErrorResponse", response.json())
 
 
 def _fuzz(schema: Any, base_url: str, auth: Any) -> dict[str, int]:

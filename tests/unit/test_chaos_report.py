@@ -12,8 +12,10 @@ def test_outage_is_the_time_to_the_first_success_sent_after_the_fault() -> None:
         Attempt(12.5, 12.6, "503 no_replica"), Attempt(14.0, 15.0, "ok"), Attempt(15.0, 16.0, "ok"),
         Attempt(30.0, 31.0, "ok"),
     ]
-    result = summarize(attempts, [Fault("replica kill", 10.0, "SIGKILL"), Fault("roll-out", 40.0)], 60.0, 2)
-    kill, rollout = result["faults"]
+    faults = [Fault("replica kill", 10.0, "SIGKILL"), Fault("Redis restart", 20.0), Fault("roll-out", 40.0)]
+    result = summarize(attempts, faults, 60.0, 2)
+    kill, redis, rollout = result["faults"]
+    assert redis["outage_s"] == 0.0 and redis["new_requests_failed"] == {}  # the next request sent succeeded
     assert kill["outage_s"] == 4.0
     assert kill["new_requests_failed"] == {"ConnectError": 1, "503 no_replica": 2}
     assert kill["in_flight_failed"] == {"200 cut": 1}

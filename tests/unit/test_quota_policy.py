@@ -77,12 +77,12 @@ def test_reservation_is_the_prompts_plus_every_sequence_they_may_generate() -> N
 def test_a_stream_cut_short_is_charged_what_was_sent() -> None:
     chat = Demand(16, max_new_tokens=100)
     # A chat stream opens with a role-only event per choice; the rest carried a token each.
-    assert unreported_usage(chat, 1 + 7, chat=True) == (16, 7)
-    assert unreported_usage(Demand(16, n=2, max_new_tokens=100), 2 + 6, chat=True) == (16, 6)
-    assert unreported_usage(Demand(4, max_new_tokens=9), 5, chat=False) == (4, 5)
+    assert unreported_usage(chat, 1 + 7, opens_with_role=True) == (16, 7)
+    assert unreported_usage(Demand(16, n=2, max_new_tokens=100), 2 + 6, opens_with_role=True) == (16, 6)
+    assert unreported_usage(Demand(4, max_new_tokens=9), 5, opens_with_role=False) == (4, 5)
     # Nothing reached the client: the engine never answered, nothing is charged.
-    assert unreported_usage(chat, 0, chat=True) == (0, 0)
-    assert unreported_usage(chat, 1, chat=True) == (16, 0)
+    assert unreported_usage(chat, 0, opens_with_role=True) == (0, 0)
+    assert unreported_usage(chat, 1, opens_with_role=True) == (16, 0)
 
 
 def test_canary_split_within_five_percent_over_2000_decisions() -> None:

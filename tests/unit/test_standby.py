@@ -55,8 +55,10 @@ def test_the_port_answers_503_while_no_replica_listens_and_steps_aside_when_one_
         assert listening_sockets(port) == {os.fstat(sock.fileno()).st_ino}
         assert all(httpx.get(url).status_code == 200 for _ in range(20))  # no share of the traffic taken
 
-        sock.close()  # the replica dies: 503 again, never refused for longer than a look
+        sock.shutdown(socket.SHUT_RDWR)  # the replica dies (shutdown wakes its blocked accept; close alone would not)
+        sock.close()
         thread.join(5)
+        assert not thread.is_alive()
         assert wait_until(lambda: standby.answering, 5, every_s=0.02)
         assert httpx.get(url).status_code == 503
     finally:
