@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import sse_error_event
 from gateway.governance.gate import Outcome
 
 _TEXT_DELTA = b'"type":"content_block_delta"'
@@ -34,11 +35,6 @@ def read_usage(payload: bytes, outcome: Outcome) -> None:
     outcome.prompt_tokens = _input_tokens(usage)
     outcome.completion_tokens = int(usage.get("output_tokens") or 0)
     outcome.finish_reason = doc.get("stop_reason")
-
-
-def want_usage(body: dict[str, Any]) -> bool:
-    """A Messages stream always carries its usage: nothing to ask for, nothing to drop."""
-    return True
 
 
 def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
@@ -66,3 +62,8 @@ def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
             outcome.finish_reason = (doc.get("delta") or {}).get("stop_reason") or outcome.finish_reason
             outcome.usage_seen = True
     return chunk
+
+
+def error_events(exc: BaseException) -> list[bytes]:
+    """Anthropic's `error` event for a failure after the stream started, its last (Anthropic's have no [DONE])."""
+    return [sse_error_event(exc, "anthropic")]

@@ -29,6 +29,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.observe import Observer
 from gateway.serving import GenerationService, id_headers, request_id
 from gateway.serving_models import ModelCatalog
+from gateway.serving_tokens import TokenCountService
 from gateway.settings import GatewaySettings
 from gateway.tracing import Tracing
 from serve.errors import InvalidRequest, RaygateError, param_from_validation_error
@@ -39,7 +40,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 class GatewayApp(FastAPI):
     """FastAPI, plus a direct path for the generation routes while the app has no middleware of its own.
 
-    `/v1/chat/completions`, `/v1/completions` and `/v1/messages` are the hot path: `direct_routes` maps them straight to
+    `/v1/chat/completions`, `/v1/completions`, `/v1/responses` and `/v1/messages` are the hot path: `direct_routes` maps them straight to
     the generation service, skipping Starlette's middleware stack, router and FastAPI's dependency solving
     (about a fifth of the gateway's CPU per request under load; commit 2b5f083, benchmarks/results/overhead).
     The same routes stay registered through the OpenAI router, which the OpenAPI document shows and every
@@ -180,12 +181,13 @@ def create_app(
 
     app.include_router(system_router(backend, obs.metrics))
     app.include_router(openai_router(generation, ModelCatalog(settings, backend)))
-    app.include_router(anthropic_router(generation))
+    app.include_router(anthropic_router(generation, TokenCountService(generation)))
     app.include_router(admin_router(gov))
     app.direct_routes = {
         "/v1/chat/completions": partial(generation.create, "chat"),
         "/v1/completions": partial(generation.create, "completion"),
         "/v1/messages": partial(generation.create, "messages"),
+        "/v1/responses": partial(generation.create, "responses"),
     }
     app.on_error = on_error
     app.governance = gov

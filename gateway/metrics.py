@@ -66,8 +66,9 @@ class GatewayMetrics:
         self.shared_dir = shared_dir
         reg = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "raygate_requests", "Requests by model, served version, key tier and HTTP status.",
-            ["model", "version", "tier", "status"], registry=reg,
+            "raygate_requests", "Requests by model, served version, key tier, HTTP status and endpoint "
+            "(chat, completion, responses, messages).",
+            ["model", "version", "tier", "status", "endpoint"], registry=reg,
         )
         self.duration = Histogram(
             "raygate_request_duration_seconds", "End-to-end time from request to last byte.",

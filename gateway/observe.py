@@ -59,7 +59,7 @@ class Watch:
     """One request: timestamps as it goes, every report at `end`."""
 
     __slots__ = ("obs", "t0", "t0_ns", "marks", "span", "parent", "model", "caller", "stream", "fallbacks", "first_ns",
-                 "in_flight", "request_id", "client_request_id", "path", "ended", "target")
+                 "in_flight", "request_id", "client_request_id", "path", "ended", "target", "endpoint")
 
     def __init__(self, obs: Observer, scope: MutableMapping[str, Any], headers: Any, request_id: str) -> None:
         self.obs = obs
@@ -76,6 +76,7 @@ class Watch:
         self.request_id = request_id
         self.client_request_id: str | None = None  # the caller's own id, sanitized (a correlation field)
         self.path = scope["path"]
+        self.endpoint = ""  # the generation endpoint (a metric label: one of serve.engine.Endpoint)
         self.ended = False
         self.span: SpanContext | None = None  # this request's span (sampled or not); None: tracing off
         self.parent: SpanContext | None = None
@@ -143,7 +144,7 @@ class Watch:
                  tpot: float | None) -> None:
         model = self.model
         tier = self.caller.tier if self.caller else ""
-        m.count(m.requests, (model, outcome.version or "", tier, str(outcome.status)))
+        m.count(m.requests, (model, outcome.version or "", tier, str(outcome.status), self.endpoint))
         if not self.in_flight:
             return  # refused before admission (auth, validation, quota): counted, not timed
         m.in_flight_add(model, -1)

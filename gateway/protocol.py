@@ -9,7 +9,7 @@ limits). Every field that changes how much an engine generates is typed here.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -138,26 +138,31 @@ class AnthropicMessage(BaseModel):
     content: str | list[dict[str, Any]]
 
 
-class MessagesRequest(BaseModel):
-    """`POST /v1/messages` (Anthropic's Messages API): the fields that bound what is generated, typed."""
+class MessagesCountRequest(BaseModel):
+    """`POST /v1/messages/count_tokens`: a Messages prompt, without what generation would add."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, description="Model id or alias.")
     messages: list[AnthropicMessage] = Field(min_length=1)
-    max_tokens: int = Field(ge=1, description="Required, as Anthropic's API has it.")
     system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+
+    def engine_body(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+
+class MessagesRequest(MessagesCountRequest):
+    """`POST /v1/messages` (Anthropic's Messages API): the fields that bound what is generated, typed."""
+
+    max_tokens: int = Field(ge=1, description="Required, as Anthropic's API has it.")
     stream: bool | None = False
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-
-    def engine_body(self) -> dict[str, Any]:
-        return self.model_dump(exclude_unset=True)
 
     def demand(self) -> Demand:
         """The system prompt, every message's text, tool-use inputs and tool results, the tool definitions, then
@@ -165,6 +170,68 @@ class MessagesRequest(BaseModel):
         prompt = 2 + _blocks_tokens(self.system) + _json_tokens(self.tools)
         prompt += sum(4 + _blocks_tokens(m.content) for m in self.messages)
         return Demand(prompt, n=1, max_new_tokens=self.max_tokens)
+
+
+class ResponsesRequest(BaseModel):
+    """`POST /v1/responses` (OpenAI's Responses API): the fields that bound what is generated, typed.
+
+    Responses are not stored (`store` is taken as false, as vLLM does without its store): a request that
+    needs a stored one (`previous_response_id`, `background`) is refused naming the parameter.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="Model id or alias.")
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    background: bool | None = None
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be empty")
+        return v
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _previous(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("responses are not stored here: send the conversation in `input` instead")
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _background(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("background responses are not supported (they need a stored response)")
+        return v
+
+    def engine_body(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+    def demand(self) -> Demand:
+        """The instructions, every input item's text (message parts, function-call arguments and outputs) and
+        the tool definitions, then one answer of at most `max_output_tokens` (else the rest of the context)."""
+        items = [{"content": self.input}] if isinstance(self.input, str) else self.input
+        prompt = 2 + (estimate_text_tokens(self.instructions) if self.instructions else 0) + _json_tokens(self.tools)
+        for item in items:
+            content = item.get("content")
+            prompt += 4 + _blocks_tokens(content if isinstance(content, str | list) else None)
+            for key in ("arguments", "output"):
+                if isinstance(value := item.get(key), str):
+                    prompt += estimate_text_tokens(value)
+        return Demand(prompt, n=1, max_new_tokens=self.max_output_tokens)
 
 
 def _blocks_tokens(content: str | list[dict[str, Any]] | None) -> int:
@@ -201,9 +268,10 @@ def _text_tokens(content: str | list[dict[str, Any]] | None) -> int:
     return sum(estimate_text_tokens(t) for p in content if isinstance(t := p.get("text"), str))
 
 
-GenerationRequest = ChatCompletionRequest | CompletionRequest | MessagesRequest
-SCHEMAS: dict[Endpoint, type[ChatCompletionRequest] | type[CompletionRequest] | type[MessagesRequest]] = {
+GenerationRequest = ChatCompletionRequest | CompletionRequest | MessagesRequest | ResponsesRequest
+SCHEMAS: dict[Endpoint, type[GenerationRequest]] = {
     "chat": ChatCompletionRequest, "completion": CompletionRequest, "messages": MessagesRequest,
+    "responses": ResponsesRequest,
 }
 
 
@@ -250,8 +318,16 @@ def ensure_shallow(doc: Any) -> None:
 
 def validate(endpoint: Endpoint, body: dict[str, Any]) -> GenerationRequest:
     """`body` as the endpoint's typed request, or InvalidRequest naming the offending parameter."""
+    return parse(SCHEMAS[endpoint], body)
+
+
+Typed = TypeVar("Typed", bound=BaseModel)
+
+
+def parse(schema: type[Typed], body: dict[str, Any]) -> Typed:
+    """`body` as `schema`, or InvalidRequest naming the offending parameter."""
     try:
-        return SCHEMAS[endpoint].model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = param_from_validation_error(exc)

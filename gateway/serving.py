@@ -79,7 +79,7 @@ class GenerationService:
             return [model]
         return plan(route, random.random(), self.settings.max_route_attempts)
 
-    async def _resolve(self, caller: KeyRecord, requested: str) -> tuple[Engine, list[str]]:
+    async def resolve(self, caller: KeyRecord, requested: str) -> tuple[Engine, list[str]]:
         """The engine of the first target the key may use and every target it may try, or ModelNotFound (an
         unknown model and one the key may not use look the same, and both count against its rpm)."""
         try:
@@ -88,7 +88,7 @@ class GenerationService:
             )
             return self.backend.resolve(chosen[0]), chosen
         except ModelNotFound:
-            await self.gov.count_refusal(caller)
+            await self.gov.count_request(caller)
             raise ModelNotFound(requested) from None
 
     async def create(self, endpoint: Endpoint, request: Request, typed: GenerationRequest | None = None) -> Response:
@@ -100,6 +100,7 @@ class GenerationService:
         rid = request_id(request)
         REQUEST_ID.set(rid)
         watch = self.obs.start(request.scope, request.headers, rid)
+        watch.endpoint = endpoint
         watch.client_request_id = client_request_id(request)
         try:
             caller = watch.caller = await gov.authenticate(request)
@@ -111,7 +112,7 @@ class GenerationService:
             if parsed:
                 ensure_shallow(body)
             requested = typed.model
-            first, chosen = await self._resolve(caller, requested)
+            first, chosen = await self.resolve(caller, requested)
             watch.model = requested  # a metric label: only names the gateway serves, never any string a client sends
             card = first.card
             watch.mark("routing")

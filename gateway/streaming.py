@@ -12,9 +12,9 @@ import anyio
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from gateway import anthropic_wire
+from gateway import anthropic_wire, responses_wire
 from gateway.dispatch import Started
-from gateway.errors import Shape, sse_error_event, status_of
+from gateway.errors import sse_error_event, status_of
 from gateway.governance.gate import Outcome
 from serve.engine import Endpoint
 
@@ -112,26 +112,35 @@ def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
     return b"\n\n".join(kept) + b"\n\n" if kept else b""
 
 
+def error_events(exc: BaseException) -> list[bytes]:
+    """Chat and completions: an error event in OpenAI's envelope, then [DONE]."""
+    return [sse_error_event(exc), DONE]
+
+
+def usage_always_sent(body: dict[str, Any]) -> bool:
+    """Messages and Responses streams always carry their usage: nothing to ask for, nothing to drop."""
+    return True
+
+
 @dataclass(frozen=True)
 class Wire:
     """How one endpoint's responses carry usage, and how its stream tells of an error after the start."""
 
-    shape: Shape
     read_usage: Callable[[bytes, Outcome], None]
     want_usage: Callable[[dict[str, Any]], bool]
     observe: Callable[[bytes, Outcome, bool], bytes]
+    error_events: Callable[[BaseException], list[bytes]]
     opens_with_role: bool  # each choice's stream opens with a role-only event (no token in it)
 
-    def error_events(self, exc: BaseException) -> list[bytes]:
-        event = sse_error_event(exc, self.shape)
-        return [event] if self.shape == "anthropic" else [event, DONE]
 
-
-OPENAI_CHAT = Wire("openai", read_usage, want_usage, observe, opens_with_role=True)
-OPENAI_COMPLETION = Wire("openai", read_usage, want_usage, observe, opens_with_role=False)
-ANTHROPIC = Wire("anthropic", anthropic_wire.read_usage, anthropic_wire.want_usage, anthropic_wire.observe,
+OPENAI_CHAT = Wire(read_usage, want_usage, observe, error_events, opens_with_role=True)
+OPENAI_COMPLETION = Wire(read_usage, want_usage, observe, error_events, opens_with_role=False)
+ANTHROPIC = Wire(anthropic_wire.read_usage, usage_always_sent, anthropic_wire.observe, anthropic_wire.error_events,
                  opens_with_role=False)
-WIRES: dict[Endpoint, Wire] = {"chat": OPENAI_CHAT, "completion": OPENAI_COMPLETION, "messages": ANTHROPIC}
+RESPONSES = Wire(responses_wire.read_usage, usage_always_sent, responses_wire.observe, responses_wire.error_events,
+                 opens_with_role=False)
+WIRES: dict[Endpoint, Wire] = {"chat": OPENAI_CHAT, "completion": OPENAI_COMPLETION, "messages": ANTHROPIC,
+                               "responses": RESPONSES}
 
 
 async def relay(

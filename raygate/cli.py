@@ -17,6 +17,17 @@ from models.registry import RegistryError
 from raygate import home as home_mod
 from raygate import keys_cli, train_cli
 
+# vLLM's arguments for the default model. It was not trained to call tools, so vLLM's parser (which vLLM loads
+# only with auto tool choice on) finds none in free text; with it vLLM accepts `tool_choice` "required" and a
+# named function and meets them by constrained decoding. `pythonic` has no structural tag, so vLLM constrains a
+# forced call with a JSON schema, which honours `disable_any_whitespace` (xgrammar's option, so xgrammar named);
+# under hermes' structural tag, or with whitespace left free, a model this small fills the JSON with blanks
+# until `max_tokens` cuts it off (seen: 200 tokens of blanks and no tool call).
+DEFAULT_MODEL_ENGINE_KWARGS: dict[str, Any] = {
+    "max_model_len": 2048, "tool_call_parser": "pythonic", "enable_auto_tool_choice": True,
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+}
+
 
 def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
     """What `raygate up` serves without a config file: the default model, co-located."""
@@ -28,8 +39,7 @@ def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
         },
         "serve": {
             "registry": str(home / "registry"),
-            "models": [{"model": "raygate/tiny-chat@stable", "engine": engine,
-                        "engine_kwargs": {"max_model_len": 2048}}],
+            "models": [{"model": "raygate/tiny-chat@stable", "engine": engine, "engine_kwargs": DEFAULT_MODEL_ENGINE_KWARGS}],
         },
     }
 

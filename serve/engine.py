@@ -1,9 +1,11 @@
 """The one engine interface every implementation (vLLM, fake, remote handle) follows.
 
-An engine takes an OpenAI request body (already validated by the gateway) and returns
-either the full JSON response as bytes or an async iterator of SSE events (bytes, each
-``data: ...\n\n``, the last one ``data: [DONE]\n\n``). Errors are raised as
-``serve.errors.EngineError`` subclasses; an iterator may raise one after it started.
+An engine takes a request body of one endpoint (OpenAI's chat or text completion or
+Responses, Anthropic's Messages; already validated by the gateway) and returns either the
+full JSON response as bytes or an async iterator of SSE events (bytes, each ending in a
+blank line: ``data: ...`` for chat and completions, the last one ``data: [DONE]``; named
+``event: ...\ndata: ...`` events for Responses and Messages, as those APIs stream). Errors
+are raised as ``serve.errors.EngineError`` subclasses; an iterator may raise one after it started.
 Cancelling the awaiting task (or closing the iterator) aborts the request in the engine.
 """
 
@@ -15,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Endpoint = Literal["chat", "completion", "messages"]  # messages: Anthropic's Messages API
+Endpoint = Literal["chat", "completion", "messages", "responses"]  # messages: Anthropic's Messages API
 EngineResult = bytes | AsyncIterator[bytes]
 
 

@@ -2,8 +2,8 @@
 
 Token ``i`` of choice ``c`` is the word ``tok{(seed + c + i) % 997}``; the prompt's
 token count is its whitespace word count. Time to first token, inter-token latency,
-overload and failure injection are configurable. It speaks the same OpenAI shapes (and
-Anthropic's, for Messages) as the vLLM engine so that the gateway cannot tell them apart.
+overload and failure injection are configurable. It speaks the same OpenAI shapes (Responses
+included, and Anthropic's for Messages) as the vLLM engine so that the gateway cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from serve import fake_messages
+from serve import fake_messages, fake_responses
 from serve.config import FakeEngineConfig
 from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
 from serve.errors import ContextLengthExceeded, EngineFailure
@@ -41,6 +41,9 @@ def _prompt_words(endpoint: Endpoint, body: dict[str, Any]) -> int:
     if endpoint == "messages":
         system = body.get("system")
         return (_words(system) if system else 0) + _words(body.get("messages"))
+    if endpoint == "responses":
+        instructions = body.get("instructions")
+        return (_words(instructions) if instructions else 0) + _words(body.get("input"))
     return _words(body.get("messages") if endpoint == "chat" else body.get("prompt"))
 
 
@@ -98,12 +101,13 @@ class FakeEngine(Engine):
         prompt_tokens = _prompt_words(endpoint, body)
         # vLLM's semantics: max_completion_tokens is chat's (and wins there); completions read max_tokens only.
         chat_max = body.get("max_completion_tokens") if endpoint == "chat" else None
-        max_tokens = chat_max or body.get("max_tokens") or self.cfg.default_max_tokens
+        asked = body.get("max_output_tokens") if endpoint == "responses" else body.get("max_tokens")
+        max_tokens = chat_max or asked or self.cfg.default_max_tokens
         if prompt_tokens + max_tokens > self.cfg.max_model_len:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.cfg.max_model_len} tokens; the request asks for "
                 f"{prompt_tokens} prompt + {max_tokens} completion tokens.",
-                param="prompt" if endpoint == "completion" else "max_tokens",
+                param={"completion": "prompt", "responses": "max_output_tokens"}.get(endpoint, "max_tokens"),
             )
         fail = self._should_fail(request_id)
         if fail and self.cfg.fail_after_tokens is None:
@@ -111,6 +115,7 @@ class FakeEngine(Engine):
         seed = int(body.get("seed") or 0)
         n = int(body.get("n") or 1) * _prompt_count(endpoint, body)  # a batch: n choices for each prompt
         stops = body.get("stop_sequences" if endpoint == "messages" else "stop") or []
+        stops = [] if endpoint == "responses" else stops  # the Responses API has no stop sequences
         stops = [stops] if isinstance(stops, str) else list(stops)
         choices = [self._tokens(seed, c, max_tokens, stops) for c in range(n)]
         meta = {
@@ -118,6 +123,15 @@ class FakeEngine(Engine):
             "created": int(time.time()),
             "model": self._card.id,
         }
+        if endpoint == "responses":
+            meta["id"] = "resp_" + request_id
+            (tokens, finish), = choices
+            if body.get("stream"):
+                fail_at = (self.cfg.fail_after_tokens or 0) if fail else None
+                return fake_responses.events(meta, body, tokens, finish, prompt_tokens, ttft_s=self.cfg.ttft_ms / 1000,
+                                             itl_s=self.cfg.itl_ms / 1000, fail_at=fail_at)
+            await asyncio.sleep((self.cfg.ttft_ms + self.cfg.itl_ms * max(0, len(tokens) - 1)) / 1000)
+            return orjson.dumps(fake_responses.response(meta, body, tokens, finish, prompt_tokens))
         if endpoint == "messages":
             meta["id"] = "msg_" + request_id
             (tokens, finish), = choices

@@ -25,7 +25,8 @@ from serve.errors import EngineError, EngineFailure, EngineUnavailable, InvalidR
 
 logger = logging.getLogger(__name__)
 
-_PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completion": "/completions", "messages": "/messages"}
+_PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completion": "/completions", "messages": "/messages",
+                               "responses": "/responses"}
 
 
 def upstream_error(status: int, payload: bytes, retry_after: str | None = None) -> EngineError:

@@ -70,10 +70,32 @@ def parse_engine_args(
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            return parser.parse_args(argv)
+            args = parser.parse_args(argv)
     except SystemExit:
         message = errors.getvalue().strip().splitlines()
         raise InvalidEngineArgs(f"{cfg.model}: engine_kwargs refused by vLLM: {message[-1] if message else '?'}") from None
+    check_parsers(cfg, args)
+    return args
+
+
+def check_parsers(cfg: ModelDeploymentConfig, args: argparse.Namespace) -> None:
+    """The tool-call and reasoning parsers named are vLLM's (or a plugin's), and auto tool choice has its parser:
+    a typo fails at start, naming the entry, instead of at the first request that sends `tools`."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    for key, name, plugin, known in (
+        ("tool_call_parser", args.tool_call_parser, getattr(args, "tool_parser_plugin", None),
+         ToolParserManager.list_registered()),
+        ("reasoning_parser", getattr(args, "reasoning_parser", None), getattr(args, "reasoning_parser_plugin", None),
+         ReasoningParserManager.list_registered()),
+    ):
+        if name and not plugin and name not in known:
+            raise InvalidEngineArgs(f"{cfg.model}: engine_kwargs.{key}: vLLM has no parser {name!r} "
+                                    f"(it has {', '.join(sorted(known))})")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise InvalidEngineArgs(f"{cfg.model}: engine_kwargs.enable_auto_tool_choice needs engine_kwargs.tool_call_parser "
+                                "(the format the model writes its tool calls in)")
 
 
 def check_engine_args(cfg: ModelDeploymentConfig) -> None:

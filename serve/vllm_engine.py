@@ -1,7 +1,8 @@
 """The vLLM engine: `AsyncLLM` driven through vLLM's own OpenAI serving classes.
 
 Chat templating, sampling parameters, stop strings, `n`, logprobs and usage come from
-vLLM's `OpenAIServingChat` / `OpenAIServingCompletion` / `AnthropicServingMessages` (built by
+vLLM's `OpenAIServingChat` / `OpenAIServingCompletion` / `OpenAIServingResponses` /
+`AnthropicServingMessages` (built by
 vLLM's `init_app_state` from vLLM's own argument parser, so defaults match `vllm serve`).
 This module only adapts their results to the engine interface and normalises errors.
 vLLM is imported inside methods: importing this module stays cheap.
@@ -66,12 +67,14 @@ class VLLMEngine(Engine):
         self._chat: Any = None
         self._completion: Any = None
         self._messages: Any = None
+        self._responses: Any = None
         self._models: Any = None
         self.adapters: set[str] = set()
         self._chat_request_cls: Any = None
         self._completion_request_cls: Any = None
         self._messages_request_cls: Any = None
         self._count_tokens_request_cls: Any = None
+        self._responses_request_cls: Any = None
         self._admission = InflightLimiter(0)  # sized from the engine's own batch size once it has started
 
     @property
@@ -85,6 +88,7 @@ class VLLMEngine(Engine):
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -113,6 +117,8 @@ class VLLMEngine(Engine):
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
         self._messages = state.anthropic_serving_messages
+        self._responses = state.openai_serving_responses
+        self._responses_request_cls = ResponsesRequest
         self._models = state.openai_serving_models
         self._chat_request_cls = ChatCompletionRequest
         self._completion_request_cls = CompletionRequest
@@ -166,7 +172,7 @@ class VLLMEngine(Engine):
 
     async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
         """vLLM's own rendering of the request (chat template, tokenizer), as `generate` will do it again."""
-        if self._engine is None:
+        if self._engine is None or endpoint == "responses":  # vLLM renders a Responses prompt only to run it
             return None
         body = self._for_engine(body)
         try:
@@ -202,10 +208,14 @@ class VLLMEngine(Engine):
         body = self._for_engine(body)
         if endpoint != "messages":  # Anthropic's request has no field for it: vLLM names that one itself
             body["request_id"] = request_id
-        prompt_param = "prompt" if endpoint == "completion" else "messages"
-        serving = {"chat": self._chat, "completion": self._completion, "messages": self._messages}[endpoint]
+        prompt_param = {"completion": "prompt", "responses": "input"}.get(endpoint, "messages")
+        serving = {"chat": self._chat, "completion": self._completion, "messages": self._messages,
+                   "responses": self._responses}[endpoint]
         try:
-            if endpoint == "messages":
+            if endpoint == "responses":
+                request = self._responses_request_cls.model_validate(body)
+                result = await self._responses.create_responses(request, None)
+            elif endpoint == "messages":
                 request = self._messages_request_cls.model_validate(body)
                 result = await self._messages.create_messages(request, None)
             elif endpoint == "chat":
@@ -229,7 +239,9 @@ class VLLMEngine(Engine):
                 raise EngineUnavailable(ENGINE_DEAD)
             raise _error_from_vllm(int(error.code), error.message, error.param, prompt_param)
         if hasattr(result, "__aiter__"):
-            return self._stream(result, prompt_param)
+            return self._stream(_named_events(result) if endpoint == "responses" else result, prompt_param)
+        if endpoint == "responses":
+            return orjson.dumps(result.model_dump(mode="json", by_alias=True))  # as vLLM's own /v1/responses
         if endpoint == "messages":
             return orjson.dumps(result.model_dump(exclude_none=True))  # as vLLM's own /v1/messages answers
         return orjson.dumps(spec_clean(result.model_dump()))
@@ -257,6 +269,15 @@ class VLLMEngine(Engine):
 
 
 ENGINE_DEAD = "The engine stopped; its replica is being restarted. Retry shortly."
+
+
+async def _named_events(events: AsyncGenerator[Any, None]) -> AsyncGenerator[str, None]:
+    """vLLM's Responses stream (event objects) as the SSE its server sends: `event: <type>` and the JSON."""
+    try:
+        async for event in events:
+            yield f"event: {getattr(event, 'type', 'unknown')}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+    finally:
+        await events.aclose()
 
 # Fields vLLM sets to null where OpenAI's spec allows only an object/array or absence.
 _NON_NULLABLE_MESSAGE = ("annotations", "function_call", "audio", "tool_calls")

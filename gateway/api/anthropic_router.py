@@ -9,8 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Body, Request
 from starlette.responses import Response
 
-from gateway.protocol import MessagesRequest
+from gateway.protocol import MessagesCountRequest, MessagesRequest
 from gateway.serving import GenerationService
+from gateway.serving_tokens import TokenCountService
 
 ANTHROPIC_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}},
@@ -22,12 +23,17 @@ ANTHROPIC_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def anthropic_router(generation: GenerationService) -> APIRouter:
-    """`POST /v1/messages`; also reached by the app's direct path (`GatewayApp`), as chat is."""
+def anthropic_router(generation: GenerationService, tokens: TokenCountService) -> APIRouter:
+    """`POST /v1/messages` (also reached by the app's direct path, `GatewayApp`, as chat is) and
+    `POST /v1/messages/count_tokens`."""
     r = APIRouter(prefix="/v1")
 
     @r.post("/messages", responses=ANTHROPIC_RESPONSES)
     async def messages(request: Request, body: MessagesRequest = Body()) -> Response:  # noqa: B008
         return await generation.create("messages", request, body)
+
+    @r.post("/messages/count_tokens", responses=ANTHROPIC_RESPONSES)
+    async def count_tokens(request: Request, body: MessagesCountRequest = Body()) -> Response:  # noqa: B008
+        return await tokens.count_messages(request, body)
 
     return r

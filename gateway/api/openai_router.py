@@ -11,7 +11,8 @@ from fastapi import APIRouter, Body, Request
 from starlette.responses import Response
 
 from gateway.api.deps import CallerDep
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.errors import NotFound
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from gateway.serving import GenerationService
 from gateway.serving_models import ModelCatalog
 
@@ -36,11 +37,16 @@ def _json(doc: Any) -> Response:
     return Response(orjson.dumps(doc), media_type="application/json")
 
 
-def openai_router(generation: GenerationService, catalog: ModelCatalog) -> APIRouter:
-    """`/v1/models`, `/v1/chat/completions`, `/v1/completions`.
+def _not_stored(response_id: str) -> NotFound:
+    return NotFound(f"No response {response_id!r} is stored: this gateway does not store responses (as vLLM's "
+                    "server, `store` is taken as false); send the conversation in `input`.", param="response_id")
 
-    The two POST routes are also reached without this router, by the app's direct path
-    (`GatewayApp`): both end in `generation.create`. Their typed body is what the OpenAPI document shows; FastAPI
+
+def openai_router(generation: GenerationService, catalog: ModelCatalog) -> APIRouter:
+    """`/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/responses`.
+
+    The POST routes are also reached without this router, by the app's direct path
+    (`GatewayApp`): all end in `generation.create`. Their typed body is what the OpenAPI document shows; FastAPI
     validates it here, and the service takes it as it is.
     """
     r = APIRouter(prefix="/v1")
@@ -60,5 +66,17 @@ def openai_router(generation: GenerationService, catalog: ModelCatalog) -> APIRo
     @r.post("/completions", responses=STREAM_OR_JSON)
     async def completions(request: Request, body: CompletionRequest = Body()) -> Response:  # noqa: B008
         return await generation.create("completion", request, body)
+
+    @r.post("/responses", responses=STREAM_OR_JSON)
+    async def responses(request: Request, body: ResponsesRequest = Body()) -> Response:  # noqa: B008
+        return await generation.create("responses", request, body)
+
+    @r.get("/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def get_response(response_id: str, caller: CallerDep) -> Response:
+        raise _not_stored(response_id)
+
+    @r.delete("/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def delete_response(response_id: str, caller: CallerDep) -> Response:
+        raise _not_stored(response_id)
 
     return r

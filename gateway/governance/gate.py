@@ -184,9 +184,9 @@ class Governance:
         counted = await count_prompt() if count_prompt is not None else None
         return await self.limiter.admit(subjects, reservation(demand, max_model_len, counted), demand.prompts)
 
-    async def count_refusal(self, record: KeyRecord) -> None:
-        """A request refused for its model still counts one request against the key's rpm (429 past it):
-        probing for model names is not free."""
+    async def count_request(self, record: KeyRecord) -> None:
+        """One request that generates nothing against the key's rpm (429 past it): a request refused for its
+        model (probing for model names is not free), a token count."""
         subjects = self.subjects(record)
         if subjects:
             await self.limiter.settle(await self.limiter.admit(subjects, 0), 0)

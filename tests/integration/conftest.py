@@ -75,7 +75,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, session_redis: PrivateRedis)
         "routes": {"chat": {"targets": [{"model": manifest.name}], "fallbacks": []}},
     })
     # Small limits so saturation is reachable from a test: 4 running + 2 queued.
-    raw["serve"]["models"][0].update({"max_queued_requests": 2, "engine_kwargs": {"max_num_seqs": 4, "max_model_len": 1024}})
+    model = raw["serve"]["models"][0]
+    model.update({"max_queued_requests": 2,
+                  "engine_kwargs": {**model["engine_kwargs"], "max_num_seqs": 4, "max_model_len": 1024}})
     # Roll-outs (test_rollout_lifecycle): follow @stable closely and prefer int8 (W8A8 on this CPU).
     raw["serve"]["models"][0].update({"variants": ["int8", "full"], "registry_poll_s": 1.0})
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT)

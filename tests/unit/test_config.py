@@ -74,6 +74,20 @@ def test_vllm_parser_names_the_engine_kwarg_it_refuses() -> None:
     check_engine_args(ModelDeploymentConfig(model="m", engine="fake", engine_kwargs={"anything": 1}))  # not vLLM's
 
 
+def test_tool_and_reasoning_parsers_are_checked_against_vllm_s_at_start() -> None:
+    def check(**kwargs: object) -> None:
+        check_engine_args(ModelDeploymentConfig(model="m", engine_kwargs=kwargs))
+
+    check(tool_call_parser="hermes", enable_auto_tool_choice=True, reasoning_parser="qwen3")
+    with pytest.raises(InvalidEngineArgs, match=r"m: engine_kwargs\.tool_call_parser: vLLM has no parser 'hermez' "
+                                                r"\(it has .*hermes"):
+        check(tool_call_parser="hermez")
+    with pytest.raises(InvalidEngineArgs, match=r"engine_kwargs\.reasoning_parser: vLLM has no parser 'qwen'"):
+        check(reasoning_parser="qwen")
+    with pytest.raises(InvalidEngineArgs, match=r"enable_auto_tool_choice needs engine_kwargs\.tool_call_parser"):
+        check(enable_auto_tool_choice=True)
+
+
 def test_a_misspelt_vllm_argument_fails_the_build_naming_it() -> None:
     from gateway.builder import build_app
 

@@ -7,6 +7,7 @@ import anthropic
 import httpx
 import httpx2
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import create_app
 from gateway.backend import ModelBackend
@@ -16,6 +17,7 @@ from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine
 
 KEY = "test-key-0123456789abcdef"
+ADMIN = "admin-key-0123456789abcdef"
 MSG = [{"role": "user", "content": "hello there"}]
 
 
@@ -25,7 +27,8 @@ def app(tmp_path):  # noqa: ANN201
         "fake": FakeEngine("fake", FakeEngineConfig(max_model_len=64)),
         "broken": FakeEngine("broken", FakeEngineConfig(fail_rate=1.0, fail_after_tokens=2)),
     }
-    return create_app(GatewaySettings(api_keys=[KEY], home=tmp_path), ModelBackend(engines, aliases={"chat": "fake"}))
+    return create_app(GatewaySettings(api_keys=[KEY], home=tmp_path, admin_key=ADMIN),
+                      ModelBackend(engines, aliases={"chat": "fake"}))
 
 
 @pytest.fixture
@@ -63,6 +66,11 @@ async def test_a_message_and_its_usage(app, http) -> None:  # noqa: ANN001
     (outcome,) = seen
     assert (outcome.status, outcome.prompt_tokens, outcome.completion_tokens, outcome.finish_reason) == \
         (200, 4, 5, "max_tokens")
+    metrics = (await http.get("/metrics", headers={"authorization": f"Bearer {ADMIN}"})).text
+    counted = {tuple(sorted(x.labels.items())): x.value for f in text_string_to_metric_families(metrics)
+               for x in f.samples if x.name == "raygate_requests_total"}
+    assert counted == {(("endpoint", "messages"), ("model", "chat"), ("status", "200"), ("tier", "default"),
+                        ("version", "fake")): 1.0}
 
 
 async def test_bearer_works_as_well_as_x_api_key(http) -> None:  # noqa: ANN001
@@ -152,3 +160,20 @@ async def test_quotas_reserve_the_messages_shape(tmp_path) -> None:  # noqa: ANN
         r = await http.post("/v1/messages", json=body, headers={"x-api-key": key})
         r = await http.post("/v1/messages", json=body, headers={"x-api-key": key})
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"]
+
+
+async def test_count_tokens_is_the_engine_s_count_and_one_request(tmp_path) -> None:  # noqa: ANN001
+    app = create_app(GatewaySettings(api_keys=[KEY], home=tmp_path),
+                     ModelBackend({"fake": FakeEngine("fake", FakeEngineConfig())}, aliases={"chat": "fake"}))
+    _, key = app.state.governance.store.create_key(name="t", allowed_models=["chat"], limits=Limits(rpm=2))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        counted = await sdk(http, api_key=key).messages.count_tokens(model="chat", messages=MSG, system="be brief")
+        assert counted.input_tokens == 4  # the fake engine counts words: "be brief" + "hello there"
+        r = await http.post("/v1/messages/count_tokens", headers={"x-api-key": key},
+                            json={"model": "fake", "messages": MSG})  # not on the key's list
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        r = await http.post("/v1/messages/count_tokens", headers={"x-api-key": key},
+                            json={"model": "chat", "messages": MSG})  # the key's rpm of 2 is spent
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        r = await http.post("/v1/messages/count_tokens", headers={"x-api-key": key}, json={"model": "chat"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

@@ -173,8 +173,8 @@ async def test_quota_store_down_is_counted(tmp_path, mode) -> None:
     else:
         assert codes == [503, 503]
         assert samples[("raygate_quota_rejections_total", (("kind", "unavailable"),))] == 2
-        assert samples[("raygate_requests_total", (("model", "fake"), ("status", "503"), ("tier", "default"),
-                                                   ("version", "")))] == 2
+        assert samples[("raygate_requests_total", (("endpoint", "chat"), ("model", "fake"), ("status", "503"),
+                                                   ("tier", "default"), ("version", "")))] == 2
 
 
 @pytest.mark.parametrize("env", [
