@@ -33,6 +33,14 @@ class ServiceDisabled(NotFound):
     default_code = "not_enabled"
 
 
+class EndpointNotAllowed(GatewayError):
+    """The key's endpoint allow-list leaves this endpoint out."""
+
+    status = 403
+    type = "permission_error"
+    default_code = "endpoint_not_allowed"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"

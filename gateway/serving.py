@@ -104,6 +104,7 @@ class GenerationService:
         watch.client_request_id = client_request_id(request)
         try:
             caller = watch.caller = await gov.authenticate(request)
+            await gov.authorize_endpoint(caller, endpoint)
             watch.mark("auth")
             parsed = typed is not None  # FastAPI's path parsed and validated the body itself
             if typed is None:

@@ -26,6 +26,7 @@ class TokenCountService:
         """`typed`: the body as the route validated it."""
         gov = self.generation.gov
         caller = await gov.authenticate(request)
+        await gov.authorize_endpoint(caller, "messages")
         body = typed.engine_body()
         ensure_shallow(body)
         engine, _ = await self.generation.resolve(caller, typed.model)

@@ -11,12 +11,15 @@ import argparse
 import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from gateway.governance.limits import Limits
 from gateway.governance.records import KeyRecord
 from gateway.governance.store import KeyStore, open_store
 from gateway.settings import GatewaySettings
+from serve.engine import Endpoint
+
+ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
 
 LIMIT_FLAGS = ("rpm", "tpm", "max_concurrent", "tokens_per_day", "tokens_per_month")
 
@@ -43,7 +46,7 @@ def cmd_keys(args: argparse.Namespace, home: Path) -> int:
             expires = datetime.now(UTC) + timedelta(seconds=args.expires_in) if args.expires_in else None
             record, plaintext = store.create_key(
                 name=args.name, owner=args.owner, team=args.team, tier=args.tier, allowed_models=args.model,
-                limits=_limits(args), expires_at=expires,
+                allowed_endpoints=args.endpoint, limits=_limits(args), expires_at=expires,
             )
             print(f"created {record.id}\nkey (shown once, store it now): {plaintext}")
         elif args.keys_cmd == "list":
@@ -83,6 +86,8 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--team")
     create.add_argument("--tier", default="default")
     create.add_argument("--model", action="append", help="Allowed model or alias (repeatable; default: all).")
+    create.add_argument("--endpoint", action="append", choices=ENDPOINTS,
+                        help="Allowed endpoint (repeatable; default: all).")
     create.add_argument("--expires-in", type=float, help="Seconds until the key stops working.")
     limit_flags(create)
     ls = ksub.add_parser("list", help="Keys (prefix, state, tier, team, limits).")

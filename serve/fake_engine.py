@@ -55,6 +55,11 @@ def _prompt_count(endpoint: Endpoint, body: dict[str, Any]) -> int:
     return len(prompt)
 
 
+# Endpoints answered in their own shapes: (id prefix, the module that writes the full answer and the events).
+_NAMED_EVENT_SHAPES: dict[Endpoint, tuple[str, Any]] = {"responses": ("resp_", fake_responses),
+                                                        "messages": ("msg_", fake_messages)}
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -123,24 +128,17 @@ class FakeEngine(Engine):
             "created": int(time.time()),
             "model": self._card.id,
         }
-        if endpoint == "responses":
-            meta["id"] = "resp_" + request_id
+        shape = _NAMED_EVENT_SHAPES.get(endpoint)
+        if shape is not None:  # Responses and Messages: one answer, its own object and named stream events
+            prefix, module = shape
+            meta["id"] = prefix + request_id
             (tokens, finish), = choices
             if body.get("stream"):
                 fail_at = (self.cfg.fail_after_tokens or 0) if fail else None
-                return fake_responses.events(meta, body, tokens, finish, prompt_tokens, ttft_s=self.cfg.ttft_ms / 1000,
-                                             itl_s=self.cfg.itl_ms / 1000, fail_at=fail_at)
+                return module.events(meta, body, tokens, finish, prompt_tokens, ttft_s=self.cfg.ttft_ms / 1000,
+                                     itl_s=self.cfg.itl_ms / 1000, fail_at=fail_at)
             await asyncio.sleep((self.cfg.ttft_ms + self.cfg.itl_ms * max(0, len(tokens) - 1)) / 1000)
-            return orjson.dumps(fake_responses.response(meta, body, tokens, finish, prompt_tokens))
-        if endpoint == "messages":
-            meta["id"] = "msg_" + request_id
-            (tokens, finish), = choices
-            if body.get("stream"):
-                fail_at = (self.cfg.fail_after_tokens or 0) if fail else None
-                return fake_messages.events(meta, tokens, finish, prompt_tokens, stops, ttft_s=self.cfg.ttft_ms / 1000,
-                                            itl_s=self.cfg.itl_ms / 1000, fail_at=fail_at)
-            await asyncio.sleep((self.cfg.ttft_ms + self.cfg.itl_ms * max(0, len(tokens) - 1)) / 1000)
-            return orjson.dumps(fake_messages.message(meta, tokens, finish, prompt_tokens, stops))
+            return orjson.dumps(module.full(meta, body, tokens, finish, prompt_tokens))
         if body.get("stream"):
             return self._stream(endpoint, body, meta, choices, prompt_tokens, fail)
         total = sum(len(t) for t, _ in choices)

@@ -24,8 +24,9 @@ def stop_reason(finish: str, stops: list[str]) -> tuple[str, str | None]:
     return _STOP_REASONS.get(finish, "end_turn"), None
 
 
-def message(meta: dict[str, Any], tokens: list[str], finish: str, prompt_tokens: int, stops: list[str]) -> dict:
-    reason, sequence = stop_reason(finish, stops)
+def full(meta: dict[str, Any], body: dict[str, Any], tokens: list[str], finish: str, prompt_tokens: int) -> dict:
+    """The whole message."""
+    reason, sequence = stop_reason(finish, body.get("stop_sequences") or [])
     return {
         "id": meta["id"], "type": "message", "role": "assistant", "model": meta["model"],
         "content": [{"type": "text", "text": "".join(tokens)}],
@@ -35,12 +36,12 @@ def message(meta: dict[str, Any], tokens: list[str], finish: str, prompt_tokens:
 
 
 async def events(
-    meta: dict[str, Any], tokens: list[str], finish: str, prompt_tokens: int, stops: list[str], *,
+    meta: dict[str, Any], body: dict[str, Any], tokens: list[str], finish: str, prompt_tokens: int, *,
     ttft_s: float, itl_s: float, fail_at: int | None,
 ) -> AsyncIterator[bytes]:
     """The stream Anthropic sends: message_start, one text block's deltas, message_delta (usage), message_stop."""
     await asyncio.sleep(ttft_s)
-    start = {**message(meta, [], finish, prompt_tokens, stops), "content": [], "stop_reason": None,
+    start = {**full(meta, body, [], finish, prompt_tokens), "content": [], "stop_reason": None,
              "stop_sequence": None}
     start["usage"] = {"input_tokens": prompt_tokens, "output_tokens": 0}
     yield _event("message_start", {"message": start})
@@ -52,7 +53,7 @@ async def events(
             raise EngineFailure("injected failure after the stream started")
         yield _event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": tok}})
     yield _event("content_block_stop", {"index": 0})
-    reason, sequence = stop_reason(finish, stops)
+    reason, sequence = stop_reason(finish, body.get("stop_sequences") or [])
     yield _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
                                    "usage": {"output_tokens": len(tokens)}})
     yield _event("message_stop", {})

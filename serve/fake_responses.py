@@ -11,8 +11,8 @@ import orjson
 from serve.errors import EngineFailure
 
 
-def response(meta: dict[str, Any], body: dict[str, Any], tokens: list[str] | None, finish: str,
-             prompt_tokens: int) -> dict[str, Any]:
+def full(meta: dict[str, Any], body: dict[str, Any], tokens: list[str] | None, finish: str,
+         prompt_tokens: int) -> dict[str, Any]:
     """The response object; `tokens` None: still in progress (no output yet)."""
     done = tokens is not None
     output = [] if tokens is None else [_message(meta, "".join(tokens), "completed")]
@@ -54,8 +54,8 @@ async def events(
     item = _message(meta, "", "in_progress")
     ids = {"item_id": item["id"], "output_index": 0, "content_index": 0}
     await asyncio.sleep(ttft_s)
-    yield event("response.created", {"response": response(meta, body, None, finish, prompt_tokens)})
-    yield event("response.in_progress", {"response": response(meta, body, None, finish, prompt_tokens)})
+    yield event("response.created", {"response": full(meta, body, None, finish, prompt_tokens)})
+    yield event("response.in_progress", {"response": full(meta, body, None, finish, prompt_tokens)})
     yield event("response.output_item.added", {"output_index": 0, "item": {**item, "content": []}})
     yield event("response.content_part.added", {**ids, "part": {"type": "output_text", "text": "", "annotations": []}})
     for step, tok in enumerate(tokens):
@@ -69,4 +69,4 @@ async def events(
     yield event("response.content_part.done", {**ids, "part": {"type": "output_text", "text": text, "annotations": []}})
     yield event("response.output_item.done", {"output_index": 0, "item": _message(meta, text, "completed")})
     # vLLM ends every stream with `response.completed` (an incomplete one says so in its status); so does the fake.
-    yield event("response.completed", {"response": response(meta, body, tokens, finish, prompt_tokens)})
+    yield event("response.completed", {"response": full(meta, body, tokens, finish, prompt_tokens)})

@@ -116,3 +116,16 @@ async def asgi_call(
     except Exception:  # noqa: BLE001 - the server's part once the client is gone
         assert sends_before_reset is not None
     return sent
+
+
+def settled_outcomes(app: Any) -> list[Any]:
+    """The outcomes `app`'s governance settles quotas and writes ledger rows with, appended as they happen."""
+    gov, seen = app.state.governance, []
+    finish = gov.finish
+
+    async def spy(record: Any, adm: Any, outcome: Any, request_id: str, latency_s: float) -> None:
+        seen.append(outcome)
+        await finish(record, adm, outcome, request_id, latency_s)
+
+    gov.finish = spy
+    return seen

@@ -18,6 +18,7 @@ from gateway.governance.gate import Governance
 from gateway.governance.limits import Limits
 from gateway.governance.records import KeyRecord, as_utc
 from gateway.governance.store import KeyNotFound, KeyStore, reachable
+from serve.engine import Endpoint
 from serve.errors import InvalidRequest
 
 MAX_LIFETIME_S = 100 * 365 * 86400  # a key for a century is a key forever; beyond, datetimes overflow
@@ -46,6 +47,8 @@ class KeyCreate(BaseModel):
     team: str | None = Field(default=None, max_length=200, description="Team whose limits also apply.")
     tier: str = Field(default="default", max_length=50, description="Service tier (engine priority).")
     allowed_models: list[str] | None = Field(default=None, description="Models or aliases it may call; null: all.")
+    allowed_endpoints: list[Endpoint] | None = Field(
+        default=None, description="Endpoints it may call (chat, completion, responses, messages); null: all.")
     limits: Limits = Field(default_factory=Limits, description="The key's own limits.")
     expires_at: datetime | None = Field(
         default=None, description="Refused after this instant (an offset is honoured; without one, UTC)."
@@ -65,8 +68,9 @@ class KeyCreate(BaseModel):
 
 
 class KeyUpdate(BaseModel):
-    """Only the fields sent change. `owner`, `team`, `allowed_models` and `expires_at` may be set to null
-    (none, no team, every model, never); `name`, `tier`, `limits` and `metadata` may not."""
+    """Only the fields sent change. `owner`, `team`, `allowed_models`, `allowed_endpoints` and `expires_at` may be
+    set to null (none, no team, every model, every endpoint, never); `name`, `tier`, `limits` and `metadata` may
+    not."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -75,6 +79,7 @@ class KeyUpdate(BaseModel):
     team: str | None = Field(default=None, max_length=200, description="Team.")
     tier: str = Field(default=None, max_length=50, description="Service tier.")  # type: ignore[assignment]
     allowed_models: list[str] | None = Field(default=None, description="Allowed models; send [] to allow none.")
+    allowed_endpoints: list[Endpoint] | None = Field(default=None, description="Allowed endpoints; null: all.")
     limits: Limits = Field(default=None, description="Replaces the key's limits.")  # type: ignore[assignment]
     expires_at: datetime | None = Field(default=None, description="New expiry (an offset is honoured).")
     metadata: dict[str, Any] = Field(default=None, description="Replaces the labels.")  # type: ignore[arg-type]
@@ -141,7 +146,7 @@ def admin_router(gov: Governance) -> APIRouter:
     async def create_key(spec: KeyCreate, store: Store) -> Response:
         record, plaintext = await call(
             store.create_key, name=spec.name, owner=spec.owner, team=spec.team, tier=spec.tier,
-            allowed_models=spec.allowed_models, limits=spec.limits, expires_at=spec.expiry(), metadata=spec.metadata,
+            allowed_models=spec.allowed_models, allowed_endpoints=spec.allowed_endpoints, limits=spec.limits, expires_at=spec.expiry(), metadata=spec.metadata,
         )
         return _json({"key": plaintext, **_key_view(record)}, 201)
 

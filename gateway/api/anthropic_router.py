@@ -17,6 +17,7 @@ ANTHROPIC_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}},
     **{code: {"description": desc, "content": {"application/json": {}}} for code, desc in {
         400: "invalid_request_error", 401: "authentication_error (x-api-key or Authorization: Bearer)",
+        403: "permission_error: the key may not call this endpoint (its allowed_endpoints)",
         404: "not_found_error: an unknown model, or one the key may not use", 413: "request_too_large",
         429: "rate_limit_error (Retry-After)", 503: "overloaded_error (Retry-After)", 504: "timeout_error",
     }.items()},

@@ -21,6 +21,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, desc in {
         400: "Invalid request",
         401: "Missing or wrong API key",
+        403: "The key may not call this endpoint (its allowed_endpoints)",
         404: "Unknown model, or one the key may not use (they look the same)",
         413: "Request body too large",
         429: "Rate limit or budget exceeded (Retry-After, x-ratelimit-*)",

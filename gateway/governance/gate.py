@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from starlette.requests import Request
 
-from gateway.errors import AuthenticationFailed
+from gateway.errors import AuthenticationFailed, EndpointNotAllowed
 from gateway.governance.keycache import KeyCache
 from gateway.governance.keys import hash_key, key_prefix
 from gateway.governance.ledger import UsageLedger
@@ -24,6 +24,7 @@ from gateway.governance.quota_policy import Admission, Demand, Period, Subject, 
 from gateway.governance.records import KeyRecord, UsageRow
 from gateway.governance.store import KeyStore, open_store, reachable
 from gateway.settings import GatewaySettings
+from serve.engine import Endpoint
 from serve.errors import ModelNotFound
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,13 @@ class Governance:
         demand = demand_of()
         counted = await count_prompt() if count_prompt is not None else None
         return await self.limiter.admit(subjects, reservation(demand, max_model_len, counted), demand.prompts)
+
+    async def authorize_endpoint(self, record: KeyRecord, endpoint: Endpoint) -> None:
+        """EndpointNotAllowed (403) when the key's endpoint allow-list leaves `endpoint` out; the refusal counts
+        one request against its rpm, as a refused model does."""
+        if not record.may_call(endpoint):
+            await self.count_request(record)
+            raise EndpointNotAllowed(f"This key may not call the {endpoint} endpoint.")
 
     async def count_request(self, record: KeyRecord) -> None:
         """One request that generates nothing against the key's rpm (429 past it): a request refused for its

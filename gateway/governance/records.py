@@ -8,6 +8,7 @@ from typing import Any, overload
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.governance.limits import Limits
+from serve.engine import Endpoint
 
 
 def utcnow() -> datetime:
@@ -38,6 +39,8 @@ class KeyRecord(BaseModel):
     team: str | None = Field(default=None, description="Team whose shared limits also apply.")
     tier: str = Field(default="default", description="Service tier; mapped to engine priority.")
     allowed_models: list[str] | None = Field(default=None, description="Model ids or aliases it may call; None: all.")
+    allowed_endpoints: list[Endpoint] | None = Field(
+        default=None, description="Endpoints it may call (chat, completion, responses, messages); None: all.")
     limits: Limits = Field(default_factory=Limits, description="The key's own limits.")
     team_limits: Limits | None = Field(default=None, description="The team's limits, when it has a team.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form labels.")
@@ -48,6 +51,10 @@ class KeyRecord(BaseModel):
     def usable(self, now: datetime | None = None) -> bool:
         now = now or utcnow()
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+    def may_call(self, endpoint: Endpoint) -> bool:
+        """Whether the endpoint is on the key's endpoint allow-list (no list: every endpoint)."""
+        return self.allowed_endpoints is None or endpoint in self.allowed_endpoints
 
     def may_use(self, *models: str) -> bool:
         """Whether any of the names a request's model goes by is on the allow-list."""

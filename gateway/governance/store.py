@@ -52,6 +52,7 @@ class ApiKeyRow(Base):
     team: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
     tier: Mapped[str] = mapped_column(String(50), default="default")
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    allowed_endpoints: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     limits: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -126,8 +127,8 @@ class KeyStore:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     # -- schema ---------------------------------------------------------------
-    def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (safe to call from many processes)."""
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to `revision`, the newest by default (safe to call from many processes)."""
         from alembic import command
         from alembic.config import Config
 
@@ -135,7 +136,7 @@ class KeyStore:
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -152,6 +153,7 @@ class KeyStore:
         team: str | None = None,
         tier: str = "default",
         allowed_models: list[str] | None = None,
+        allowed_endpoints: list[str] | None = None,
         limits: Limits | None = None,
         expires_at: datetime | None = None,
         metadata: dict[str, Any] | None = None,
@@ -169,6 +171,7 @@ class KeyStore:
             team=team,
             tier=tier,
             allowed_models=allowed_models,
+            allowed_endpoints=allowed_endpoints,
             limits=(limits or Limits()).model_dump(exclude_none=True),
             meta=metadata or {},
             created_at=utcnow(),
@@ -210,7 +213,7 @@ class KeyStore:
             return [self._record(s, r) for r in s.scalars(q)]
 
     def update_key(self, key_id: str, **fields: Any) -> KeyRecord:
-        """Change name, owner, team, tier, allowed_models, limits, expires_at or metadata."""
+        """Change name, owner, team, tier, allowed_models, allowed_endpoints, limits, expires_at or metadata."""
         columns = {"metadata": "meta"}
         with self._session.begin() as s:
             row = self._row(s, key_id)
@@ -236,7 +239,7 @@ class KeyStore:
             raise KeyNotFound(key_id)
         record, plaintext = self.create_key(
             name=old.name, owner=old.owner, team=old.team, tier=old.tier, allowed_models=old.allowed_models,
-            limits=old.limits, expires_at=old.expires_at, metadata=old.metadata, rotated_from=old.id,
+            allowed_endpoints=old.allowed_endpoints, limits=old.limits, expires_at=old.expires_at, metadata=old.metadata, rotated_from=old.id,
         )
         if grace_s > 0:
             self.update_key(key_id, expires_at=utcnow() + timedelta(seconds=grace_s))
@@ -332,7 +335,8 @@ class KeyStore:
             team_limits = Limits.model_validate(team.limits) if team is not None else None
         return KeyRecord(
             id=row.id, name=row.name, prefix=row.prefix, owner=row.owner, team=row.team, tier=row.tier,
-            allowed_models=row.allowed_models, limits=Limits.model_validate(row.limits or {}),
+            allowed_models=row.allowed_models, allowed_endpoints=row.allowed_endpoints,
+            limits=Limits.model_validate(row.limits or {}),
             team_limits=team_limits, metadata=row.meta or {}, created_at=as_utc(row.created_at),
             expires_at=as_utc(row.expires_at), revoked_at=as_utc(row.revoked_at),
         )

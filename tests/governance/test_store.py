@@ -105,3 +105,27 @@ async def test_a_row_the_database_refuses_does_not_hold_back_the_others(tmp_path
         with store.engine.begin() as c:
             c.execute(text("DELETE FROM usage WHERE key_id = 'key_ledger'"))
         store.close()
+
+
+def test_endpoint_allow_list_round_trips_and_survives_rotation(store: KeyStore) -> None:
+    record, _ = store.create_key(name="agents", allowed_endpoints=["responses", "messages"])
+    assert store.get_key(record.id).allowed_endpoints == ["responses", "messages"]
+    assert record.may_call("messages") and not record.may_call("chat")
+    rotated, _ = store.rotate_key(record.id)
+    assert rotated.allowed_endpoints == ["responses", "messages"]
+    assert store.update_key(rotated.id, allowed_endpoints=None).may_call("chat")
+
+
+def test_a_store_of_the_first_schema_upgrades_and_keeps_its_keys(tmp_path: Path) -> None:
+    old = KeyStore(f"sqlite:///{tmp_path / 'old.db'}", b"s" * 32)
+    old.migrate("0001")  # a key store written before endpoint allow-lists existed
+    with old.engine.begin() as c:
+        c.execute(text(
+            "INSERT INTO api_keys (id, key_hash, prefix, name, tier, limits, metadata, created_at) "
+            "VALUES ('key_old', :h, 'rg-', 'old', 'default', '{}', '{}', '2026-01-01 00:00:00+00:00')"),
+            {"h": old.hash("rg-old-key")})
+    old.migrate()
+    record = old.lookup(old.hash("rg-old-key"))
+    assert record is not None and record.id == "key_old" and record.allowed_endpoints is None
+    assert record.may_call("responses")
+    old.close()

@@ -25,6 +25,25 @@ class LiveStack:
     metrics_port: int = METRICS_PORT
     handle_loop: Any = field(default=None, init=False)
 
+    def admin(self, method: str, path: str, **kw: Any) -> Any:
+        """An admin API call with the stack's admin key."""
+        import httpx
+
+        return httpx.request(method, self.base_url + path, headers={"authorization": f"Bearer {self.admin_key}"},
+                             timeout=30, **kw)
+
+    def usage_rows(self, key_id: str, count: int = 1, timeout_s: float = 10.0) -> list[dict]:
+        """The key's ledger rows once they count `count` requests (a row is written as a request ends on the
+        server, which the client may see first), or what there is after `timeout_s`."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self.admin("GET", f"/admin/usage?key_id={key_id}").json()["data"]
+            if sum(r["requests"] for r in rows) >= count or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
+
     def engine_stats(self) -> dict:
         """Load of each engine by version, from the gateway replica (from sync and async tests alike).
 

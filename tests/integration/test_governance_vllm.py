@@ -13,29 +13,13 @@ from tests.integration.conftest import LiveStack
 MSG = [{"role": "user", "content": "Say something."}]
 
 
-def _admin(stack: LiveStack, method: str, path: str, **kw: object) -> httpx.Response:
-    return httpx.request(
-        method, stack.base_url + path, headers={"authorization": f"Bearer {stack.admin_key}"}, timeout=30, **kw
-    )
-
-
-def _usage_rows(stack: LiveStack, key_id: str, timeout_s: float = 10.0) -> list[dict]:
-    """The key's ledger rows once there are any (a row is written when the request ends on the server)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = _admin(stack, "GET", f"/admin/usage?key_id={key_id}").json()["data"]
-        if rows or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
-
-
 def _client(stack: LiveStack, key: str) -> openai.OpenAI:
     return openai.OpenAI(api_key=key, base_url=stack.base_url + "/v1", max_retries=0, _strict_response_validation=True)
 
 
 @pytest.fixture
 def limited(stack: LiveStack) -> tuple[str, str]:
-    r = _admin(stack, "POST", "/admin/keys", json={
+    r = stack.admin("POST", "/admin/keys", json={
         "name": "it", "tier": "premium", "allowed_models": ["chat"], "limits": {"rpm": 3, "tpm": 100_000},
     })
     assert r.status_code == 201, r.text
@@ -78,7 +62,7 @@ def test_allow_list_and_usage_ledger_on_vllm(stack: LiveStack, limited: tuple[st
     stream = client.chat.completions.create(model="chat", messages=MSG, max_tokens=5, stream=True)
     chunks = list(stream)
     assert chunks and all(c.usage is None for c in chunks)  # the usage chunk we asked for is not passed on
-    rows = _usage_rows(stack, key_id)  # written as the stream ends, which the client may see first
+    rows = stack.usage_rows(key_id)  # written as the stream ends, which the client may see first
     assert len(rows) == 1 and rows[0]["model"] == "chat" and rows[0]["requests"] == 1
     assert rows[0]["completion_tokens"] == 5 and rows[0]["prompt_tokens"] > 0
 
@@ -94,7 +78,7 @@ def test_a_stream_the_client_leaves_is_charged_what_it_was_sent(stack: LiveStack
                 got += line.startswith("data: ")
                 if got >= 4:  # the role event and three tokens
                     break
-    rows = _usage_rows(stack, key_id)
+    rows = stack.usage_rows(key_id)
     assert len(rows) == 1 and rows[0]["requests"] == 1, rows
     assert 3 <= rows[0]["completion_tokens"] < 400 and rows[0]["prompt_tokens"] > 0
 
@@ -103,7 +87,7 @@ def test_revoked_key_refused_within_a_second(stack: LiveStack, limited: tuple[st
     key_id, key = limited
     client = _client(stack, key)
     assert client.models.list().data
-    assert _admin(stack, "POST", f"/admin/keys/{key_id}/revoke").status_code == 200
+    assert stack.admin("POST", f"/admin/keys/{key_id}/revoke").status_code == 200
     t0 = time.monotonic()
     while True:
         try:
@@ -117,7 +101,7 @@ def test_revoked_key_refused_within_a_second(stack: LiveStack, limited: tuple[st
 def test_what_vllm_generates_is_what_was_reserved(stack: LiveStack) -> None:
     """vLLM's own semantics, as the reservation assumes them: a coerced `n` and a batch run every sequence;
     `max_completion_tokens` bounds nothing on completions. Each request's usage fits its reservation exactly."""
-    r = _admin(stack, "POST", "/admin/keys", json={"name": "shapes", "limits": {"tpm": 1_000_000}})
+    r = stack.admin("POST", "/admin/keys", json={"name": "shapes", "limits": {"tpm": 1_000_000}})
     auth = {"authorization": f"Bearer {r.json()['key']}"}
 
     def post(path: str, body: dict) -> httpx.Response:

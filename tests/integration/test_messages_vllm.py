@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import time
-
 import anthropic
 import httpx
 import pytest
@@ -14,33 +12,17 @@ from tests.integration.conftest import LiveStack
 MSG = [{"role": "user", "content": "Say something."}]
 
 
-def _admin(stack: LiveStack, method: str, path: str, **kw: object) -> httpx.Response:
-    return httpx.request(
-        method, stack.base_url + path, headers={"authorization": f"Bearer {stack.admin_key}"}, timeout=30, **kw
-    )
-
-
 def _client(stack: LiveStack, **auth: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=stack.base_url, max_retries=0, _strict_response_validation=True, **auth)
 
 
 @pytest.fixture
 def limited(stack: LiveStack) -> tuple[str, str]:
-    r = _admin(stack, "POST", "/admin/keys", json={
+    r = stack.admin("POST", "/admin/keys", json={
         "name": "messages", "allowed_models": ["chat"], "limits": {"rpm": 10, "tpm": 100_000},
     })
     assert r.status_code == 201, r.text
     return r.json()["id"], r.json()["key"]
-
-
-def _usage_rows(stack: LiveStack, key_id: str, count: int, timeout_s: float = 10.0) -> list[dict]:
-    """The key's ledger rows once they count `count` requests (a row is written as a request ends)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = _admin(stack, "GET", f"/admin/usage?key_id={key_id}").json()["data"]
-        if sum(r["requests"] for r in rows) >= count or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
 
 
 def test_a_message_is_reserved_at_vllm_s_exact_count_and_charged_its_usage(
@@ -54,7 +36,7 @@ def test_a_message_is_reserved_at_vllm_s_exact_count_and_charged_its_usage(
     assert msg.stop_reason in ("max_tokens", "end_turn") and 0 < msg.usage.output_tokens <= 6
     # `prompt_token_count: engine`: vLLM's own count of the converted prompt (its count_tokens) + max_tokens.
     assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 100_000 - (msg.usage.input_tokens + 6)
-    rows = _usage_rows(stack, key_id, 1)
+    rows = stack.usage_rows(key_id, 1)
     assert rows[0]["prompt_tokens"] == msg.usage.input_tokens
     assert rows[0]["completion_tokens"] == msg.usage.output_tokens
 
@@ -66,7 +48,7 @@ def test_a_streamed_message_with_a_bearer_key(stack: LiveStack, limited: tuple[s
         final = stream.get_final_message()
     assert text == "".join(b.text for b in final.content if b.type == "text")
     assert final.usage.output_tokens == 8 or final.stop_reason == "end_turn"
-    rows = _usage_rows(stack, key_id, 1)
+    rows = stack.usage_rows(key_id, 1)
     assert rows[0]["completion_tokens"] == final.usage.output_tokens and rows[0]["prompt_tokens"] > 0
 
 

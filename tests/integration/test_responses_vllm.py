@@ -3,38 +3,20 @@
 
 from __future__ import annotations
 
-import time
-
-import httpx
 import openai
 import pytest
 
 from tests.integration.conftest import LiveStack
 
 
-def _admin(stack: LiveStack, method: str, path: str, **kw: object) -> httpx.Response:
-    return httpx.request(
-        method, stack.base_url + path, headers={"authorization": f"Bearer {stack.admin_key}"}, timeout=30, **kw
-    )
-
-
 @pytest.fixture
 def limited(stack: LiveStack) -> tuple[str, openai.OpenAI]:
-    r = _admin(stack, "POST", "/admin/keys", json={"name": "responses", "allowed_models": ["chat"],
+    r = stack.admin("POST", "/admin/keys", json={"name": "responses", "allowed_models": ["chat"],
                                                   "limits": {"rpm": 10, "tpm": 100_000}})
     assert r.status_code == 201, r.text
     client = openai.OpenAI(api_key=r.json()["key"], base_url=stack.base_url + "/v1", max_retries=0,
                            _strict_response_validation=True, timeout=120)
     return r.json()["id"], client
-
-
-def _usage_rows(stack: LiveStack, key_id: str, count: int, timeout_s: float = 10.0) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = _admin(stack, "GET", f"/admin/usage?key_id={key_id}").json()["data"]
-        if sum(r["requests"] for r in rows) >= count or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
 
 
 def test_a_response_is_charged_its_usage(stack: LiveStack, limited: tuple[str, openai.OpenAI]) -> None:
@@ -45,7 +27,7 @@ def test_a_response_is_charged_its_usage(stack: LiveStack, limited: tuple[str, o
     assert resp.model == stack.model and resp.output_text
     assert 0 < resp.usage.output_tokens <= 8 and resp.usage.input_tokens > 0
     assert raw.headers["x-raygate-model-version"].startswith(stack.model + "@")
-    rows = _usage_rows(stack, key_id, 1)
+    rows = stack.usage_rows(key_id, 1)
     assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (resp.usage.input_tokens,
                                                                         resp.usage.output_tokens)
 
@@ -58,7 +40,7 @@ def test_a_streamed_response_of_input_items(stack: LiveStack, limited: tuple[str
         final = stream.get_final_response()
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     assert "response.output_text.delta" in kinds and final.output_text
-    rows = _usage_rows(stack, key_id, 1)
+    rows = stack.usage_rows(key_id, 1)
     assert rows[0]["completion_tokens"] == final.usage.output_tokens and rows[0]["prompt_tokens"] > 0
 
 

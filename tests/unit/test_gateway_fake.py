@@ -11,6 +11,7 @@ from gateway.backend import ModelBackend
 from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine
+from tests.support import settled_outcomes
 
 KEY = "test-key-0123456789abcdef"
 
@@ -112,15 +113,7 @@ async def test_error_after_stream_start_is_one_event_then_done(http) -> None:
 
 async def test_a_stream_that_fails_midway_is_settled_on_what_was_sent(http) -> None:
     """No usage event came: the quota and the ledger are charged the prompt and the tokens relayed, status 500."""
-    gov = http._transport.app.state.governance
-    seen = []
-    finish = gov.finish
-
-    async def spy(record, adm, outcome, request_id, latency_s):  # noqa: ANN001, ANN202
-        seen.append(outcome)
-        await finish(record, adm, outcome, request_id, latency_s)
-
-    gov.finish = spy
+    seen = settled_outcomes(http._transport.app)
     body = {"model": "broken", "messages": MSG, "max_tokens": 5, "stream": True}
     r = await http.post("/v1/chat/completions", json=body, headers=AUTH)
     assert r.status_code == 200 and '"error"' in r.text

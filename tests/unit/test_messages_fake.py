@@ -15,6 +15,7 @@ from gateway.governance.limits import Limits
 from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine
+from tests.support import settled_outcomes
 
 KEY = "test-key-0123456789abcdef"
 ADMIN = "admin-key-0123456789abcdef"
@@ -43,21 +44,8 @@ def sdk(http: httpx.AsyncClient, **auth: str) -> anthropic.AsyncAnthropic:
                                     max_retries=0, _strict_response_validation=True, **(auth or {"api_key": KEY}))
 
 
-def settled(app) -> list:  # noqa: ANN001
-    """The outcomes the gateway settles quotas and the ledger with, as they happen."""
-    gov, seen = app.state.governance, []
-    finish = gov.finish
-
-    async def spy(record, adm, outcome, request_id, latency_s):  # noqa: ANN001, ANN202
-        seen.append(outcome)
-        await finish(record, adm, outcome, request_id, latency_s)
-
-    gov.finish = spy
-    return seen
-
-
 async def test_a_message_and_its_usage(app, http) -> None:  # noqa: ANN001
-    seen = settled(app)
+    seen = settled_outcomes(app)
     msg = await sdk(http).messages.create(model="chat", max_tokens=5, messages=MSG, system="be brief")
     assert msg.type == "message" and msg.role == "assistant" and msg.model == "fake"
     assert msg.content[0].type == "text" and len(msg.content[0].text.split()) == 5
@@ -79,7 +67,7 @@ async def test_bearer_works_as_well_as_x_api_key(http) -> None:  # noqa: ANN001
 
 
 async def test_a_stream_through_the_sdk_and_what_it_is_charged(app, http) -> None:  # noqa: ANN001
-    seen = settled(app)
+    seen = settled_outcomes(app)
     async with sdk(http).messages.stream(model="fake", max_tokens=6, messages=MSG,
                                          stop_sequences=["tok5 "]) as stream:
         text = "".join([t async for t in stream.text_stream])
@@ -93,7 +81,7 @@ async def test_a_stream_through_the_sdk_and_what_it_is_charged(app, http) -> Non
 
 async def test_a_stream_that_fails_midway_ends_with_anthropic_s_error_event_and_is_charged_what_was_sent(
         app, http) -> None:  # noqa: ANN001
-    seen = settled(app)
+    seen = settled_outcomes(app)
     r = await http.post("/v1/messages", headers={"x-api-key": KEY},
                         json={"model": "broken", "max_tokens": 5, "messages": MSG, "stream": True})
     assert r.status_code == 200

@@ -12,6 +12,7 @@ from gateway.backend import ModelBackend
 from gateway.settings import GatewaySettings
 from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine
+from tests.support import settled_outcomes
 
 KEY = "test-key-0123456789abcdef"
 
@@ -36,20 +37,8 @@ def client(http) -> openai.AsyncOpenAI:  # noqa: ANN001
                               _strict_response_validation=True)
 
 
-def settled(app) -> list:  # noqa: ANN001
-    gov, seen = app.state.governance, []
-    finish = gov.finish
-
-    async def spy(record, adm, outcome, request_id, latency_s):  # noqa: ANN001, ANN202
-        seen.append(outcome)
-        await finish(record, adm, outcome, request_id, latency_s)
-
-    gov.finish = spy
-    return seen
-
-
 async def test_a_response_and_its_usage(app, client) -> None:  # noqa: ANN001
-    seen = settled(app)
+    seen = settled_outcomes(app)
     resp = await client.responses.create(model="chat", input="hello there", instructions="be brief",
                                          max_output_tokens=5)
     assert resp.object == "response" and resp.model == "fake" and len(resp.output_text.split()) == 5
@@ -60,7 +49,7 @@ async def test_a_response_and_its_usage(app, client) -> None:  # noqa: ANN001
 
 
 async def test_input_items_and_a_stream_of_typed_events(app, client) -> None:  # noqa: ANN001
-    seen = settled(app)
+    seen = settled_outcomes(app)
     items = [{"role": "user", "content": [{"type": "input_text", "text": "hello there"}]}]
     async with client.responses.stream(model="fake", input=items, max_output_tokens=6) as stream:
         kinds = [event.type async for event in stream]
@@ -75,7 +64,7 @@ async def test_input_items_and_a_stream_of_typed_events(app, client) -> None:  #
 
 async def test_a_stream_that_fails_midway_ends_with_an_error_event_and_is_charged_what_was_sent(
         app, http, client) -> None:  # noqa: ANN001
-    seen = settled(app)
+    seen = settled_outcomes(app)
     r = await http.post("/v1/responses", headers={"authorization": f"Bearer {KEY}"},
                         json={"model": "broken", "input": "hi", "max_output_tokens": 5, "stream": True})
     assert r.status_code == 200
