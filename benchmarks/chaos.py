@@ -39,13 +39,9 @@ import httpx
 import psutil
 import yaml
 
+from benchmarks.runner import free_port
+
 MODEL = "raygate/tiny-chat"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -71,8 +67,8 @@ class Drill:
     concurrency: int
     max_tokens: int = 32
     request_timeout_s: float = 30.0
-    port: int = field(default_factory=_free_port)
-    redis_port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
+    redis_port: int = field(default_factory=free_port)
     attempts: list[Attempt] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     key: str = ""
@@ -121,7 +117,7 @@ class Drill:
         log = open(self.workdir / "up.log", "w")  # noqa: SIM115 - open for the stack's whole life
         proc = subprocess.Popen(
             [str(exe), "--home", str(self.home), "up", "--config", str(self.config()), "--port", str(self.port),
-             "--dashboard-port", str(_free_port()), "--metrics-port", str(_free_port())],
+             "--dashboard-port", str(free_port()), "--metrics-port", str(free_port())],
             stdout=log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 600
         while "Ctrl-C stops everything" not in (self.workdir / "up.log").read_text():

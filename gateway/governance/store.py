@@ -34,6 +34,7 @@ from gateway.errors import KeyStoreUnavailable
 from gateway.governance.keys import hash_key, key_prefix, new_key
 from gateway.governance.limits import Limits
 from gateway.governance.records import KeyRecord, UsageRow, as_utc, utcnow
+from serve.engine import Endpoint
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -52,7 +53,7 @@ class ApiKeyRow(Base):
     team: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
     tier: Mapped[str] = mapped_column(String(50), default="default")
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
-    allowed_endpoints: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    allowed_endpoints: Mapped[list[Endpoint] | None] = mapped_column(JSON, nullable=True)
     limits: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -153,7 +154,7 @@ class KeyStore:
         team: str | None = None,
         tier: str = "default",
         allowed_models: list[str] | None = None,
-        allowed_endpoints: list[str] | None = None,
+        allowed_endpoints: list[Endpoint] | None = None,
         limits: Limits | None = None,
         expires_at: datetime | None = None,
         metadata: dict[str, Any] | None = None,
