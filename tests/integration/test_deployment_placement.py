@@ -89,9 +89,13 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
 def test_each_model_is_a_named_deployment_the_operator_sees(placed: _Placed) -> None:
     from ray import serve
 
-    deployments = serve.status().applications[APP].deployments
-    assert {"gateway", VLLM_DEP, SLOW_DEP} <= set(deployments), set(deployments)
-    assert all(str(getattr(d.status, "value", d.status)) == "HEALTHY" for d in deployments.values())
+    def statuses() -> dict[str, str]:
+        deployments = serve.status().applications[APP].deployments
+        return {name: str(getattr(d.status, "value", d.status)) for name, d in deployments.items()}
+
+    assert {"gateway", VLLM_DEP, SLOW_DEP} <= set(statuses()), statuses()
+    # `/ready` is the engines' readiness; Serve's controller may report a deployment's status a moment later.
+    assert wait_until(lambda: set(statuses().values()) == {"HEALTHY"}, 60, every_s=0.5), statuses()
     exe = [str(Path(sys.executable).parent / "raygate"), "status", "--dashboard-port", str(DASHBOARD_PORT)]
     status = subprocess.run(exe, check=False, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
