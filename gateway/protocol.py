@@ -27,10 +27,19 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = Field(default=None, description="Send a final chunk with token usage.")
 
 
-class _Sampling(BaseModel):
+class _Request(BaseModel):
+    """Every generation request: a model, unknown fields passed through to the engine."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, description="Model id or alias.")
+
+    def engine_body(self) -> dict[str, Any]:
+        """What the engine receives: the fields the client set, as validated (unknown ones as sent)."""
+        return self.model_dump(exclude_unset=True)
+
+
+class _Sampling(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=1, ge=1, le=128)
@@ -52,10 +61,6 @@ class _Sampling(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return v
 
-
-    def engine_body(self) -> dict[str, Any]:
-        """What the engine receives: the fields the client set, as validated (unknown ones as sent)."""
-        return self.model_dump(exclude_unset=True)
 
     def demand(self) -> Demand:
         raise NotImplementedError
@@ -138,19 +143,13 @@ class AnthropicMessage(BaseModel):
     content: str | list[dict[str, Any]]
 
 
-class MessagesCountRequest(BaseModel):
+class MessagesCountRequest(_Request):
     """`POST /v1/messages/count_tokens`: a Messages prompt, without what generation would add."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(min_length=1, description="Model id or alias.")
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
-
-    def engine_body(self) -> dict[str, Any]:
-        return self.model_dump(exclude_unset=True)
 
 
 class MessagesRequest(MessagesCountRequest):
@@ -172,16 +171,13 @@ class MessagesRequest(MessagesCountRequest):
         return Demand(prompt, n=1, max_new_tokens=self.max_tokens)
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(_Request):
     """`POST /v1/responses` (OpenAI's Responses API): the fields that bound what is generated, typed.
 
     Responses are not stored (`store` is taken as false, as vLLM does without its store): a request that
     needs a stored one (`previous_response_id`, `background`) is refused naming the parameter.
     """
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(min_length=1, description="Model id or alias.")
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
@@ -216,9 +212,6 @@ class ResponsesRequest(BaseModel):
         if v:
             raise ValueError("background responses are not supported (they need a stored response)")
         return v
-
-    def engine_body(self) -> dict[str, Any]:
-        return self.model_dump(exclude_unset=True)
 
     def demand(self) -> Demand:
         """The instructions, every input item's text (message parts, function-call arguments and outputs) and
