@@ -21,6 +21,7 @@ from gateway.api.admin_router import admin_router
 from gateway.api.anthropic_router import anthropic_router
 from gateway.api.openai_router import openai_router
 from gateway.api.system_router import system_router
+from gateway.api.vllm_router import vllm_router
 from gateway.backend import ModelBackend
 from gateway.errors import MethodNotAllowed, NotFound, PayloadTooLarge, error_response, shape_of
 from gateway.governance.gate import Governance
@@ -40,7 +41,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 class GatewayApp(FastAPI):
     """FastAPI, plus a direct path for the generation routes while the app has no middleware of its own.
 
-    `/v1/chat/completions`, `/v1/completions`, `/v1/responses` and `/v1/messages` are the hot path: `direct_routes` maps them straight to
+    `/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/messages` and `/v1/embeddings` are the hot path: `direct_routes` maps them straight to
     the generation service, skipping Starlette's middleware stack, router and FastAPI's dependency solving
     (about a fifth of the gateway's CPU per request under load; commit 2b5f083, benchmarks/results/overhead).
     The same routes stay registered through the OpenAI router, which the OpenAPI document shows and every
@@ -182,12 +183,14 @@ def create_app(
     app.include_router(system_router(backend, obs.metrics))
     app.include_router(openai_router(generation, ModelCatalog(settings, backend)))
     app.include_router(anthropic_router(generation, TokenCountService(generation)))
+    app.include_router(vllm_router(generation))
     app.include_router(admin_router(gov))
     app.direct_routes = {
         "/v1/chat/completions": partial(generation.create, "chat"),
         "/v1/completions": partial(generation.create, "completion"),
         "/v1/messages": partial(generation.create, "messages"),
         "/v1/responses": partial(generation.create, "responses"),
+        "/v1/embeddings": partial(generation.create, "embeddings"),
     }
     app.on_error = on_error
     app.governance = gov

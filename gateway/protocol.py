@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.requests import Request
 
 from gateway.errors import PayloadTooLarge
@@ -35,8 +35,21 @@ class _Request(BaseModel):
     model: str = Field(min_length=1, description="Model id or alias.")
 
     def engine_body(self) -> dict[str, Any]:
-        """What the engine receives: the fields the client set, as validated (unknown ones as sent)."""
-        return self.model_dump(exclude_unset=True)
+        """What the engine receives: the fields the client set, as validated (unknown ones as sent; a `stream`
+        sent to an endpoint that does not stream is dropped: the engine answers in full)."""
+        body = self.model_dump(exclude_unset=True)
+        if "stream" not in type(self).model_fields:
+            body.pop("stream", None)
+        return body
+
+    @property
+    def streams(self) -> bool:
+        """Whether the answer is an SSE stream (only where the endpoint has `stream`)."""
+        return bool(getattr(self, "stream", False))
+
+    def demand(self) -> Demand:
+        """The most tokens the request may make its engine process (its quota reservation)."""
+        raise NotImplementedError
 
 
 class _Sampling(_Request):
@@ -60,10 +73,6 @@ class _Sampling(_Request):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
-
-
-    def demand(self) -> Demand:
-        raise NotImplementedError
 
 
 class ChatMessage(BaseModel):
@@ -261,10 +270,82 @@ def _text_tokens(content: str | list[dict[str, Any]] | None) -> int:
     return sum(estimate_text_tokens(t) for p in content if isinstance(t := p.get("text"), str))
 
 
-GenerationRequest = ChatCompletionRequest | CompletionRequest | MessagesRequest | ResponsesRequest
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
+
+
+class EmbeddingRequest(_Request):
+    """`POST /v1/embeddings`: one vector per input, from a pooling (embedding) model.
+
+    Nothing is generated: the reservation is the inputs' tokens, settled to the engine's count, and a batch
+    is one request for rpm and max_concurrent (its inputs run in one engine step, not as many sequences).
+    """
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, texts, a token list or token lists (at most 2048 inputs, none empty).")
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(default=None, ge=1, description="Truncate each vector (models trained for it).")
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        items = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        if not items:
+            raise ValueError("input must not be empty")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        if any(len(item) == 0 for item in items):
+            raise ValueError("an input must not be empty")
+        return v
+
+    def demand(self) -> Demand:
+        """Every input's tokens (a token list: its length), and nothing generated."""
+        items = [self.input] if isinstance(self.input, str) or isinstance(self.input[0], int) else self.input
+        tokens = sum(len(i) if isinstance(i, list) else estimate_text_tokens(i) + 1 for i in items)
+        return Demand(tokens, max_new_tokens=0)
+
+
+class TokenizeRequest(_Request):
+    """`POST /tokenize` (vLLM's): a prompt's token ids, of a text (`prompt`) or of a chat rendered by the model's
+    template (`messages`). Nothing runs in the model: one request against rpm, no tokens reserved."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either `prompt` (a text) or `messages` (a chat)")
+        return self
+
+    def demand(self) -> Demand:
+        return Demand(0, max_new_tokens=0)
+
+
+class DetokenizeRequest(_Request):
+    """`POST /detokenize` (vLLM's): the text of token ids. Nothing runs in the model, as for tokenize."""
+
+    tokens: list[int] = Field(description="Token ids of the model's vocabulary.")
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids(cls, v: list[int]) -> list[int]:
+        if any(t < 0 for t in v):
+            raise ValueError("token ids are not negative")
+        return v
+
+    def demand(self) -> Demand:
+        return Demand(0, max_new_tokens=0)
+
+
+GenerationRequest = (ChatCompletionRequest | CompletionRequest | MessagesRequest | ResponsesRequest | EmbeddingRequest
+                     | TokenizeRequest | DetokenizeRequest)
 SCHEMAS: dict[Endpoint, type[GenerationRequest]] = {
     "chat": ChatCompletionRequest, "completion": CompletionRequest, "messages": MessagesRequest,
-    "responses": ResponsesRequest,
+    "responses": ResponsesRequest, "embeddings": EmbeddingRequest, "tokenize": TokenizeRequest,
+    "detokenize": DetokenizeRequest,
 }
 
 

@@ -28,7 +28,7 @@ from gateway.routing.routes import plan, priority_for
 from gateway.settings import GatewaySettings
 from gateway.streaming import WIRES, SettleAfterResponse, SettledStream, relay
 from gateway.tracing import attach_trace, detach_trace
-from serve.engine import Endpoint, Engine
+from serve.engine import SCHEDULED, Endpoint, Engine
 from serve.errors import ModelNotFound, RaygateError
 
 CLIENT_ID_HEADERS = ("x-client-request-id", "x-request-id")
@@ -61,7 +61,7 @@ def id_headers(request: Request, rid: str) -> dict[str, str]:
 
 
 class GenerationService:
-    """Chat and text completions and Anthropic's Messages, for every engine behind `backend`."""
+    """Every request that names a model (generation, embeddings, tokenize), for every engine behind `backend`."""
 
     def __init__(
         self, settings: GatewaySettings, backend: ModelBackend, governance: Governance, observer: Observer
@@ -117,18 +117,19 @@ class GenerationService:
             watch.model = requested  # a metric label: only names the gateway serves, never any string a client sends
             card = first.card
             watch.mark("routing")
-            if card.scheduling == "priority":
+            if card.scheduling == "priority" and endpoint in SCHEDULED:
                 body["priority"] = priority_for(caller.tier, settings.tier_priority)
-            count = (lambda: first.count_prompt_tokens(endpoint, body)) if self.exact_prompts else None
+            exact = self.exact_prompts and endpoint in SCHEDULED  # tokenize and detokenize reserve nothing
+            count = (lambda: first.count_prompt_tokens(endpoint, body)) if exact else None
             adm = await gov.admit(caller, typed.demand, card.max_model_len, count)
             watch.mark("quota")
         except BaseException as exc:
             watch.fail(exc)
             raise
-        streaming = bool(typed.stream)
+        streaming = typed.streams
         wire = WIRES[endpoint]
         watch.admitted(streaming, adm.unchecked)
-        outcome = Outcome(model=requested)
+        outcome = Outcome(model=requested, endpoint=endpoint)
         headers = {**id_headers(request, rid), **adm.headers}
         client_wants_usage = wire.want_usage(body) if streaming else True
 

@@ -139,8 +139,10 @@ ANTHROPIC = Wire(anthropic_wire.read_usage, usage_always_sent, anthropic_wire.ob
                  opens_with_role=False)
 RESPONSES = Wire(responses_wire.read_usage, usage_always_sent, responses_wire.observe, responses_wire.error_events,
                  opens_with_role=False)
+# Embeddings, tokenize and detokenize never stream: OpenAI's `usage` (prompt tokens only) in the full body, or none.
 WIRES: dict[Endpoint, Wire] = {"chat": OPENAI_CHAT, "completion": OPENAI_COMPLETION, "messages": ANTHROPIC,
-                               "responses": RESPONSES}
+                               "responses": RESPONSES, "embeddings": OPENAI_COMPLETION, "tokenize": OPENAI_COMPLETION,
+                               "detokenize": OPENAI_COMPLETION}
 
 
 async def relay(

@@ -30,7 +30,7 @@ DEFAULT_MODEL_ENGINE_KWARGS: dict[str, Any] = {
 
 
 def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
-    """What `raygate up` serves without a config file: the default model, co-located."""
+    """What `raygate up` serves without a config file: the default chat and embedding models, co-located."""
     return {
         "gateway": {
             "settings": {
@@ -39,7 +39,10 @@ def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
         },
         "serve": {
             "registry": str(home / "registry"),
-            "models": [{"model": "raygate/tiny-chat@stable", "engine": engine, "engine_kwargs": DEFAULT_MODEL_ENGINE_KWARGS}],
+            "models": [
+                {"model": "raygate/tiny-chat@stable", "engine": engine, "engine_kwargs": DEFAULT_MODEL_ENGINE_KWARGS},
+                {"model": "raygate/tiny-embed@stable", "engine": engine},  # /v1/embeddings (vLLM's pooling runner)
+            ],
         },
     }
 
@@ -59,6 +62,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     home = home_mod.home_dir(args.home)
     reg = home_mod.registry(home)
     home_mod.ensure_default_model(reg)
+    home_mod.ensure_embedding_model(reg)
     key_path, key = home_mod.ensure_dev_key(home)
     admin_path, _ = home_mod.ensure_admin_key(home)
     if args.config:
@@ -207,7 +211,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         target = reg.rollback(args.name, alias=args.alias)
         print(f"{args.name}@{args.alias}: {current} -> {target}")
     elif args.models_cmd == "build-default":
-        print(f"default model: {home_mod.ensure_default_model(reg).ref}")
+        print(f"default models: {home_mod.ensure_default_model(reg).ref}, {home_mod.ensure_embedding_model(reg).ref}")
     return 0
 
 
@@ -307,7 +311,7 @@ def parser() -> argparse.ArgumentParser:
     rollback = msub.add_parser("rollback", help="Return an alias to the version it had before its last promotion.")
     rollback.add_argument("name")
     rollback.add_argument("--alias", default="stable")
-    msub.add_parser("build-default", help="Build and publish the default model if missing.")
+    msub.add_parser("build-default", help="Build and publish the default models (chat, embedding) if missing.")
     models.set_defaults(func=cmd_models)
     return p
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from models.manifest import Manifest
 from models.registry import ModelNotFound, Registry
-from training.default_model import DEFAULT_MODEL_NAME
+from training.default_model import DEFAULT_EMBEDDING_MODEL_NAME, DEFAULT_MODEL_NAME
 
 
 def home_dir(explicit: str | Path | None = None) -> Path:
@@ -45,22 +46,31 @@ def ensure_key_file(path: Path, prefix: str) -> tuple[Path, str]:
 
 
 def ensure_default_model(reg: Registry) -> Manifest:
-    """Publish the default model as version 1 unless the registry already has it."""
+    """Publish the default chat model as version 1 unless the registry already has it."""
     from training.default_model import build_default_model
 
+    return _ensure_built(reg, DEFAULT_MODEL_NAME, build_default_model, "tiny Llama built locally")
+
+
+def ensure_embedding_model(reg: Registry) -> Manifest:
+    """Publish the default embedding model as version 1 unless the registry already has it."""
+    from training.default_model import build_embedding_model
+
+    return _ensure_built(reg, DEFAULT_EMBEDDING_MODEL_NAME, build_embedding_model,
+                         "tiny Llama encoder built locally (sentence-transformers layout, mean pooling)")
+
+
+def _ensure_built(reg: Registry, name: str, build: Callable[[str], object], description: str) -> Manifest:
+    """`name@stable`; else its newest version made stable; else one built by `build` and published."""
     try:
-        return reg.resolve(f"{DEFAULT_MODEL_NAME}@stable")
+        return reg.resolve(f"{name}@stable")
     except ModelNotFound:
         pass
-    if reg.versions(DEFAULT_MODEL_NAME):
-        manifest = reg.resolve(DEFAULT_MODEL_NAME)
-        reg.set_alias(DEFAULT_MODEL_NAME, "stable", manifest.version)
+    if reg.versions(name):
+        manifest = reg.resolve(name)
+        reg.set_alias(name, "stable", manifest.version)
         return manifest
     with tempfile.TemporaryDirectory(prefix="raygate-tiny-") as tmp:
-        build_default_model(tmp)
-        return reg.publish(
-            DEFAULT_MODEL_NAME,
-            tmp,
-            metadata={"source": "training.default_model", "description": "tiny Llama built locally"},
-            aliases=["stable"],
-        )
+        build(tmp)
+        return reg.publish(name, tmp, metadata={"source": "training.default_model", "description": description},
+                           aliases=["stable"])

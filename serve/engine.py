@@ -1,10 +1,11 @@
 """The one engine interface every implementation (vLLM, fake, remote handle) follows.
 
-An engine takes a request body of one endpoint (OpenAI's chat or text completion or
-Responses, Anthropic's Messages; already validated by the gateway) and returns either the
-full JSON response as bytes or an async iterator of SSE events (bytes, each ending in a
-blank line: ``data: ...`` for chat and completions, the last one ``data: [DONE]``; named
-``event: ...\ndata: ...`` events for Responses and Messages, as those APIs stream). Errors
+An engine takes a request body of one endpoint (OpenAI's chat or text completion,
+Responses or embeddings, Anthropic's Messages, vLLM's tokenize and detokenize; already
+validated by the gateway) and returns either the full JSON response as bytes or an async
+iterator of SSE events (bytes, each ending in a blank line: ``data: ...`` for chat and
+completions, the last one ``data: [DONE]``; named ``event: ...\ndata: ...`` events for
+Responses and Messages, as those APIs stream). Errors
 are raised as ``serve.errors.EngineError`` subclasses; an iterator may raise one after it started.
 Cancelling the awaiting task (or closing the iterator) aborts the request in the engine.
 """
@@ -17,7 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Endpoint = Literal["chat", "completion", "messages", "responses"]  # messages: Anthropic's Messages API
+# messages: Anthropic's Messages API; embeddings: OpenAI's, from a pooling model; tokenize, detokenize: vLLM's.
+Endpoint = Literal["chat", "completion", "messages", "responses", "embeddings", "tokenize", "detokenize"]
+# Endpoints whose requests an engine schedules (and so take a priority); tokenize and detokenize run no model.
+SCHEDULED: frozenset[Endpoint] = frozenset({"chat", "completion", "messages", "responses", "embeddings"})
 EngineResult = bytes | AsyncIterator[bytes]
 
 
@@ -65,7 +69,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
-        """Run one chat or completion request (see the module docstring)."""
+        """Run one request of `endpoint` (see the module docstring)."""
 
     @abc.abstractmethod
     async def check_health(self) -> None:

@@ -2,8 +2,9 @@
 
 Token ``i`` of choice ``c`` is the word ``tok{(seed + c + i) % 997}``; the prompt's
 token count is its whitespace word count. Time to first token, inter-token latency,
-overload and failure injection are configurable. It speaks the same OpenAI shapes (Responses
-included, and Anthropic's for Messages) as the vLLM engine so that the gateway cannot tell them apart.
+overload and failure injection are configurable. It speaks the same OpenAI shapes (Responses and
+embeddings included, Anthropic's for Messages, vLLM's for tokenize) as the vLLM engine so that the
+gateway cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from serve import fake_messages, fake_responses
+from serve import fake_messages, fake_pooling, fake_responses
 from serve.config import FakeEngineConfig
-from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
+from serve.engine import SCHEDULED, Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
 from serve.errors import ContextLengthExceeded, EngineFailure
 
 DONE = b"data: [DONE]\n\n"
@@ -44,6 +45,8 @@ def _prompt_words(endpoint: Endpoint, body: dict[str, Any]) -> int:
     if endpoint == "responses":
         instructions = body.get("instructions")
         return (_words(instructions) if instructions else 0) + _words(body.get("input"))
+    if endpoint == "embeddings":
+        return _words(body.get("input"))
     return _words(body.get("messages") if endpoint == "chat" else body.get("prompt"))
 
 
@@ -100,9 +103,16 @@ class FakeEngine(Engine):
         return await self._admission.admit(lambda: self._generate(endpoint, body, request_id))
 
     async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
-        return _prompt_words(endpoint, body)
+        return _prompt_words(endpoint, body) if endpoint in SCHEDULED else None
 
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
+        if endpoint == "embeddings":
+            await asyncio.sleep(self.cfg.ttft_ms / 1000)
+            return fake_pooling.embeddings(self._card.id, body, request_id)
+        if endpoint == "tokenize":
+            return fake_pooling.tokenize(body, self.cfg.max_model_len)
+        if endpoint == "detokenize":
+            return fake_pooling.detokenize(body)
         prompt_tokens = _prompt_words(endpoint, body)
         # vLLM's semantics: max_completion_tokens is chat's (and wins there); completions read max_tokens only.
         chat_max = body.get("max_completion_tokens") if endpoint == "chat" else None

@@ -27,7 +27,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/messages": "messages",
-          "/v1/responses": "responses"}
+          "/v1/responses": "responses", "/v1/embeddings": "embeddings", "/tokenize": "tokenize",
+          "/detokenize": "detokenize"}
 
 
 def _status(exc: EngineError) -> int:
@@ -45,7 +46,8 @@ def _envelope(message: str, etype: str, code: str | None = None, param: str | No
 
 
 class FakeServer:
-    """ASGI app: `/v1/chat/completions`, `/v1/completions`, `/v1/messages`, `/v1/models`, `/health`."""
+    """ASGI app: `/v1/chat/completions`, `/v1/completions`, `/v1/messages`, `/v1/responses`, `/v1/embeddings`,
+    `/tokenize`, `/detokenize`, `/v1/models`, `/health`."""
 
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine

@@ -25,8 +25,10 @@ from serve.errors import EngineError, EngineFailure, EngineUnavailable, InvalidR
 
 logger = logging.getLogger(__name__)
 
+# Under the upstream's base URL (`.../v1`); vLLM serves tokenize and detokenize beside `/v1`, not under it.
 _PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completion": "/completions", "messages": "/messages",
-                               "responses": "/responses"}
+                               "responses": "/responses", "embeddings": "/embeddings", "tokenize": "/../tokenize",
+                               "detokenize": "/../detokenize"}
 
 
 def upstream_error(status: int, payload: bytes, retry_after: str | None = None) -> EngineError:
@@ -64,6 +66,14 @@ async def reframe(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield buf if buf.endswith(b"\n\n") else buf + b"\n\n"
 
 
+def _join(base_url: str, path: str) -> str:
+    """`path` under `base_url`, a leading `/..` taking the base's last segment off (`/v1` + `/../tokenize`)."""
+    base = base_url.rstrip("/")
+    while path.startswith("/.."):
+        base, path = base.rsplit("/", 1)[0], path[3:]
+    return base + path
+
+
 class RemoteEngine(Engine):
     """Forwards requests to `cfg.base_url` with one pooled aiohttp session."""
 
@@ -78,7 +88,7 @@ class RemoteEngine(Engine):
         )
         self._session: aiohttp.ClientSession | None = None
         self._admission = InflightLimiter(cfg.max_connections)
-        self._url = {e: cfg.base_url.rstrip("/") + p for e, p in _PATHS.items()}
+        self._url = {e: _join(cfg.base_url, p) for e, p in _PATHS.items()}
         self._headers = {"content-type": "application/json"}
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         if key:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from serve.artifact import Artifact
 from serve.config import ModelDeploymentConfig
-from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
+from serve.engine import SCHEDULED, Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
 from serve.engine_metrics import ray_stat_loggers
 from serve.errors import (
     ContextLengthExceeded,
@@ -50,6 +51,30 @@ def _error_from_vllm(status: int, message: str, param: str | None, prompt_param:
     return error_for_status(status, message, param=param)
 
 
+@dataclass(frozen=True)
+class _Route:
+    """How this engine runs one endpoint with vLLM's own serving object."""
+
+    serving: Any  # vLLM's serving object (its `create_error_response` maps vLLM's exceptions)
+    parse: Callable[[dict[str, Any]], Any]  # the body as vLLM's request model
+    run: Callable[[Any], Awaitable[Any]]  # the request to vLLM's result (a response model, a stream, or an error)
+    encode: Callable[[Any], bytes]  # a full result as the body vLLM's own server sends
+    prompt_param: str = "messages"  # what vLLM's `input_tokens` is called on this endpoint
+
+
+# What each endpoint is called in a refusal: "model X does not serve <this>".
+_SERVES = {"chat": "chat completions", "completion": "text completions", "messages": "messages",
+           "responses": "responses", "embeddings": "embeddings"}
+
+
+def _dump(result: Any) -> bytes:
+    return orjson.dumps(result.model_dump())
+
+
+def _spec_dump(result: Any) -> bytes:
+    return orjson.dumps(spec_clean(result.model_dump()))
+
+
 class VLLMEngine(Engine):
     """`AsyncLLM` plus vLLM's OpenAI serving objects, in this process."""
 
@@ -64,17 +89,11 @@ class VLLMEngine(Engine):
             scheduling=cfg.vllm_args().get("scheduling_policy") or "fcfs", variant=variant.name if variant else None, quantization=self.quantization,
         )
         self._engine: Any = None
-        self._chat: Any = None
-        self._completion: Any = None
-        self._messages: Any = None
-        self._responses: Any = None
+        self._routes: dict[Endpoint, _Route] = {}
         self._models: Any = None
+        self._vocab_size = 0
         self.adapters: set[str] = set()
-        self._chat_request_cls: Any = None
-        self._completion_request_cls: Any = None
-        self._messages_request_cls: Any = None
         self._count_tokens_request_cls: Any = None
-        self._responses_request_cls: Any = None
         self._admission = InflightLimiter(0)  # sized from the engine's own batch size once it has started
 
     @property
@@ -82,6 +101,7 @@ class VLLMEngine(Engine):
         return self._card
 
     async def start(self) -> None:
+        from pydantic import TypeAdapter
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
@@ -89,6 +109,8 @@ class VLLMEngine(Engine):
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+        from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -114,17 +136,35 @@ class VLLMEngine(Engine):
         state = State()
         tasks = await self._engine.get_supported_tasks()
         await init_app_state(self._engine, state, args, tasks)
-        self._chat = state.openai_serving_chat
-        self._completion = state.openai_serving_completion
-        self._messages = state.anthropic_serving_messages
-        self._responses = state.openai_serving_responses
-        self._responses_request_cls = ResponsesRequest
+        # vLLM builds the serving objects of what the model does: generation, or a pooling task (embeddings).
+        chat, completion = getattr(state, "openai_serving_chat", None), getattr(state, "openai_serving_completion", None)
+        messages, responses = getattr(state, "anthropic_serving_messages", None), getattr(state, "openai_serving_responses", None)
+        embedding, tokens = getattr(state, "serving_embedding", None), state.serving_tokenization
+        routes: dict[Endpoint, _Route | None] = {
+            "chat": chat and _Route(chat, ChatCompletionRequest.model_validate,
+                                    lambda r: chat.create_chat_completion(r, None), _spec_dump),
+            "completion": completion and _Route(completion, CompletionRequest.model_validate,
+                                                lambda r: completion.create_completion(r, None), _spec_dump, "prompt"),
+            # as vLLM's own /v1/messages and /v1/responses answer
+            "messages": messages and _Route(messages, AnthropicMessagesRequest.model_validate,
+                                            lambda r: messages.create_messages(r, None),
+                                            lambda r: orjson.dumps(r.model_dump(exclude_none=True))),
+            "responses": responses and _Route(responses, ResponsesRequest.model_validate,
+                                              lambda r: responses.create_responses(r, None),
+                                              lambda r: orjson.dumps(r.model_dump(mode="json", by_alias=True)), "input"),
+            # vLLM's embedding serving answers with its HTTP response (orjson-encoded arrays): its body as it is
+            "embeddings": embedding and _Route(embedding, TypeAdapter(EmbeddingRequest).validate_python,
+                                               lambda r: embedding(r, None), lambda r: bytes(r.body), "input"),
+            "tokenize": _Route(tokens, TypeAdapter(TokenizeRequest).validate_python,
+                               lambda r: tokens.create_tokenize(r, None), _dump, "prompt"),
+            "detokenize": _Route(tokens, DetokenizeRequest.model_validate,
+                                 lambda r: tokens.create_detokenize(r, None), _dump, "tokens"),
+        }
+        self._routes = {e: r for e, r in routes.items() if r is not None}
         self._models = state.openai_serving_models
-        self._chat_request_cls = ChatCompletionRequest
-        self._completion_request_cls = CompletionRequest
-        self._messages_request_cls = AnthropicMessagesRequest
         self._count_tokens_request_cls = AnthropicCountTokensRequest
         model_config, scheduler = vllm_config.model_config, vllm_config.scheduler_config
+        self._vocab_size = _tokenizer_size(tokens.renderer.get_tokenizer(), model_config.get_vocab_size())
         queued = self.cfg.max_queued_requests
         self._admission.limit = scheduler.max_num_seqs + queued if queued >= 0 else 1 << 30
         self._card = self._card.model_copy(update={
@@ -172,24 +212,28 @@ class VLLMEngine(Engine):
 
     async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
         """vLLM's own rendering of the request (chat template, tokenizer), as `generate` will do it again."""
-        if self._engine is None or endpoint == "responses":  # vLLM renders a Responses prompt only to run it
-            return None
+        route = self._routes.get(endpoint)
+        if self._engine is None or route is None or endpoint not in ("chat", "completion", "messages", "responses"):
+            return None  # an embedding input is counted as it runs
         body = self._for_engine(body)
         try:
             if endpoint == "messages":
-                counted = await self._messages.count_tokens(self._count_tokens_request_cls.model_validate(body))
+                counted = await route.serving.count_tokens(self._count_tokens_request_cls.model_validate(body))
                 return None if getattr(counted, "error", None) is not None else int(counted.input_tokens) or None
-            if endpoint == "chat":
-                rendered = await self._chat.render_chat_request(self._chat_request_cls.model_validate(body))
+            request = route.parse(body)
+            if endpoint == "responses":  # without history: a request that names one is refused before this
+                rendered = await route.serving.online_renderer.render_responses(
+                    request, tool_server=route.serving.tool_server, skip_mm_cache=True)
+            elif endpoint == "chat":
+                rendered = await route.serving.render_chat_request(request)
             else:
-                rendered = await self._completion.render_completion_request(
-                    self._completion_request_cls.model_validate(body)
-                )
+                rendered = await route.serving.render_completion_request(request)
         except Exception:  # noqa: BLE001 - a request vLLM refuses is refused by `generate`, with its message
             return None
         if getattr(rendered, "error", None) is not None:
             return None
-        inputs = rendered[1] if endpoint == "chat" else rendered  # chat: (conversation, engine inputs)
+        # chat: (conversation, engine inputs); Responses: one rendered input; completions: a batch's inputs
+        inputs = rendered[1] if endpoint == "chat" else [rendered.engine_input] if endpoint == "responses" else rendered
         if not inputs:
             return None
         counts = [len(i.get("prompt_token_ids") or ()) for i in inputs if isinstance(i, dict)]
@@ -205,25 +249,18 @@ class VLLMEngine(Engine):
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         from pydantic import ValidationError
 
+        route = self._routes.get(endpoint)
+        if route is None:
+            kind = "a generation" if "chat" in self._routes else "an embedding"
+            raise InvalidRequest(f"Model {self.served_name!r} does not serve {_SERVES[endpoint]}: it is {kind} model.",
+                                 param="model")
         body = self._for_engine(body)
-        if endpoint != "messages":  # Anthropic's request has no field for it: vLLM names that one itself
+        if endpoint in SCHEDULED and endpoint != "messages":  # Anthropic's request has no field for it
             body["request_id"] = request_id
-        prompt_param = {"completion": "prompt", "responses": "input"}.get(endpoint, "messages")
-        serving = {"chat": self._chat, "completion": self._completion, "messages": self._messages,
-                   "responses": self._responses}[endpoint]
+        if endpoint == "detokenize":
+            self._check_token_ids(body.get("tokens"))
         try:
-            if endpoint == "responses":
-                request = self._responses_request_cls.model_validate(body)
-                result = await self._responses.create_responses(request, None)
-            elif endpoint == "messages":
-                request = self._messages_request_cls.model_validate(body)
-                result = await self._messages.create_messages(request, None)
-            elif endpoint == "chat":
-                request = self._chat_request_cls.model_validate(body)
-                result = await self._chat.create_chat_completion(request, None)
-            else:
-                request = self._completion_request_cls.model_validate(body)
-                result = await self._completion.create_completion(request, None)
+            result = await route.run(route.parse(body))
         except ValidationError as exc:
             raise InvalidRequest(_first_message(exc), param=param_from_validation_error(exc)) from None
         except EngineError:
@@ -232,19 +269,23 @@ class VLLMEngine(Engine):
             if self._engine is not None and self._engine.errored:  # its engine-core process is gone
                 raise EngineUnavailable(ENGINE_DEAD) from None
             # vLLM's own exception -> status mapping (VLLMValidationError -> 400 with parameter, ...)
-            result = serving.create_error_response(exc)
+            result = route.serving.create_error_response(exc)
         error = getattr(result, "error", None)
         if error is not None:
             if self._engine is not None and self._engine.errored:
                 raise EngineUnavailable(ENGINE_DEAD)
-            raise _error_from_vllm(int(error.code), error.message, error.param, prompt_param)
+            raise _error_from_vllm(int(error.code), error.message, error.param, route.prompt_param)
         if hasattr(result, "__aiter__"):
-            return self._stream(_named_events(result) if endpoint == "responses" else result, prompt_param)
-        if endpoint == "responses":
-            return orjson.dumps(result.model_dump(mode="json", by_alias=True))  # as vLLM's own /v1/responses
-        if endpoint == "messages":
-            return orjson.dumps(result.model_dump(exclude_none=True))  # as vLLM's own /v1/messages answers
-        return orjson.dumps(spec_clean(result.model_dump()))
+            return self._stream(_named_events(result) if endpoint == "responses" else result, route.prompt_param)
+        return route.encode(result)
+
+    def _check_token_ids(self, tokens: Any) -> None:
+        """A token id past the vocabulary is the client's mistake (vLLM's tokenizer would fail on it)."""
+        if isinstance(tokens, list):
+            bad = next((t for t in tokens if isinstance(t, int) and not 0 <= t < self._vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"Token id {bad} is outside the vocabulary of {self.served_name!r} "
+                                     f"(0 to {self._vocab_size - 1}).", param="tokens")
 
     async def _stream(self, gen: AsyncGenerator[str, None], prompt_param: str) -> AsyncIterator[bytes]:
         try:
@@ -266,6 +307,14 @@ class VLLMEngine(Engine):
             # Off the event loop: vLLM joins its engine-core process here (seconds), and this replica
             # goes on serving the new version's traffic meanwhile.
             await asyncio.to_thread(engine.shutdown)
+
+
+def _tokenizer_size(tokenizer: Any, model_vocab: int) -> int:
+    """Ids the tokenizer can decode: its own length (a model's embedding table may be padded past it)."""
+    try:
+        return min(len(tokenizer), model_vocab) or model_vocab
+    except TypeError:  # a tokenizer without a length
+        return model_vocab
 
 
 ENGINE_DEAD = "The engine stopped; its replica is being restarted. Retry shortly."

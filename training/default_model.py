@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 DEFAULT_MODEL_NAME = "raygate/tiny-chat"
+DEFAULT_EMBEDDING_MODEL_NAME = "raygate/tiny-embed"
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -150,6 +151,49 @@ def build_default_model(out_dir: str | Path, cfg: TinyModelConfig | None = None)
     model.generation_config.pad_token_id = ids[PAD]
     model.generation_config.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_embedding_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) -> Path:
+    """Write the tokenizer and a seeded tiny Llama *encoder* (`LlamaModel`: no language-model head) to ``out_dir``.
+
+    Laid out as a sentence-transformers checkpoint (`modules.json`: the transformer, mean pooling, normalisation):
+    what marks a checkpoint as an embedding model to vLLM, which then serves it with its pooling runner, as it
+    does a user's own. `is_matryoshka` lets clients ask for shorter vectors (`dimensions`), cut and normalised
+    again by vLLM. Nothing is trained: the vectors are deterministic, not meaningful.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = cfg or TinyModelConfig(num_hidden_layers=2)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = train_tokenizer(cfg, out)
+    llama_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=1e-5, bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
+        architectures=["LlamaModel"],
+    )
+    llama_cfg.is_matryoshka = True  # read by vLLM from config.json (not a transformers field)
+    torch.manual_seed(cfg.seed)
+    model: Any = LlamaModel(llama_cfg)
+    model = model.to(torch.bfloat16)
+    # The weights named as under a causal model (`model.layers...`): what vLLM's Llama loader reads, and what
+    # transformers strips again (its base-model prefix) when it loads a `LlamaModel`.
+    weights = {f"model.{name}": tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    llama_cfg.save_pretrained(out)
+    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate(modules)
+    ], indent=2))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": cfg.hidden_size, "pooling_mode_mean_tokens": True}, indent=2))
     return out
 
 

@@ -48,7 +48,7 @@ class KeyCreate(BaseModel):
     tier: str = Field(default="default", max_length=50, description="Service tier (engine priority).")
     allowed_models: list[str] | None = Field(default=None, description="Models or aliases it may call; null: all.")
     allowed_endpoints: list[Endpoint] | None = Field(
-        default=None, description="Endpoints it may call (chat, completion, responses, messages); null: all.")
+        default=None, description="Endpoints it may call (chat, completion, responses, messages, embeddings, tokenize, detokenize); null: all.")
     limits: Limits = Field(default_factory=Limits, description="The key's own limits.")
     expires_at: datetime | None = Field(
         default=None, description="Refused after this instant (an offset is honoured; without one, UTC)."
@@ -199,14 +199,15 @@ def admin_router(gov: Governance) -> APIRouter:
     @r.get("/usage")
     async def usage(
         store: Store, since: date | None = None, until: date | None = None, key_id: str | None = None,
-        limit: Limit = 100, after: str | None = None,
+        endpoint: Endpoint | None = None, limit: Limit = 100, after: str | None = None,
     ) -> Response:
         if gov.ledger is not None:
             with reachable():
                 await gov.ledger.flush()  # this process's pending rows first
         cursor = _usage_cursor(after) if after else None
         rows = await call(
-            store.usage_summary, since=since, until=until, key_id=key_id, limit=limit + 1, after=cursor
+            store.usage_summary, since=since, until=until, key_id=key_id, endpoint=endpoint, limit=limit + 1,
+            after=cursor,
         )
         return _json(_page(rows, limit, lambda g: "|".join((g["day"], g["key_id"] or "", g["model"]))))
 

@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from gateway.api.deps import CallerDep
 from gateway.errors import NotFound
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest
 from gateway.serving import GenerationService
 from gateway.serving_models import ModelCatalog
 
@@ -44,7 +44,7 @@ def _not_stored(response_id: str) -> NotFound:
 
 
 def openai_router(generation: GenerationService, catalog: ModelCatalog) -> APIRouter:
-    """`/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/responses`.
+    """`/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/embeddings`.
 
     The POST routes are also reached without this router, by the app's direct path
     (`GatewayApp`): all end in `generation.create`. Their typed body is what the OpenAPI document shows; FastAPI
@@ -71,6 +71,10 @@ def openai_router(generation: GenerationService, catalog: ModelCatalog) -> APIRo
     @r.post("/responses", responses=STREAM_OR_JSON)
     async def responses(request: Request, body: ResponsesRequest = Body()) -> Response:  # noqa: B008
         return await generation.create("responses", request, body)
+
+    @r.post("/embeddings", responses=ERROR_RESPONSES)
+    async def embeddings(request: Request, body: EmbeddingRequest = Body()) -> Response:  # noqa: B008
+        return await generation.create("embeddings", request, body)
 
     @r.get("/responses/{response_id}", responses=ERROR_RESPONSES)
     async def get_response(response_id: str, caller: CallerDep) -> Response:

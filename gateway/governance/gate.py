@@ -60,6 +60,7 @@ class Outcome:
     finish_reason: str | None = None
     version: str | None = None
     model: str | None = None
+    endpoint: str | None = None
     usage_seen: bool = False  # the engine reported usage (a full body, or a stream's usage event)
     events: int = 0  # stream events with choices relayed so far (what the client was sent)
 
@@ -214,6 +215,6 @@ class Governance:
                     request_id=request_id, key_id=record.id, team=record.team, model=outcome.model,
                     version=outcome.version, prompt_tokens=outcome.prompt_tokens,
                     completion_tokens=outcome.completion_tokens, latency_ms=latency_s * 1000.0,
-                    status=outcome.status, finish_reason=outcome.finish_reason,
+                    status=outcome.status, finish_reason=outcome.finish_reason, endpoint=outcome.endpoint,
                 )
             )

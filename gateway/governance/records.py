@@ -40,7 +40,7 @@ class KeyRecord(BaseModel):
     tier: str = Field(default="default", description="Service tier; mapped to engine priority.")
     allowed_models: list[str] | None = Field(default=None, description="Model ids or aliases it may call; None: all.")
     allowed_endpoints: list[Endpoint] | None = Field(
-        default=None, description="Endpoints it may call (chat, completion, responses, messages); None: all.")
+        default=None, description="Endpoints it may call (chat, completion, responses, messages, embeddings, tokenize, detokenize); None: all.")
     limits: Limits = Field(default_factory=Limits, description="The key's own limits.")
     team_limits: Limits | None = Field(default=None, description="The team's limits, when it has a team.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form labels.")
@@ -74,4 +74,5 @@ class UsageRow(BaseModel):
     latency_ms: float = 0.0
     status: int = 200
     finish_reason: str | None = None
+    endpoint: str | None = None
     created_at: datetime = Field(default_factory=utcnow)

@@ -82,6 +82,7 @@ class UsageRecordRow(Base):
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     status: Mapped[int] = mapped_column(Integer, default=200)
     finish_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    endpoint: Mapped[str | None] = mapped_column(String(20), nullable=True)  # null: rows written before 0003
     day: Mapped[str] = mapped_column(String(10), index=True)  # UTC YYYY-MM-DD: portable GROUP BY
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -274,10 +275,10 @@ class KeyStore:
 
     def usage_summary(
         self, *, since: date | None = None, until: date | None = None, key_id: str | None = None,
-        limit: int | None = None, after: tuple[str, str, str] | None = None,
+        endpoint: str | None = None, limit: int | None = None, after: tuple[str, str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Requests and tokens grouped by UTC day, key and model (inclusive date bounds); a page of `limit` groups
-        after the group `after` (day, key id or "", model), if given."""
+        """Requests and tokens grouped by UTC day, key and model (inclusive date bounds; of one endpoint's requests
+        if `endpoint`); a page of `limit` groups after the group `after` (day, key id or "", model), if given."""
         u = UsageRecordRow
         key = func.coalesce(u.key_id, "")
         q = select(
@@ -298,6 +299,8 @@ class KeyStore:
             q = q.where(u.day <= until.isoformat())
         if key_id is not None:
             q = q.where(u.key_id == key_id)
+        if endpoint is not None:
+            q = q.where(u.endpoint == endpoint)
         with self._session() as s:
             out = []
             for r in s.execute(q):

@@ -19,6 +19,7 @@ class LiveStack:
     base_url: str
     key: str
     model: str
+    embed_model: str
     home: Path
     admin_key: str
     otlp: Any = None
@@ -77,6 +78,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, session_redis: PrivateRedis)
     otlp = OtlpReceiver()
     reg = home_mod.registry(home)
     manifest = home_mod.ensure_default_model(reg)
+    embed = home_mod.ensure_embedding_model(reg)
     _, key = home_mod.ensure_dev_key(home)
     _, admin_key = home_mod.ensure_admin_key(home)
     raw = default_app_config(home, "vllm")
@@ -102,8 +104,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, session_redis: PrivateRedis)
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT)
     try:
         stack.start(ready_timeout_s=420)
-        yield LiveStack(base_url=stack.base_url, key=key, model=manifest.name, home=home, admin_key=admin_key,
-                        otlp=otlp)
+        yield LiveStack(base_url=stack.base_url, key=key, model=manifest.name, embed_model=embed.name, home=home,
+                        admin_key=admin_key, otlp=otlp)
     finally:
         stack.stop()
         otlp.close()

@@ -67,6 +67,7 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
     _, key = home_mod.ensure_dev_key(home)
     home_mod.ensure_admin_key(home)
     raw = default_app_config(home, "vllm")
+    del raw["serve"]["models"][1:]  # the chat model only (embeddings: test_embeddings_vllm)
     # vLLM's stream_interval 4 through engine_kwargs: one event per 4 tokens after the first
     # (test_the_openai_api_through_the_models_deployment sees it across the handle).
     raw["serve"]["models"][0].update({"placement": "deployment", "num_cpus": 0.5,

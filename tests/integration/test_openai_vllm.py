@@ -32,10 +32,11 @@ def http(stack) -> httpx.Client:
 
 def test_models_list(client, http, stack) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [stack.model, "chat"]  # the model, then the route the stack defines
+    # the models, then the route the stack defines
+    assert [m.id for m in models.data] == [stack.model, stack.embed_model, "chat"]
     body = http.get("/v1/models").json()
     assert_valid("ListModelsResponse", body)
-    assert [m["root"] for m in body["data"]] == [f"{stack.model}@1"] * 2
+    assert [m["root"] for m in body["data"]] == [f"{stack.model}@1", f"{stack.embed_model}@1", f"{stack.model}@1"]
 
 
 def test_chat_and_completion(client, http, stack) -> None:
@@ -229,7 +230,7 @@ def test_non_stream_disconnect_aborts_in_engine(stack) -> None:
 def test_health_and_ready(stack) -> None:
     assert httpx.get(f"{stack.base_url}/health").status_code == 200
     ready = httpx.get(f"{stack.base_url}/ready").json()
-    assert ready == {"status": "ready", "models": {stack.model: True}}
+    assert ready == {"status": "ready", "models": {stack.model: True, stack.embed_model: True}}
 
 
 def _nices(p: psutil.Process) -> set[int]:

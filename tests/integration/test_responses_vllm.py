@@ -19,7 +19,8 @@ def limited(stack: LiveStack) -> tuple[str, openai.OpenAI]:
     return r.json()["id"], client
 
 
-def test_a_response_is_charged_its_usage(stack: LiveStack, limited: tuple[str, openai.OpenAI]) -> None:
+def test_a_response_is_reserved_at_vllm_s_exact_count_and_charged_its_usage(
+        stack: LiveStack, limited: tuple[str, openai.OpenAI]) -> None:
     key_id, client = limited
     raw = client.responses.with_raw_response.create(model="chat", instructions="You are terse.",
                                                     input="Say something.", max_output_tokens=8)
@@ -27,6 +28,8 @@ def test_a_response_is_charged_its_usage(stack: LiveStack, limited: tuple[str, o
     assert resp.model == stack.model and resp.output_text
     assert 0 < resp.usage.output_tokens <= 8 and resp.usage.input_tokens > 0
     assert raw.headers["x-raygate-model-version"].startswith(stack.model + "@")
+    # `prompt_token_count: engine`: vLLM's own rendering of the input (its template) + max_output_tokens.
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 100_000 - (resp.usage.input_tokens + 8)
     rows = stack.usage_rows(key_id, 1)
     assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (resp.usage.input_tokens,
                                                                         resp.usage.output_tokens)

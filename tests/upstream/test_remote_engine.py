@@ -63,6 +63,28 @@ async def test_stream_is_whole_events_and_usage_only_when_asked(gateway) -> None
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
 
 
+async def test_every_route_forwards_to_the_upstream(gateway) -> None:  # noqa: ANN001
+    """Responses, Messages, embeddings, tokenize and detokenize reach the upstream's own paths (tokenize beside
+    `/v1`, as vLLM serves it) and come back as the upstream answered, streams as whole events."""
+    client, http = gateway
+    auth = {"authorization": f"Bearer {KEY}"}
+    resp = await client.responses.create(model="proxied", input="hello there", max_output_tokens=3)
+    assert resp.output_text == "tok0 tok1 tok2 " and resp.usage is not None and resp.usage.output_tokens == 3
+    events = [e.type async for e in await client.responses.create(model="proxied", input="hi", max_output_tokens=2,
+                                                                    stream=True)]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    r = await http.post("/v1/messages", headers=auth, json={"model": "proxied", "max_tokens": 2, "messages": MSG})
+    assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 2, r.text
+    emb = await client.embeddings.create(model="proxied", input=["a b", "c"], encoding_format="float")
+    assert [len(d.embedding) for d in emb.data] == [64, 64] and emb.usage.prompt_tokens == 3
+    r = await http.post("/tokenize", headers=auth, json={"model": "proxied", "prompt": "tok3 tok4"})
+    assert r.status_code == 200 and r.json()["tokens"] == [3, 4], r.text
+    r = await http.post("/detokenize", headers=auth, json={"model": "proxied", "tokens": [3, 4]})
+    assert r.status_code == 200 and r.json() == {"prompt": "tok3 tok4"}, r.text
+    r = await http.post("/detokenize", headers=auth, json={"model": "proxied", "tokens": [10**6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"  # the upstream's 400, as it sent it
+
+
 async def test_upstream_errors_keep_their_class(gateway) -> None:  # noqa: ANN001
     client, http = gateway
     with pytest.raises(openai.BadRequestError) as bad:  # the upstream's own 400 (context length)
