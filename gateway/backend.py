@@ -48,10 +48,9 @@ class ModelBackend:
         card = live.card
         return tuple(dict.fromkeys(n for n in (model, card.id, card.root) if n))
 
-    @property
-    def engines(self) -> dict[str, Engine]:
-        """Every running engine by its version's reference (old versions still draining excluded)."""
-        return {e.card.root or e.card.id: e for live in self.models.values() for e in live.all_engines()}
+    def running_engines(self) -> list[Engine]:
+        """Every running engine of every model (two models may serve one version: each has its own)."""
+        return [e for live in self.models.values() for e in live.all_engines()]
 
     def cards(self) -> list[ModelCard]:
         out = []

@@ -93,7 +93,7 @@ class GatewayIngress:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """What this replica tells Serve's request routers (conversation routing passes over busy replicas)."""
-        return {IN_FLIGHT_STAT: sum(e.busy() for e in self.backend.engines.values())}
+        return {IN_FLIGHT_STAT: sum(e.busy() for e in self.backend.running_engines())}
 
     async def check_health(self) -> None:
         # Only co-located engines: restarting this replica cannot mend a model's own deployment (Serve checks it).
@@ -104,7 +104,7 @@ class GatewayIngress:
 
     async def engine_stats(self) -> dict[str, dict[str, Any]]:
         """Load of each engine by the version it serves (used by `raygate status` and tests)."""
-        return stats_by_version(self.backend.engines.values())
+        return stats_by_version(self.backend.running_engines())
 
     async def __del__(self) -> None:
         listener = getattr(self, "listener", None)

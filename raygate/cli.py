@@ -41,7 +41,9 @@ def default_app_config(home: Path, engine: str = "vllm") -> dict[str, Any]:
             "registry": str(home / "registry"),
             "models": [
                 {"model": "raygate/tiny-chat@stable", "engine": engine, "engine_kwargs": DEFAULT_MODEL_ENGINE_KWARGS},
-                {"model": "raygate/tiny-embed@stable", "engine": engine},  # /v1/embeddings (vLLM's pooling runner)
+                # /v1/embeddings (vLLM's pooling runner). A small engine, idle until asked: it reserves no Ray CPU,
+                # so what a small host runs beside the stack (a `raygate train` job on its cluster) still schedules.
+                {"model": "raygate/tiny-embed@stable", "engine": engine, "num_cpus": 0},
             ],
         },
     }

@@ -103,7 +103,8 @@ class ModelDeploymentConfig(BaseModel):
     num_gpus: float = Field(
         default=0.0, ge=0,
         description="GPUs for this engine; 0 runs vLLM's CPU build. With tensor or pipeline parallelism, the GPUs of "
-        "one engine come from a placement group and this is the share of the first one.",
+        "one engine come from a placement group and this is the share of the first one; on CPUs the workers split "
+        "the replica's cores (raise `num_cpus` to what they use).",
     )
     max_queued_requests: int = Field(
         default=1024, ge=-1,
@@ -152,8 +153,6 @@ class ModelDeploymentConfig(BaseModel):
                 raise ValueError(f"engine_kwargs.{name}: raygate sets it (use `model` and `served_name`)")
             if not name.isidentifier():
                 raise ValueError(f"engine_kwargs.{name}: vLLM's argument names in snake_case, as `max_model_len`")
-        if self.gpus_per_engine > 1 and self.num_gpus == 0:
-            raise ValueError("tensor/pipeline parallelism needs num_gpus > 0 (GPU workers in a placement group)")
         if (self.engine == "openai") != (self.upstream is not None):
             raise ValueError("engine `openai` needs `upstream` (and only it takes one)")
         if not self.variants:
@@ -175,10 +174,17 @@ class ModelDeploymentConfig(BaseModel):
         return {**defaults, **({"enable_lora": True} if self.lora else {}), **self.engine_kwargs}
 
     @property
-    def gpus_per_engine(self) -> int:
-        """GPUs one engine spans (tensor x pipeline parallel)."""
+    def workers_per_engine(self) -> int:
+        """vLLM workers of one engine (tensor x pipeline parallel)."""
         args = self.vllm_args()
         return int(args.get("tensor_parallel_size") or 1) * int(args.get("pipeline_parallel_size") or 1)
+
+    @property
+    def gpus_per_engine(self) -> int:
+        """GPUs one engine spans: a GPU per worker (vLLM's Ray executor, in the replica's placement group). On
+        CPUs, none: vLLM's CPU build starts its workers as processes of the engine, on the replica's node, each
+        on its own share of the cores (`serve.hardware.cpu_worker_binding`)."""
+        return self.workers_per_engine if self.hardware == "gpu" else 0
 
 
 class ServeConfig(BaseModel):

@@ -105,9 +105,16 @@ class Engine(abc.ABC):
 
 
 def stats_by_version(engines: Iterable[Engine]) -> dict[str, dict[str, Any]]:
-    """Each engine's load and what it serves, by its version's reference (`raygate status` prints this)."""
-    return {e.card.root or e.card.id: {**e.stats().model_dump(), "model": e.card.id, "variant": e.card.variant}
+    """Each engine's load and what it serves, by its version's reference (`raygate status` prints this); a model
+    served under a name of its own (`served_name`) as `<name> (<version>)`, so two of one version stay apart."""
+    return {_version_key(e.card): {**e.stats().model_dump(), "model": e.card.id, "variant": e.card.variant}
             for e in engines}
+
+
+def _version_key(card: ModelCard) -> str:
+    if not card.root:
+        return card.id
+    return card.root if card.root.rsplit("@", 1)[0] == card.id else f"{card.id} ({card.root})"
 
 
 class InflightLimiter:

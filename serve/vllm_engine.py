@@ -31,6 +31,7 @@ from serve.errors import (
     error_for_status,
     param_from_validation_error,
 )
+from serve.hardware import cpu_worker_binding
 from serve.vllm_args import parse_engine_args
 
 logger = logging.getLogger(__name__)
@@ -123,13 +124,14 @@ class VLLMEngine(Engine):
             # while a new version starts beside them. AsyncLLM starts its output handler on
             # the first request when built outside a loop.
             config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-            engine = AsyncLLM.from_vllm_config(
-                vllm_config=config,
-                usage_context=UsageContext.OPENAI_API_SERVER,
-                enable_log_requests=False,
-                disable_log_stats=engine_args.disable_log_stats,
-                stat_loggers=ray_stat_loggers(ENGINE_METRICS_FLUSH_S),
-            )
+            with cpu_worker_binding(self.cfg.workers_per_engine if self.cfg.hardware == "cpu" else 1):
+                engine = AsyncLLM.from_vllm_config(
+                    vllm_config=config,
+                    usage_context=UsageContext.OPENAI_API_SERVER,
+                    enable_log_requests=False,
+                    disable_log_stats=engine_args.disable_log_stats,
+                    stat_loggers=ray_stat_loggers(ENGINE_METRICS_FLUSH_S),
+                )
             return config, engine
 
         vllm_config, self._engine = await asyncio.to_thread(build)

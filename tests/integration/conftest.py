@@ -12,6 +12,7 @@ import pytest
 from tests.support import PrivateRedis, free_ports
 
 PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
+TP_MODEL = "tiny-chat-tp2"
 
 
 @dataclass
@@ -101,6 +102,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, session_redis: PrivateRedis)
                   "engine_kwargs": {**model["engine_kwargs"], "max_num_seqs": 4, "max_model_len": 1024}})
     # Roll-outs (test_rollout_lifecycle): follow @stable closely and prefer int8 (W8A8 on this CPU).
     raw["serve"]["models"][0].update({"variants": ["int8", "full"], "registry_poll_s": 1.0})
+    # The same version split over two tensor-parallel CPU workers (test_parallel_engines).
+    raw["serve"]["models"].append({
+        "model": f"{manifest.name}@1", "served_name": TP_MODEL, "num_cpus": 0,
+        "engine_kwargs": {"max_model_len": 1024, "max_num_seqs": 4, "tensor_parallel_size": 2,
+                          "kv_cache_memory_bytes": 256 << 20},
+    })
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT)
     try:
         stack.start(ready_timeout_s=420)

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from raygate.stack import DAEMON_NICE, is_ray_daemon
+from tests.integration.conftest import TP_MODEL
 from tests.oai_schema import assert_valid
 
 pytestmark = pytest.mark.integration
@@ -33,10 +34,11 @@ def http(stack) -> httpx.Client:
 def test_models_list(client, http, stack) -> None:
     models = client.models.list()
     # the models, then the route the stack defines
-    assert [m.id for m in models.data] == [stack.model, stack.embed_model, "chat"]
+    assert [m.id for m in models.data] == [stack.model, stack.embed_model, TP_MODEL, "chat"]
     body = http.get("/v1/models").json()
     assert_valid("ListModelsResponse", body)
-    assert [m["root"] for m in body["data"]] == [f"{stack.model}@1", f"{stack.embed_model}@1", f"{stack.model}@1"]
+    assert [m["root"] for m in body["data"]] == [f"{stack.model}@1", f"{stack.embed_model}@1", f"{stack.model}@1",
+                                                 f"{stack.model}@1"]
 
 
 def test_chat_and_completion(client, http, stack) -> None:
@@ -230,7 +232,7 @@ def test_non_stream_disconnect_aborts_in_engine(stack) -> None:
 def test_health_and_ready(stack) -> None:
     assert httpx.get(f"{stack.base_url}/health").status_code == 200
     ready = httpx.get(f"{stack.base_url}/ready").json()
-    assert ready == {"status": "ready", "models": {stack.model: True, stack.embed_model: True}}
+    assert ready == {"status": "ready", "models": {stack.model: True, stack.embed_model: True, TP_MODEL: True}}
 
 
 def _nices(p: psutil.Process) -> set[int]:

@@ -34,14 +34,37 @@ def test_deploy_serve_config_builds() -> None:
     assert opts["ray_actor_options"]["num_cpus"] > 0
 
 
-def test_parallelism_needs_gpus() -> None:
-    with pytest.raises(ValidationError):
-        ModelDeploymentConfig(model="m", engine_kwargs={"tensor_parallel_size": 2})
+def test_parallel_workers_on_gpus_and_on_cpus() -> None:
+    """On GPUs: a GPU bundle per worker and vLLM's Ray executor. On CPUs: no placement group, vLLM's own (mp)
+    executor, the workers' threads on split cores."""
     cfg = ModelDeploymentConfig(model="m", engine_kwargs={"tensor_parallel_size": 2}, num_gpus=1)
-    app = AppConfig(serve=ServeConfig(models=[cfg]))
-    opts = deployment_options(app)
+    opts = deployment_options(AppConfig(serve=ServeConfig(models=[cfg])))
     assert opts["placement_group_bundles"][1:] == [{"GPU": 1}, {"GPU": 1}]
     assert "--distributed-executor-backend" in engine_cli_args(cfg, "/p", "m")
+    cpu = ModelDeploymentConfig(model="m", engine_kwargs={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
+    assert (cpu.workers_per_engine, cpu.gpus_per_engine) == (4, 0)
+    opts = deployment_options(AppConfig(serve=ServeConfig(models=[cpu])))
+    assert "placement_group_bundles" not in opts and opts["ray_actor_options"]["num_gpus"] == 0
+    assert "--distributed-executor-backend" not in engine_cli_args(cpu, "/p", "m")
+
+
+def test_cpu_workers_split_the_cores() -> None:
+    import os
+
+    from serve.hardware import CPU_BIND_ENV, cpu_worker_binding, split_cores
+
+    assert split_cores([0, 1], 2) == "0|1"
+    assert split_cores([3, 2, 1, 0, 4], 2) == "0,1,2|3,4"
+    with pytest.raises(ValueError, match="need 3 cores"):
+        split_cores([0, 1], 3)
+    os.environ.pop(CPU_BIND_ENV, None)
+    with cpu_worker_binding(1):
+        assert CPU_BIND_ENV not in os.environ  # one worker: vLLM's own binding
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        with cpu_worker_binding(2):
+            assert os.environ[CPU_BIND_ENV] == split_cores(cores, 2)
+        assert CPU_BIND_ENV not in os.environ
 
 
 def test_engine_kwargs_are_the_one_source_of_vllm_arguments() -> None:
