@@ -273,6 +273,11 @@ def _text_tokens(content: str | list[dict[str, Any]] | None) -> int:
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
 
 
+def _embedding_inputs(value: Any) -> list[Any]:
+    """An embeddings `input` as its list of inputs: a text or a token list is one, a list of either is many."""
+    return [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+
+
 class EmbeddingRequest(_Request):
     """`POST /v1/embeddings`: one vector per input, from a pooling (embedding) model.
 
@@ -289,7 +294,7 @@ class EmbeddingRequest(_Request):
     @field_validator("input")
     @classmethod
     def _input(cls, v: Any) -> Any:
-        items = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        items = _embedding_inputs(v)
         if not items:
             raise ValueError("input must not be empty")
         if len(items) > MAX_EMBEDDING_INPUTS:
@@ -300,12 +305,18 @@ class EmbeddingRequest(_Request):
 
     def demand(self) -> Demand:
         """Every input's tokens (a token list: its length), and nothing generated."""
-        items = [self.input] if isinstance(self.input, str) or isinstance(self.input[0], int) else self.input
-        tokens = sum(len(i) if isinstance(i, list) else estimate_text_tokens(i) + 1 for i in items)
+        tokens = sum(len(i) if isinstance(i, list) else estimate_text_tokens(i) + 1 for i in _embedding_inputs(self.input))
         return Demand(tokens, max_new_tokens=0)
 
 
-class TokenizeRequest(_Request):
+class _RunsNoModel(_Request):
+    """A request answered by the engine's tokenizer alone: it reserves no tokens (one request against rpm)."""
+
+    def demand(self) -> Demand:
+        return Demand(0, max_new_tokens=0)
+
+
+class TokenizeRequest(_RunsNoModel):
     """`POST /tokenize` (vLLM's): a prompt's token ids, of a text (`prompt`) or of a chat rendered by the model's
     template (`messages`). Nothing runs in the model: one request against rpm, no tokens reserved."""
 
@@ -320,11 +331,8 @@ class TokenizeRequest(_Request):
             raise ValueError("send either `prompt` (a text) or `messages` (a chat)")
         return self
 
-    def demand(self) -> Demand:
-        return Demand(0, max_new_tokens=0)
 
-
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(_RunsNoModel):
     """`POST /detokenize` (vLLM's): the text of token ids. Nothing runs in the model, as for tokenize."""
 
     tokens: list[int] = Field(description="Token ids of the model's vocabulary.")
@@ -335,9 +343,6 @@ class DetokenizeRequest(_Request):
         if any(t < 0 for t in v):
             raise ValueError("token ids are not negative")
         return v
-
-    def demand(self) -> Demand:
-        return Demand(0, max_new_tokens=0)
 
 
 GenerationRequest = (ChatCompletionRequest | CompletionRequest | MessagesRequest | ResponsesRequest | EmbeddingRequest

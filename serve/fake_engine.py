@@ -19,7 +19,7 @@ import orjson
 
 from serve import fake_messages, fake_pooling, fake_responses
 from serve.config import FakeEngineConfig
-from serve.engine import SCHEDULED, Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
+from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
 from serve.errors import ContextLengthExceeded, EngineFailure
 
 DONE = b"data: [DONE]\n\n"
@@ -103,7 +103,7 @@ class FakeEngine(Engine):
         return await self._admission.admit(lambda: self._generate(endpoint, body, request_id))
 
     async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
-        return _prompt_words(endpoint, body) if endpoint in SCHEDULED else None
+        return _prompt_words(endpoint, body)
 
     async def _generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         if endpoint == "embeddings":
