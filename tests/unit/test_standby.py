@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from gateway.listener import reuse_port_socket
-from raygate.standby import Standby, listening_sockets
+from raygate.standby import Standby, _listening_by_diag, _listening_by_proc, listening_sockets
 from tests.support import free_port, wait_until
 
 
@@ -66,3 +66,29 @@ def test_the_port_answers_503_while_no_replica_listens_and_steps_aside_when_one_
     assert not standby.answering and not listening_sockets(port)  # a stop leaves the port to be refused
     with pytest.raises(httpx.ConnectError):
         httpx.get(url)
+
+
+def test_the_kernels_socket_diagnostics_find_exactly_the_listeners_that_proc_lists() -> None:
+    """The standby asks the kernel for listening sockets only (cheap under load); /proc/net is the fallback.
+    Both must name the same sockets: IPv4 and IPv6 listeners on the port, and neither the connections to it nor
+    a listener on another port."""
+    port = free_port()
+    v4 = reuse_port_socket("127.0.0.1", port)
+    v4.listen()
+    v6 = socket.socket(socket.AF_INET6)
+    v6.bind(("::1", port))
+    v6.listen()
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = v4.accept()
+    try:
+        wanted = {os.fstat(s.fileno()).st_ino for s in (v4, v6)}
+        assert _listening_by_diag(port) == wanted
+        assert _listening_by_proc(port) == wanted
+        assert listening_sockets(port) == wanted
+    finally:
+        for s in (accepted, client, other, v6, v4):
+            s.close()
+    assert _listening_by_diag(port) == set() == _listening_by_proc(port)
