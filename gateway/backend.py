@@ -93,9 +93,11 @@ def build_backend(cfg: ServeConfig, registry: Registry | None, handles: Mapping[
         if model_cfg.placement == "deployment":
             if not handles or served not in handles:
                 raise ValueError(f"{served!r} has placement `deployment` but no deployment handle was given")
+            from gateway.routing.affinity import conversation_key
             from serve.handle_engine import HandleModel
 
-            models[served] = HandleModel(model_cfg, handles[served])
+            route_key = conversation_key if model_cfg.routing == "conversation" else None
+            models[served] = HandleModel(model_cfg, handles[served], route_key)
         else:
             models[served] = LiveModel(model_cfg, registry)
     return ModelBackend(models)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,16 +43,23 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
         **_scaling(g.autoscaling, g.num_replicas),
     }
     if g.conversation_routing.enabled:
-        from ray.serve.config import RequestRouterConfig
-
-        router: dict[str, Any] = {  # Serve's pydantic model, untyped for mypy: fields by name
-            "request_router_class": "gateway.routing.replica_router:ConversationRequestRouter",
-            "request_router_kwargs": {"max_load_gap": g.conversation_routing.max_load_gap},
-            "request_routing_stats_period_s": g.conversation_routing.stats_period_s,
-            "request_routing_stats_timeout_s": max(g.conversation_routing.stats_period_s, 5.0),
-        }
-        opts["request_router_config"] = RequestRouterConfig(**router)
+        opts["request_router_config"] = conversation_router_config(cfg)
     return opts
+
+
+def conversation_router_config(cfg: AppConfig) -> Any:
+    """Serve's request-router config that routes a deployment's requests by conversation (see
+    `gateway.routing.replica_router`), with the gateway's load gap and stats period."""
+    from ray.serve.config import RequestRouterConfig
+
+    routing = cfg.gateway.conversation_routing
+    router: dict[str, Any] = {  # Serve's pydantic model, untyped for mypy: fields by name
+        "request_router_class": "gateway.routing.replica_router:ConversationRequestRouter",
+        "request_router_kwargs": {"max_load_gap": routing.max_load_gap},
+        "request_routing_stats_period_s": routing.stats_period_s,
+        "request_routing_stats_timeout_s": max(routing.stats_period_s, 5.0),
+    }
+    return RequestRouterConfig(**router)
 
 
 def model_deployment_name(model: ModelDeploymentConfig) -> str:
@@ -65,7 +73,7 @@ def model_deployment_name(model: ModelDeploymentConfig) -> str:
 
 def model_options(cfg: AppConfig, model: ModelDeploymentConfig) -> dict[str, Any]:
     """Serve options of a model's own deployment (`placement: deployment`)."""
-    return {
+    opts = {
         "name": model_deployment_name(model),
         "max_ongoing_requests": model.max_ongoing_requests,
         "max_queued_requests": model.max_queued_requests,
@@ -73,6 +81,9 @@ def model_options(cfg: AppConfig, model: ModelDeploymentConfig) -> dict[str, Any
         **_resources(model.num_cpus, [model], {"env_vars": engine_env(cfg)}),
         **_scaling(model.autoscaling, model.num_replicas),
     }
+    if model.routing == "conversation":
+        opts["request_router_config"] = conversation_router_config(cfg)
+    return opts
 
 
 def _common_options(cfg: AppConfig) -> dict[str, Any]:
@@ -86,18 +97,23 @@ def _common_options(cfg: AppConfig) -> dict[str, Any]:
 
 
 def _scaling(autoscaling: AutoscalingConfig | None, num_replicas: int) -> dict[str, Any]:
-    return {"autoscaling_config": autoscaling.model_dump()} if autoscaling else {"num_replicas": num_replicas}
+    return {"autoscaling_config": autoscaling.serve_options()} if autoscaling else {"num_replicas": num_replicas}
 
 
 def _resources(num_cpus: float, models: list[ModelDeploymentConfig], env: dict[str, Any]) -> dict[str, Any]:
     """Actor resources of a replica hosting `models`' engines; GPU workers of parallel ones in its placement group."""
-    actor = {"num_cpus": num_cpus, "num_gpus": sum(m.num_gpus for m in models), "runtime_env": env}
+    actor: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": sum(m.num_gpus for m in models), "runtime_env": env}
+    custom: Counter[str] = Counter()
+    for m in models:
+        custom.update(m.resources)
+    if custom:
+        actor["resources"] = dict(custom)
     workers = sum(m.gpus_per_engine for m in models if m.gpus_per_engine > 1)
     if not workers:
         return {"ray_actor_options": actor}
     # vLLM's Ray executor places its workers in the replica's placement group.
     return {"ray_actor_options": {**actor, "num_gpus": 0},
-            "placement_group_bundles": [{"CPU": num_cpus}] + [{"GPU": 1}] * workers,
+            "placement_group_bundles": [{"CPU": num_cpus, **custom}] + [{"GPU": 1}] * workers,
             "placement_group_strategy": "STRICT_PACK"}
 
 
@@ -124,12 +140,17 @@ def check_shared_state(cfg: AppConfig) -> None:
         )
 
 
-def build_app(args: dict[str, Any] | AppConfig | str | Path, listen: tuple[str, int] | None = None) -> Application:
-    """Serve entry point: `serve run gateway.builder:build_app config=raygate.yaml`.
+def build_app(args: dict[str, Any] | AppConfig | str | Path) -> Application:
+    """Serve entry point: `serve run gateway.builder:build_app config=raygate.yaml`, or a Serve config's
+    `import_path` (`serve deploy`), whose `args` are the config inline or `{config: path}`. Serve calls an
+    application builder with exactly one argument."""
+    return build_application(args)
 
-    `listen` (host, port): every gateway replica takes client connections there itself, with no Serve
-    ingress in front (`raygate up` on one node; see gateway/listener.py).
-    """
+
+def build_application(args: dict[str, Any] | AppConfig | str | Path,
+                      listen: tuple[str, int] | None = None) -> Application:
+    """The Serve application of a config. `listen` (host, port): every gateway replica takes client connections
+    there itself, with no Serve ingress in front (`raygate up` on one node; see gateway/listener.py)."""
     if isinstance(args, dict) and "config" in args and len(args) == 1:
         args = args["config"]
     cfg = AppConfig.load(args)

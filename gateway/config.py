@@ -13,7 +13,8 @@ from serve.config import AutoscalingConfig, ServeConfig
 
 
 class ConversationRoutingConfig(BaseModel):
-    """Sticky routing of a conversation to the gateway replica whose engines cached its prefix."""
+    """Sticky routing of a conversation to the gateway replica whose engines cached its prefix. The load gap and
+    stats period also apply to models in deployments of their own that route by conversation (their `routing`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -26,7 +27,8 @@ class ConversationRoutingConfig(BaseModel):
     max_load_gap: int = Field(
         default=16, ge=0,
         description="A conversation's replica is passed over while it has this many more requests in flight than "
-        "the least busy replica.",
+        "the least busy replica (gateway replicas, and the replicas of models routed by conversation). Lower it "
+        "when a few long conversations should spread; raise it to keep more turns on their cached prefixes.",
     )
     stats_period_s: float = Field(
         default=1.0, gt=0, description="How often each replica reports its in-flight requests to the routers."

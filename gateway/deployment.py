@@ -19,10 +19,9 @@ from gateway.governance.gate import Governance
 from gateway.listener import Listener, reuse_port_socket, with_response_header
 from gateway.logs import OWN_LOGGERS
 from gateway.metrics import multiprocess_dir
-from gateway.routing.replica_router import IN_FLIGHT_STAT
 from gateway.settings import GatewaySettings
 from models.registry import Registry
-from serve.engine import stats_by_version
+from serve.engine import autoscaling_stats, routing_stats, stats_by_version
 from serve.errors import EngineUnavailable
 from serve.replica_logs import route_logs_to_serve
 
@@ -93,7 +92,11 @@ class GatewayIngress:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """What this replica tells Serve's request routers (conversation routing passes over busy replicas)."""
-        return {IN_FLIGHT_STAT: sum(e.busy() for e in self.backend.running_engines())}
+        return routing_stats(self.backend.running_engines())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the co-located engines tell Serve's autoscaler (serve/autoscaling_policy.py)."""
+        return autoscaling_stats(self.backend.running_engines())
 
     async def check_health(self) -> None:
         # Only co-located engines: restarting this replica cannot mend a model's own deployment (Serve checks it).

@@ -125,26 +125,54 @@ def cmd_status(args: argparse.Namespace) -> int:
     from raygate.stack import token_hint
 
     try:
-        ray.init(address="auto", logging_level=logging.ERROR, log_to_driver=False)
+        context = ray.init(address=args.address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
         print(f"raygate: no running Ray cluster found ({exc})", file=sys.stderr)
         return 1
     try:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the handle's router announces itself at INFO
         status = serve.status()
-        print(f"dashboard: http://127.0.0.1:{args.dashboard_port}  ({token_hint()})")
+        dashboard = context.dashboard_url or f"127.0.0.1:{args.dashboard_port}"
+        print(f"dashboard: http://{dashboard}  ({token_hint()})")
+        nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        for node in ray.nodes():
+            if node["Alive"]:
+                cpus = node["Resources"].get("CPU", 0)
+                extra = sorted(k for k in node["Resources"] if k not in _RAY_RESOURCES and not k.startswith("node:"))
+                print(f"node {node['NodeManagerAddress']}: alive, {cpus:g} CPU" + "".join(f", {k}" for k in extra))
+        placed = _replica_nodes(nodes)
         if not status.applications:
             print("no Serve applications")
         for app_name, app in status.applications.items():
             print(f"application {app_name}: {_plain(app.status)}")
             for dep_name, dep in app.deployments.items():
                 replicas = ", ".join(f"{_plain(state)}={n}" for state, n in dep.replica_states.items())
-                print(f"  deployment {dep_name}: {_plain(dep.status)}  replicas: {replicas or 'none'}")
+                where = placed.get(f"ServeReplica:{app_name}:{dep_name}")
+                on = f"  on {', '.join(sorted(where))}" if where else ""
+                print(f"  deployment {dep_name}: {_plain(dep.status)}  replicas: {replicas or 'none'}{on}")
                 for line in _engine_lines(serve, app_name, dep_name):
                     print(f"    {line}")
     finally:
         ray.shutdown()
     return 0
+
+
+_RAY_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory", "accelerator_type"})
+
+
+def _replica_nodes(nodes: dict[str, str]) -> dict[str, list[str]]:
+    """The node addresses of each Serve replica actor class's live replicas (empty if Ray's state API is away)."""
+    from ray.util.state import list_actors
+
+    placed: dict[str, list[str]] = {}
+    try:
+        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - the state API lives in the dashboard: no placement then, the rest stands
+        return placed
+    for actor in actors:
+        if actor.class_name.startswith("ServeReplica:") and actor.node_id:
+            placed.setdefault(actor.class_name, []).append(nodes.get(actor.node_id, actor.node_id))
+    return placed
 
 
 def _plain(value: Any) -> str:
@@ -278,7 +306,9 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     st = sub.add_parser("status", help="Deployments, replicas and the dashboard of the running stack.")
-    st.add_argument("--dashboard-port", type=int, default=8265)
+    st.add_argument("--address", default="auto",
+                    help="The Ray cluster to report on: its head's HOST:PORT (default: the one started on this machine).")
+    st.add_argument("--dashboard-port", type=int, default=8265, help="Printed when Ray does not say its dashboard's URL.")
     st.set_defaults(func=cmd_status)
 
     keys_cli.add_parser(sub)

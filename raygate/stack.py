@@ -136,7 +136,7 @@ class Stack:
         import ray
         from ray import serve
 
-        from gateway.builder import build_app
+        from gateway.builder import build_application
 
         # ray.init installs its own SIGTERM handler (it aborts the process); keep the caller's.
         saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -167,7 +167,7 @@ class Stack:
         # Deploy without waiting here (serve.run waits for the app to run, deaf to Ctrl-C while the engine
         # starts); the ready wait below asks `cancelled` and Serve's status as it goes.
         serve.run_many(
-            [serve.RunTarget(build_app(self.config, listen=(self.host, self.port) if listen else None),
+            [serve.RunTarget(build_application(self.config, listen=(self.host, self.port) if listen else None),
                              name=self.config.app_name,
                              route_prefix=self.config.route_prefix)],
             wait_for_ingress_deployment_creation=False,

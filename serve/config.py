@@ -11,7 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # raygate's vLLM arguments where engine_kwargs names none, on every engine. A fixed batch size keeps the gateway's
 # admission (max_num_seqs + max_queued_requests) in step with the engine; `priority` lets key tiers order
 # requests; `vllm` takes sampling defaults from the request, not the checkpoint's generation_config.json.
-VLLM_DEFAULTS: dict[str, Any] = {"max_num_seqs": 256, "scheduling_policy": "priority", "generation_config": "vllm"}
+VLLM_DEFAULTS: dict[str, Any] = {
+    "max_num_seqs": 256, "scheduling_policy": "priority", "generation_config": "vllm",
+    # usage.prompt_tokens_details.cached_tokens, as OpenAI reports it: what the prefix cache saved each request.
+    "enable_prompt_tokens_details": True,
+}
 # ... and on CPU engines: a KV cache of 1 GiB (vLLM's CPU default takes a share of the host's memory, which several
 # engines on one host would each claim).
 CPU_VLLM_DEFAULTS: dict[str, Any] = {"kv_cache_memory_bytes": 1 << 30}
@@ -33,6 +37,20 @@ class AutoscalingConfig(BaseModel):
     downscale_delay_s: float = Field(default=120.0, ge=0, description="Load must stay below target this long to remove.")
     metrics_interval_s: float = Field(default=2.0, gt=0, description="How often replicas report their load.")
     look_back_period_s: float = Field(default=10.0, gt=0, description="Window the load is averaged over.")
+    target_kv_cache_usage: float | None = Field(
+        default=0.8, gt=0, le=1,
+        description="Share of KV cache in use per replica (its engines' fullest, as vLLM reports it) that Serve "
+        "steers towards, beside target_ongoing_requests: replicas are added when either asks for more. It scales "
+        "out long prompts and outputs that fill the cache before the request count is high. null: requests only.",
+    )
+
+    def serve_options(self) -> dict[str, Any]:
+        """Serve's `autoscaling_config`: these fields, and raygate's policy reading the engines' KV cache use."""
+        opts = self.model_dump(exclude={"target_kv_cache_usage"})
+        if self.target_kv_cache_usage is not None:
+            opts["policy"] = {"policy_function": "serve.autoscaling_policy:EngineLoadPolicy",
+                              "policy_kwargs": {"target_kv_cache_usage": self.target_kv_cache_usage}}
+        return opts
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -106,6 +124,12 @@ class ModelDeploymentConfig(BaseModel):
         "one engine come from a placement group and this is the share of the first one; on CPUs the workers split "
         "the replica's cores (raise `num_cpus` to what they use).",
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources this engine needs (added to the gateway replica's), which only the nodes "
+        "started with them offer (`ray start --resources '{\"big_mem\": 1}'`): puts a model on chosen nodes of "
+        "a cluster, as num_gpus does on GPU nodes.",
+    )
     max_queued_requests: int = Field(
         default=1024, ge=-1,
         description="Requests the gateway lets wait for a vLLM engine beyond `max_num_seqs` before it answers 503 "
@@ -144,6 +168,14 @@ class ModelDeploymentConfig(BaseModel):
     )
     max_ongoing_requests: int = Field(
         default=1024, ge=1, description="Requests in flight per replica of a `deployment` placement (Serve's limit)."
+    )
+    routing: Literal["conversation", "load"] = Field(
+        default="conversation",
+        description="How the gateway picks among a `deployment` placement's replicas. `conversation`: each "
+        "conversation (`prompt_cache_key`, or the messages up to the first user turn) sticks to one replica, so "
+        "vLLM's prefix cache there holds its history and later turns skip its prefill; a replica carrying "
+        "`gateway.conversation_routing.max_load_gap` more requests than the least busy is passed over. `load`: "
+        "Serve's default router (the less busy of two random replicas), for traffic with no shared prefixes.",
     )
 
     @model_validator(mode="after")

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from serve.autoscaling_policy import KV_CACHE_USAGE_STAT
+
 # messages: Anthropic's Messages API; embeddings: OpenAI's, from a pooling model; tokenize, detokenize: vLLM's.
 Endpoint = Literal["chat", "completion", "messages", "responses", "embeddings", "tokenize", "detokenize"]
 # Endpoints whose requests an engine schedules (and so take a priority); tokenize and detokenize run no model.
@@ -50,6 +52,10 @@ class EngineStats(BaseModel):
     running: int = Field(description="Requests the engine holds and has not finished (waiting or generating).")
     admitted: int = Field(default=0, description="Requests accepted and whose response has not ended yet.")
     healthy: bool = Field(default=True, description="Whether the last health check passed.")
+    waiting: int = Field(default=0, description="Requests the engine's scheduler holds waiting to run (its batch or "
+                         "KV cache full), as of its last step; 0 for engines that do not report it.")
+    kv_cache_usage: float = Field(default=0.0, description="Share of the engine's KV cache in use (0-1), as of its "
+                                  "last step; 0 for engines that do not report it.")
 
 
 class Engine(abc.ABC):
@@ -102,6 +108,22 @@ class Engine(abc.ABC):
     async def unload_adapter(self, name: str) -> None:
         """Stop serving adapter `name`."""
         raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
+
+
+# The routing stat a replica reports to Serve's request routers (`record_routing_stats`): requests in flight in
+# its engines. Conversation routing passes over a replica carrying too many more than the least busy one.
+IN_FLIGHT_STAT = "in_flight"
+
+
+def routing_stats(engines: Iterable[Engine]) -> dict[str, int]:
+    """What a replica hosting `engines` tells Serve's request routers."""
+    return {IN_FLIGHT_STAT: sum(e.busy() for e in engines)}
+
+
+def autoscaling_stats(engines: Iterable[Engine]) -> dict[str, float]:
+    """What a replica hosting `engines` reports to Serve's autoscaler (`record_autoscaling_stats`), beside the
+    requests in flight Serve counts itself: its fullest KV cache (serve/autoscaling_policy.py)."""
+    return {KV_CACHE_USAGE_STAT: max((e.stats().kv_cache_usage for e in engines), default=0.0)}
 
 
 def stats_by_version(engines: Iterable[Engine]) -> dict[str, dict[str, Any]]:

@@ -155,11 +155,45 @@ def _key(wrapper: Any) -> SeriesKey:
     return cached[1]
 
 
-def ray_stat_loggers(flush_s: float) -> list[Any] | None:
-    """Inside a Ray worker, vLLM's metrics go through Ray's metrics export (one series per
-    replica, tagged ReplicaId, on every node's metrics port) instead of this process's registry."""
+class SchedulerLoad:
+    """An engine's scheduler as of its last step: requests waiting and the share of KV cache in use (what
+    Serve's autoscaler reads through `serve.engine.autoscaling_stats`). `stat_logger()` is the vLLM stat
+    logger that keeps it current: two attribute writes per step."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+
+    def stat_logger(self) -> type:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        load = self
+
+        class SchedulerLoadLogger(StatLoggerBase):
+            """Keeps the last step's scheduler load on the engine (serve/engine_metrics.SchedulerLoad)."""
+
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    load.waiting = scheduler_stats.num_waiting_reqs
+                    load.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return SchedulerLoadLogger
+
+
+def engine_stat_loggers(flush_s: float, load: SchedulerLoad) -> list[Any]:
+    """vLLM's stat loggers for an engine: its scheduler load kept for the autoscaler; inside a Ray worker, vLLM's
+    metrics through Ray's metrics export (one series per replica, tagged ReplicaId, on every node's metrics port)
+    instead of this process's registry (outside Ray, vLLM adds its own Prometheus logger beside these)."""
     import ray
 
-    if not ray.is_initialized():
-        return None
-    return [buffered_ray_stat_logger(flush_s)]
+    loggers = [load.stat_logger()]
+    if ray.is_initialized():
+        loggers.append(buffered_ray_stat_logger(flush_s))
+    return loggers

@@ -6,13 +6,17 @@ version label on metrics, usage rows and `x-raygate-model-version` is the one th
 Each version is a `HandleEngine`: the engine interface over the deployment handle.
 Failures of the handle (no replica, queue full, replica died) map to engine errors the
 gateway can fall back on; cancelling a request cancels it in the replica (engine abort).
+
+Where the model routes by conversation (`routing: conversation`), each call carries the request's conversation
+key as Serve's session id, and the deployment's request router sends it to the replica whose engine has cached
+its prefix (`gateway.routing.replica_router.ConversationRequestRouter`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from serve.config import ModelDeploymentConfig
@@ -23,6 +27,11 @@ from serve.live import LiveModel
 logger = logging.getLogger(__name__)
 
 NO_LIMIT = 1 << 30  # the deployment's replicas (max_ongoing_requests, queue) bound the load, not the gateway
+# The mirror's poll waits this long for a replica to answer. Serve's handle queues a call while its deployment has
+# no running replica (its node died, it is restarting) however long that lasts; past this, the model is marked
+# unreachable and new requests are refused at once (503, Retry-After) until a replica answers the poll again.
+TABLE_TIMEOUT_S = 5.0
+RouteKey = Callable[[Mapping[str, Any]], "str | None"]  # a request body's conversation key, None for none
 
 
 def handle_error(exc: BaseException, started: bool = False) -> EngineError:
@@ -40,9 +49,12 @@ def handle_error(exc: BaseException, started: bool = False) -> EngineError:
 class HandleEngine(Engine):
     """One version of a model served by its own deployment, reached through a Serve handle."""
 
-    def __init__(self, handle: Any, key: int, card: ModelCard) -> None:
+    def __init__(self, handle: Any, key: int, card: ModelCard, route_key: RouteKey | None = None,
+                 unreachable: Callable[[], str | None] = lambda: None) -> None:
         self._handle = handle
         self._stream = handle.options(stream=True)
+        self._route_key = route_key
+        self._unreachable = unreachable
         self.key = key
         self._card = card
         self._inflight = InflightLimiter(NO_LIMIT)
@@ -74,12 +86,21 @@ class HandleEngine(Engine):
             return None
 
     async def generate(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
+        if (why := self._unreachable()) is not None:
+            raise EngineUnavailable(f"{self._card.id}: the model's deployment has no replica answering ({why})")
         return await self._inflight.admit(lambda: self._call(endpoint, body, request_id))
 
+    def _handle_for(self, body: dict[str, Any]) -> Any:
+        """The handle for this request (streaming or not), with its conversation key as Serve's session id."""
+        handle = self._stream if body.get("stream") else self._handle
+        session = self._route_key(body) if self._route_key is not None else None
+        return handle.options(session_id=session) if session else handle
+
     async def _call(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
+        handle = self._handle_for(body)
         if body.get("stream"):
-            return self._relay(self._stream.stream.remote(endpoint, body, request_id, self.key))
-        response = self._handle.generate.remote(endpoint, body, request_id, self.key)
+            return self._relay(handle.stream.remote(endpoint, body, request_id, self.key))
+        response = handle.generate.remote(endpoint, body, request_id, self.key)
         try:
             out = await response
         except asyncio.CancelledError:
@@ -114,9 +135,11 @@ class HandleModel(LiveModel):
 
     in_process = False  # its replicas have health checks of their own
 
-    def __init__(self, cfg: ModelDeploymentConfig, handle: Any) -> None:
+    def __init__(self, cfg: ModelDeploymentConfig, handle: Any, route_key: RouteKey | None = None) -> None:
         super().__init__(cfg)
         self.handle = handle
+        self.route_key = route_key
+        self.unreachable: str | None = None  # why the last poll got no answer from a replica; None once one answers
 
     @property
     def following(self) -> bool:
@@ -129,7 +152,15 @@ class HandleModel(LiveModel):
 
     async def sync(self, initial: bool = False) -> bool:
         """Mirror the replicas' versions and shares; True if traffic moved."""
-        table = await self.handle.table.remote()
+        response = self.handle.table.remote()
+        try:  # at start, as long as the deployment takes to start its engines (the gateway is not ready before)
+            table = await asyncio.wait_for(response, None if initial else TABLE_TIMEOUT_S)
+        except Exception as exc:
+            response.cancel()
+            self.unreachable = f"no answer in {TABLE_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) \
+                else type(exc).__name__
+            raise EngineUnavailable(f"{self.handle.deployment_name}: {self.unreachable}") from None
+        self.unreachable = None
         cards = {int(k): ModelCard.model_validate(c) for k, c in table["cards"].items()}
         engines: dict[int, Engine] = {}
         for key, card in cards.items():
@@ -137,7 +168,7 @@ class HandleModel(LiveModel):
             if isinstance(engine, HandleEngine):
                 engine.card = card
             else:
-                engine = HandleEngine(self.handle, key, card)
+                engine = HandleEngine(self.handle, key, card, self.route_key, lambda: self.unreachable)
             engines[key] = engine
         weights = {int(k): float(w) for k, w in table["weights"].items() if int(k) in engines}
         if not weights:

@@ -15,7 +15,7 @@ from typing import Any
 from models.registry import Registry
 from serve.coalesce import coalesce
 from serve.config import ModelDeploymentConfig
-from serve.engine import Endpoint, Engine, stats_by_version
+from serve.engine import Endpoint, Engine, autoscaling_stats, routing_stats, stats_by_version
 from serve.errors import EngineError, EngineUnavailable, to_wire
 from serve.live import LiveModel
 from serve.replica_logs import route_logs_to_serve
@@ -68,6 +68,14 @@ class ModelServer:
             return await self._engine(key).count_prompt_tokens(endpoint, body)
         except EngineError:
             return None
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What this replica tells the gateway's request router (conversation routing passes over busy replicas)."""
+        return routing_stats(self.live.all_engines())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What this replica's engines tell Serve's autoscaler (serve/autoscaling_policy.py)."""
+        return autoscaling_stats(self.live.all_engines())
 
     async def check_health(self) -> None:
         if not await self.live.readiness():

@@ -21,7 +21,7 @@ import orjson
 from serve.artifact import Artifact
 from serve.config import ModelDeploymentConfig
 from serve.engine import SCHEDULED, Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
-from serve.engine_metrics import ray_stat_loggers
+from serve.engine_metrics import SchedulerLoad, engine_stat_loggers
 from serve.errors import (
     ContextLengthExceeded,
     EngineError,
@@ -96,6 +96,7 @@ class VLLMEngine(Engine):
         self.adapters: set[str] = set()
         self._count_tokens_request_cls: Any = None
         self._admission = InflightLimiter(0)  # sized from the engine's own batch size once it has started
+        self._load = SchedulerLoad()  # kept current by a vLLM stat logger (serve/engine_metrics.py)
 
     @property
     def card(self) -> ModelCard:
@@ -130,7 +131,7 @@ class VLLMEngine(Engine):
                     usage_context=UsageContext.OPENAI_API_SERVER,
                     enable_log_requests=False,
                     disable_log_stats=engine_args.disable_log_stats,
-                    stat_loggers=ray_stat_loggers(ENGINE_METRICS_FLUSH_S),
+                    stat_loggers=engine_stat_loggers(ENGINE_METRICS_FLUSH_S, self._load),
                 )
             return config, engine
 
@@ -187,7 +188,10 @@ class VLLMEngine(Engine):
         if self._engine is None:
             return EngineStats(running=0, healthy=False)
         running = self._engine.output_processor.get_num_unfinished_requests()
-        return EngineStats(running=running, admitted=self._admission.count, healthy=not self._engine.errored)
+        # The scheduler reports on steps only: once idle, its last report (blocks of requests that just ended) is stale.
+        waiting, kv = (self._load.waiting, self._load.kv_cache_usage) if running else (0, 0.0)
+        return EngineStats(running=running, admitted=self._admission.count, healthy=not self._engine.errored,
+                           waiting=waiting, kv_cache_usage=kv)
 
     async def load_adapter(self, name: str, path: str) -> None:
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest

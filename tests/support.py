@@ -46,9 +46,10 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, every_s: float =
 class PrivateRedis:
     """A redis-server of the test's own on a free port, nothing on disk; it can be stopped and started again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.host = host  # where it listens: 0.0.0.0 for clients in other network namespaces
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,7 +67,7 @@ class PrivateRedis:
         exe = shutil.which("redis-server")
         assert exe, "redis-server is on every machine"
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [exe, "--port", str(self.port), "--bind", self.host, "--protected-mode", "no", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

@@ -1,4 +1,5 @@
-"""`/health`, `/ready` and `/metrics`: for load balancers, orchestrators and Prometheus (no API key)."""
+"""`/health`, `/ready` and `/metrics`: for load balancers, orchestrators and Prometheus (no user key; `/metrics` asks for
+the admin key unless `metrics_auth: open`)."""
 
 from __future__ import annotations
 

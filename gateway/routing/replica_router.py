@@ -29,10 +29,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.routing.affinity import conversation_key, rank_replicas
+from serve.engine import IN_FLIGHT_STAT
 
 logger = logging.getLogger(__name__)
 
-IN_FLIGHT_STAT = "in_flight"  # the routing stat a gateway replica reports (`record_routing_stats`)
 
 
 class ConversationRequestRouter(RequestRouter):

@@ -1,10 +1,13 @@
 """Models in deployments of their own (`placement: deployment`) on the real stack.
 
-vLLM on the tiny model as `raygate/tiny-chat@stable` (streaming 4 tokens per event) and an
-autoscaled fake model as `slow@1`, each its own Serve deployment beside the gateway: the OpenAI
-API through the handle (official client, streams, errors, disconnects), the names operators see in
-`serve status` and `raygate status`, and a model deployment scaling up under load and
-back down while the gateway stays at one replica.
+vLLM on the tiny model as `raygate/tiny-chat@stable` (streaming 4 tokens per event), the same version
+again as `tiny-chat-pair` in two replicas routed by conversation, and an autoscaled fake model as
+`slow@1`, each its own Serve deployment beside the gateway: the OpenAI API through the handle
+(official client, streams, errors, disconnects), the names operators see in `serve status` and
+`raygate status`, every turn of a conversation reaching the replica whose prefix cache holds its
+history (vLLM's own `cached_tokens`), a model deployment scaling up under load and back down
+while the gateway stays at one replica, and a vLLM deployment (`tiny-chat-kv`, a small KV cache)
+scaling out when its KV cache fills while its request count stays far below the target.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ pytestmark = pytest.mark.integration
 
 PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
 APP, VLLM_DEP, SLOW_DEP = "raygate", "raygate/tiny-chat@stable", "slow@1"
+PAIR, PAIR_DEP = "tiny-chat-pair", "tiny-chat-pair@stable"
+BLOCK = 128  # vLLM's KV block on CPUs: its prefix cache holds whole blocks
+KV, KV_DEP = "tiny-chat-kv", "tiny-chat-kv@stable"
+KV_TOKENS = 4096  # tiny-chat's KV takes 4 KiB a token: a 16 MiB cache holds this many
 
 
 class _Placed:
@@ -72,6 +79,17 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
     # (test_the_openai_api_through_the_models_deployment sees it across the handle).
     raw["serve"]["models"][0].update({"placement": "deployment", "num_cpus": 0.5,
                                       "engine_kwargs": {"max_model_len": 2048, "stream_interval": 4}})
+    raw["serve"]["models"].append({  # two replicas, each its own engine and prefix cache; routed by conversation
+        "model": raw["serve"]["models"][0]["model"], "served_name": PAIR, "placement": "deployment", "num_replicas": 2,
+        "num_cpus": 0, "engine_kwargs": {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20},
+    })
+    raw["serve"]["models"].append({  # scales on its KV cache: 64 requests per replica would never be reached here
+        "model": raw["serve"]["models"][0]["model"], "served_name": KV, "placement": "deployment", "num_cpus": 0,
+        "engine_kwargs": {"max_model_len": 2048, "kv_cache_memory_bytes": KV_TOKENS * 4096},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64,
+                        "target_kv_cache_usage": 0.5, "upscale_delay_s": 1, "downscale_delay_s": 4,
+                        "metrics_interval_s": 0.5, "look_back_period_s": 2},
+    })
     raw["serve"]["models"].append({
         "model": "slow@1", "served_name": "slow", "engine": "fake", "placement": "deployment", "num_cpus": 0,
         "fake": {"ttft_ms": 50, "itl_ms": 50},
@@ -94,7 +112,7 @@ def test_each_model_is_a_named_deployment_the_operator_sees(placed: _Placed) -> 
         deployments = serve.status().applications[APP].deployments
         return {name: str(getattr(d.status, "value", d.status)) for name, d in deployments.items()}
 
-    assert {"gateway", VLLM_DEP, SLOW_DEP} <= set(statuses()), statuses()
+    assert {"gateway", VLLM_DEP, PAIR_DEP, KV_DEP, SLOW_DEP} <= set(statuses()), statuses()
     # `/ready` is the engines' readiness; Serve's controller may report a deployment's status a moment later.
     assert wait_until(lambda: set(statuses().values()) == {"HEALTHY"}, 60, every_s=0.5), statuses()
     exe = [str(Path(sys.executable).parent / "raygate"), "status", "--dashboard-port", str(DASHBOARD_PORT)]
@@ -108,7 +126,7 @@ def test_each_model_is_a_named_deployment_the_operator_sees(placed: _Placed) -> 
 def test_the_openai_api_through_the_models_deployment(placed: _Placed) -> None:
     client = openai.OpenAI(api_key=placed.key, base_url=placed.base_url + "/v1", max_retries=0,
                            _strict_response_validation=True)
-    assert {m.id for m in client.models.list().data} == {"raygate/tiny-chat", "slow"}
+    assert {m.id for m in client.models.list().data} == {"raygate/tiny-chat", PAIR, KV, "slow"}
     raw = client.chat.completions.with_raw_response.create(
         model="raygate/tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
     assert raw.headers["x-raygate-model-version"] == "raygate/tiny-chat@1"
@@ -161,5 +179,72 @@ def test_a_model_deployment_scales_up_under_load_and_back_down(placed: _Placed) 
         assert wait_until(lambda: running_replicas(SLOW_DEP) >= 2, 90), \
             "no second replica of slow@1 under 12 concurrent requests with target 2"
         assert running_replicas("gateway") == 1 and running_replicas(VLLM_DEP) == 1  # only the loaded model scaled
+        assert running_replicas(KV_DEP) == 1
     assert wait_until(lambda: running_replicas(SLOW_DEP) == 1, 90), "did not scale back down when idle"
+    assert load.codes and set(load.codes) == {200}, load.outcomes()
+
+
+def _conversations(client: openai.OpenAI, tag: str, turns: int, per_turn_key: bool) -> list[list[tuple[int, int]]]:
+    """Four multi-turn conversations (a long opening of their own, growing histories) through `tiny-chat-pair`:
+    each turn's (prompt tokens, vLLM's cached prompt tokens). `per_turn_key`: every turn sends a
+    `prompt_cache_key` of its own, so the router sees unrelated requests (what a load-only router does)."""
+    out = []
+    for c in range(4):
+        words = " ".join(f"{tag}{c}w{i}" for i in range(120))  # well over two KV blocks, unique per conversation
+        messages: list[dict[str, str]] = [{"role": "system", "content": f"Context {tag}-{c}: {words}"},
+                                          {"role": "user", "content": "Start."}]
+        turns_seen = []
+        for t in range(turns):
+            extra = {"prompt_cache_key": f"{tag}-{c}-{t}"} if per_turn_key else {}
+            reply = client.chat.completions.create(model=PAIR, messages=messages, max_tokens=8, temperature=0,
+                                                   extra_body=extra)
+            assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+            turns_seen.append((reply.usage.prompt_tokens, reply.usage.prompt_tokens_details.cached_tokens or 0))
+            messages += [{"role": "assistant", "content": reply.choices[0].message.content or "."},
+                         {"role": "user", "content": f"Go on with part {t} of {tag}-{c}, please, in more detail."}]
+        out.append(turns_seen)
+    return out
+
+
+def test_each_conversation_reaches_the_replica_that_cached_its_history(placed: _Placed) -> None:
+    """`routing: conversation` (the default): every turn after the first finds the whole blocks of the previous
+    turn's prompt in the prefix cache of the replica it reaches. The same workload with a key per turn (the router
+    blind to the conversation) is the baseline, measured in the same run."""
+    client = openai.OpenAI(api_key=placed.key, base_url=placed.base_url + "/v1", max_retries=0,
+                           _strict_response_validation=True)
+    turns = 4
+    sticky = _conversations(client, "sticky", turns, per_turn_key=False)
+    for conversation in sticky:
+        assert conversation[0][1] == 0  # a new opening: nothing cached anywhere
+        for (before, _), (_, cached) in zip(conversation, conversation[1:], strict=False):
+            assert cached >= before // BLOCK * BLOCK, conversation  # the previous prompt's blocks, all of them
+    blind = _conversations(client, "blind", turns, per_turn_key=True)
+    later = [turn for conversation in sticky for turn in conversation[1:]]
+    later_blind = [turn for conversation in blind for turn in conversation[1:]]
+    rate = sum(c for _, c in later) / sum(p for p, _ in later)
+    rate_blind = sum(c for _, c in later_blind) / sum(p for p, _ in later_blind)
+    print(f"prefix-cache hit rate of turns 2-{turns}: by conversation {rate:.2f}, a key per turn {rate_blind:.2f}")
+    assert rate >= rate_blind
+
+
+def test_a_vllm_deployment_scales_out_when_its_kv_cache_fills(placed: _Placed) -> None:
+    """Four long requests fill `tiny-chat-kv`'s cache (4,096 tokens) while 4 in flight is far below its target of
+    64: only the KV signal (vLLM's own kv_cache_usage, through the replica's autoscaling stats) asks for a
+    second replica. When the load ends the cache empties and the deployment goes back to one."""
+    assert running_replicas(KV_DEP) == 1
+    prompt = " ".join(f"w{i}" for i in range(300))
+    body = {"model": KV, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1200, "min_tokens": 1200,
+            "stream": True}
+    usage: list[float] = []
+
+    def fuller() -> bool:
+        usage.append(max(s["kv_cache_usage"] for s in placed.call(KV_DEP, "engine_stats").values()))
+        return usage[-1] >= 0.5
+
+    with ClosedLoad(placed.base_url, placed.key, body, workers=4) as load:
+        assert wait_until(fuller, 120, every_s=0.5), f"the KV cache never filled: {usage[-10:]}"
+        assert wait_until(lambda: running_replicas(KV_DEP) >= 2, 240), \
+            f"no second replica of {KV_DEP} with its KV cache at {usage[-1]:.2f} (target 0.5)"
+        assert running_replicas(SLOW_DEP) == 1 and running_replicas(VLLM_DEP) == 1
+    assert wait_until(lambda: running_replicas(KV_DEP) == 1, 120), "did not scale back in when the cache emptied"
     assert load.codes and set(load.codes) == {200}, load.outcomes()

@@ -32,6 +32,14 @@ def test_deploy_serve_config_builds() -> None:
     opts = deployment_options(cfg)
     assert opts["max_ongoing_requests"] >= 256
     assert opts["ray_actor_options"]["num_cpus"] > 0
+    # What `serve deploy` does with it: import the builder and call it the way Serve calls builders (it refuses a
+    # builder with more than one parameter, which a first multi-node deploy found).
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.utils import import_attr
+
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"])
+    assert isinstance(built, Application)
 
 
 def test_parallel_workers_on_gpus_and_on_cpus() -> None:

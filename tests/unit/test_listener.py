@@ -120,12 +120,12 @@ def test_raygate_up_lets_replicas_listen_unless_the_config_needs_serves_ingress(
 
 
 def test_serves_ingress_is_kept_where_the_config_needs_it() -> None:
-    from gateway.builder import build_app
+    from gateway.builder import build_application
 
     cfg = AppConfig.load({"gateway": {"conversation_routing": {"enabled": True}},
                           "serve": {"models": [{"model": "m", "engine": "fake"}]}})
     with pytest.raises(ValueError, match="conversation routing needs Serve's ingress"):
-        build_app(cfg, listen=("127.0.0.1", 8000))
+        build_application(cfg, listen=("127.0.0.1", 8000))
 
 
 def test_up_names_who_holds_its_dashboard_or_metrics_port_before_starting_ray(tmp_path) -> None:  # noqa: ANN001

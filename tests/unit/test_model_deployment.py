@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from gateway.backend import ModelBackend, build_backend
 from gateway.builder import deployment_options, model_deployment_name, model_options
 from gateway.config import AppConfig
+from gateway.routing.affinity import conversation_key
 from serve.coalesce import coalesce
 from serve.config import ModelDeploymentConfig, ServeConfig
 from serve.errors import (
@@ -161,13 +162,18 @@ class _Handle:
 
     deployment_name = "m@1"
 
-    def __init__(self, replica: ModelServer, streaming: bool = False) -> None:
-        self._replica, self._streaming = replica, streaming
+    def __init__(self, replica: ModelServer, streaming: bool = False, session_id: str | None = None) -> None:
+        self._replica, self._streaming, self.session_id = replica, streaming, session_id
+        self.sessions: list[str | None] = []  # the session id of each request sent through this handle or its options
 
-    def options(self, stream: bool = False) -> _Handle:
-        return _Handle(self._replica, stream)
+    def options(self, stream: bool | None = None, session_id: str | None = None) -> _Handle:
+        handle = _Handle(self._replica, self._streaming if stream is None else stream, session_id or self.session_id)
+        handle.sessions = self.sessions
+        return handle
 
     def __getattr__(self, name: str) -> _Method:
+        if name in ("generate", "stream"):
+            self.sessions.append(self.session_id)
         return _Method(getattr(self._replica, name), self._streaming)
 
 
@@ -312,3 +318,90 @@ def test_placement_options_are_refused_where_they_cannot_apply() -> None:
         ModelDeploymentConfig(model="m", placement="deployment", lora=True)
     with pytest.raises(ValueError, match="no deployment handle"):
         build_backend(ServeConfig(models=[{"model": "m", "engine": "fake", "placement": "deployment"}]), None)
+
+
+def test_a_deployment_model_routes_by_conversation_unless_told_to_route_by_load() -> None:
+    app = _app(num_replicas=3)
+    opts = model_options(app, app.serve.models[0])
+    router = opts["request_router_config"]
+    assert router.request_router_class == "gateway.routing.replica_router:ConversationRequestRouter"
+    assert router.request_router_kwargs == {"max_load_gap": app.gateway.conversation_routing.max_load_gap}
+    load = _app(num_replicas=3, routing="load")
+    assert "request_router_config" not in model_options(load, load.serve.models[0])  # Serve's default router
+
+
+def test_each_call_carries_its_conversation_key_as_the_session_id() -> None:
+    async def run() -> None:
+        replica = await _replica()
+        handle = _Handle(replica)
+        cfg = ServeConfig(models=[replica.cfg])
+        backend = build_backend(cfg, None, {"m": handle})
+        await backend.start()
+        engine = backend.resolve("m")
+        first = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+        later = [*first, {"role": "assistant", "content": "a"}, {"role": "user", "content": "more"}]
+        for messages in (first, later):
+            await engine.generate("chat", {"model": "m", "messages": messages, "max_tokens": 2}, "r")
+        stream = await engine.generate("chat", {"model": "m", "messages": later, "max_tokens": 2, "stream": True}, "r")
+        _ = [b async for b in stream]
+        await engine.generate("chat", {"model": "m", "messages": first, "prompt_cache_key": "k1"}, "r")
+        key = conversation_key({"model": "m", "messages": first})
+        assert handle.sessions == [key, key, key, "k:k1"]  # one conversation, one key; the client's key wins
+        load = build_backend(ServeConfig(models=[replica.cfg.model_copy(update={"routing": "load"})]), None,
+                             {"m": (plain := _Handle(replica))})
+        await load.start()
+        await load.resolve("m").generate("chat", {"model": "m", "messages": first, "max_tokens": 2}, "r")
+        assert plain.sessions[-1] is None
+        await backend.shutdown()
+        await load.shutdown()
+        await replica.live.shutdown()
+
+    asyncio.run(run())
+
+
+def test_custom_resources_put_a_model_on_the_nodes_that_offer_them() -> None:
+    app = _app(resources={"rg_worker": 0.5})
+    assert model_options(app, app.serve.models[0])["ray_actor_options"]["resources"] == {"rg_worker": 0.5}
+    colocated = AppConfig.load({"serve": {"models": [
+        {"model": "a", "engine": "fake", "resources": {"big_mem": 1}},
+        {"model": "b", "engine": "fake", "resources": {"big_mem": 1, "ssd": 0.5}},
+    ]}})  # the gateway replica hosts both engines: it needs what both need
+    assert deployment_options(colocated)["ray_actor_options"]["resources"] == {"big_mem": 2, "ssd": 0.5}
+    assert "resources" not in model_options(_app(), _app().serve.models[0])["ray_actor_options"]
+
+
+def test_a_deployment_with_no_replica_answering_is_refused_at_once_until_one_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve's handle queues a call while the deployment has no running replica (its node died), however long.
+    The mirror's poll notices (no answer within TABLE_TIMEOUT_S) and new requests get 503 at once, until a
+    replica answers the poll again."""
+    monkeypatch.setattr("serve.handle_engine.TABLE_TIMEOUT_S", 0.1)
+
+    async def run() -> None:
+        replica = await _replica()
+        model = HandleModel(replica.cfg, _Handle(replica))
+        await model.sync(initial=True)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        await model.pick().generate("chat", body, "r1")
+        answering = replica.table
+        gone = asyncio.Event()
+
+        async def no_replica() -> dict[str, Any]:
+            await gone.wait()  # what a queued handle call does while no replica runs
+            return answering()
+
+        replica.table = no_replica  # type: ignore[method-assign]
+        with pytest.raises(EngineUnavailable):
+            await model.sync()
+        assert model.unreachable is not None
+        started = time.monotonic()
+        with pytest.raises(EngineUnavailable) as refused:
+            await model.pick().generate("chat", body, "r2")
+        assert time.monotonic() - started < 0.05 and refused.value.retry_after_s
+        replica.table = answering  # type: ignore[method-assign]  # the node is back: a replica answers
+        await model.sync()
+        assert model.unreachable is None
+        await model.pick().generate("chat", body, "r3")
+        await replica.live.shutdown()
+
+    asyncio.run(run())

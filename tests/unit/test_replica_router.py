@@ -19,7 +19,8 @@ from gateway.builder import deployment_options
 from gateway.config import AppConfig
 from gateway.deployment import with_header
 from gateway.routing.affinity import conversation_key, rank_replicas
-from gateway.routing.replica_router import IN_FLIGHT_STAT, ConversationRequestRouter, pick_replica
+from gateway.routing.replica_router import ConversationRequestRouter, pick_replica
+from serve.engine import IN_FLIGHT_STAT
 
 
 def _replica(uid: str, in_flight: int | None) -> Any:
