@@ -47,7 +47,7 @@ train: install
 	$(VENV)/bin/raygate train deploy/train/demo.yaml
 
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 tests
 
 # Scenarios (a) gateway overhead and (b) vLLM server vs the full stack in 3 cycles, then the goal table (about 17 min).
 bench: $(VENV)/.installed-bench

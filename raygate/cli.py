@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import urllib.error
@@ -140,6 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 cpus = node["Resources"].get("CPU", 0)
                 extra = sorted(k for k in node["Resources"] if k not in _RAY_RESOURCES and not k.startswith("node:"))
                 print(f"node {node['NodeManagerAddress']}: alive, {cpus:g} CPU" + "".join(f", {k}" for k in extra))
+        if context.dashboard_url:  # Ray's state API asks this dashboard, not RAY_ADDRESS's (it reads that first)
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
         placed = _replica_nodes(nodes)
         if not status.applications:
             print("no Serve applications")

@@ -43,7 +43,9 @@ class NetnsCluster:
         self.gcs_port, self.dashboard_port, self.metrics_ports = gcs_port, dashboard_port, metrics_ports
         # Token authentication on every node, as on any cluster reachable over a network (the token file is on
         # the disk both nodes share; on separate machines it is copied to each).
-        self.env = {**os.environ, **stack_env(replicas_listen=False), "RAY_AUTH_MODE": "token",
+        # Not RAY_ADDRESS: a Ray this test process joined (the shared stack) would win over --address.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+        self.env = {**inherited, **stack_env(replicas_listen=False), "RAY_AUTH_MODE": "token",
                     # HAProxy's own metrics and stats ports on the head: free ones, beside any other stack here.
                     **dict(zip(("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"),
                                map(str, free_ports(2)), strict=True))}

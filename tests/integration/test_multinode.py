@@ -159,9 +159,10 @@ def test_the_gateway_runs_on_both_nodes_and_the_model_on_the_worker(cluster: _Cl
             reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                                    max_tokens=4, temperature=0)
             assert reply.usage is not None and reply.usage.completion_tokens == 4
+    # --address names the cluster even where RAY_ADDRESS names another (a shell that joined another cluster).
     status = subprocess.run(
         [str(Path(sys.executable).with_name("raygate")), "status", "--address", nodes.address],
-        capture_output=True, text=True, timeout=120, env=nodes.env)
+        capture_output=True, text=True, timeout=120, env={**nodes.env, "RAY_ADDRESS": "127.0.0.1:1"})
     assert status.returncode == 0, status.stderr[-2000:]
     out = status.stdout
     assert f"node {nodes.head_ip}: alive, 1 CPU" in out and f"node {nodes.worker_ip}: alive, 1 CPU, rg_worker" in out, out
