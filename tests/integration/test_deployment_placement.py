@@ -142,7 +142,10 @@ def test_the_openai_api_through_the_models_deployment(placed: _Placed) -> None:
     per_event = [len(c.choices[0].logprobs.content) for c in client.chat.completions.create(
         model="raygate/tiny-chat", messages=messages, max_tokens=24, temperature=0, stream=True, logprobs=True)
         if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content]
-    assert per_event[0] == 1 and max(per_event) == 4 and len(per_event) <= 8, per_event
+    # vLLM merges the outputs its handler has not relayed yet (a busy host: 8 tokens in one event), so every event
+    # between the first and the last carries a multiple of 4; without stream_interval each would carry one.
+    assert per_event[0] == 1 and sum(per_event) == 24 and len(per_event) <= 8, per_event
+    assert all(n % 4 == 0 for n in per_event[1:-1]), per_event
     # The engine's own errors keep their status, param and code across the handle.
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="raygate/tiny-chat", prompt="x", max_tokens=5000)
