@@ -135,15 +135,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = serve.status()
         dashboard = context.dashboard_url or f"127.0.0.1:{args.dashboard_port}"
         print(f"dashboard: http://{dashboard}  ({token_hint()})")
-        nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-        for node in ray.nodes():
-            if node["Alive"]:
-                cpus = node["Resources"].get("CPU", 0)
-                extra = sorted(k for k in node["Resources"] if k not in _RAY_RESOURCES and not k.startswith("node:"))
-                print(f"node {node['NodeManagerAddress']}: alive, {cpus:g} CPU" + "".join(f", {k}" for k in extra))
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        for node in alive:
+            cpus = node["Resources"].get("CPU", 0)
+            extra = sorted(k for k in node["Resources"] if k not in _RAY_RESOURCES and not k.startswith("node:"))
+            print(f"node {node['NodeManagerAddress']}: alive, {cpus:g} CPU" + "".join(f", {k}" for k in extra))
         if context.dashboard_url:  # Ray's state API asks this dashboard, not RAY_ADDRESS's (it reads that first)
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
-        placed = _replica_nodes(nodes)
+        placed = _replica_nodes({n["NodeID"]: n["NodeManagerAddress"] for n in alive})
         if not status.applications:
             print("no Serve applications")
         for app_name, app in status.applications.items():

@@ -38,7 +38,7 @@ _NLM_F_REQUEST_DUMP = 0x1 | 0x300
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _TCP_LISTEN = 10
 _HEADER = struct.Struct("=LHHLL")  # nlmsghdr
-_SPORT, _INODE = 4 + 0, 4 + 48 + 16  # offsets in inet_diag_msg: after family/state/timer/retrans; after the id
+_SPORT, _INODE = 4, 4 + 48 + 16  # offsets in inet_diag_msg: after family/state/timer/retrans; after the id
 _NO_COOKIE = 0xFFFFFFFFFFFFFFFF
 
 

@@ -34,7 +34,6 @@ from serve.engine import IN_FLIGHT_STAT
 logger = logging.getLogger(__name__)
 
 
-
 class ConversationRequestRouter(RequestRouter):
     """Replicas ranked by the request's conversation key, busy ones passed over (see `rank_replicas`)."""
 
