@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # CUDA vLLM on GPU machines, vLLM's CPU build elsewhere.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test train install install-test install-bench bench bench-harness bench-lifecycle bench-observability bench-placement bench-peers bench-litellm soak chaos docs lint clean
 
@@ -20,8 +21,10 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml
 	$(PY) -c "import vllm, ray, torch, peft, bitsandbytes, ray.train; print('vllm', vllm.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
 	touch $@
 
+# Debian's Chromium for the console's browser tests (Playwright drives it; no browser download at test time).
 $(VENV)/.installed-test: $(VENV)/.installed-$(EXTRA)
 	$(PIP) install -q -e ".[test]"
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-$(EXTRA)

@@ -23,6 +23,11 @@ def _input_tokens(usage: dict[str, Any]) -> int:
                                                    "cache_creation_input_tokens"))
 
 
+def _fill_prompt(usage: dict[str, Any], outcome: Outcome) -> None:
+    outcome.prompt_tokens = _input_tokens(usage)
+    outcome.cached_tokens = int(usage.get("cache_read_input_tokens") or 0)
+
+
 def read_usage(payload: bytes, outcome: Outcome) -> None:
     """Fill `outcome` from a full Messages response (usage and the stop reason)."""
     try:
@@ -32,7 +37,7 @@ def read_usage(payload: bytes, outcome: Outcome) -> None:
     if not isinstance(doc, dict):
         return
     usage = doc.get("usage") or {}
-    outcome.prompt_tokens = _input_tokens(usage)
+    _fill_prompt(usage, outcome)
     outcome.completion_tokens = int(usage.get("output_tokens") or 0)
     outcome.finish_reason = doc.get("stop_reason")
 
@@ -53,11 +58,11 @@ def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
             continue
         kind = doc.get("type")
         if kind == "message_start":
-            outcome.prompt_tokens = _input_tokens((doc.get("message") or {}).get("usage") or {})
+            _fill_prompt((doc.get("message") or {}).get("usage") or {}, outcome)
         elif kind == "message_delta":
             usage = doc.get("usage") or {}
             if _input_tokens(usage):
-                outcome.prompt_tokens = _input_tokens(usage)
+                _fill_prompt(usage, outcome)
             outcome.completion_tokens = int(usage.get("output_tokens") or 0)
             outcome.finish_reason = (doc.get("delta") or {}).get("stop_reason") or outcome.finish_reason
             outcome.usage_seen = True

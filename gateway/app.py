@@ -33,6 +33,7 @@ from gateway.serving_models import ModelCatalog
 from gateway.serving_tokens import TokenCountService
 from gateway.settings import GatewaySettings
 from gateway.tracing import Tracing
+from models.registry import Registry
 from serve.errors import InvalidRequest, RaygateError, param_from_validation_error
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -128,6 +129,7 @@ def create_app(
     backend: ModelBackend,
     governance: Governance | None = None,
     observer: Observer | None = None,
+    registry: Registry | None = None,
 ) -> GatewayApp:
     """Build the gateway for `backend`'s models (tests pass their own governance and observer)."""
     gov = governance or Governance.build(settings)
@@ -185,6 +187,11 @@ def create_app(
     app.include_router(anthropic_router(generation, TokenCountService(generation)))
     app.include_router(vllm_router(generation))
     app.include_router(admin_router(gov))
+    if settings.console and gov.has_admin:
+        from gateway.console.router import NeedsLogin, console_router, needs_login
+
+        app.include_router(console_router(gov, backend, registry, settings, obs.metrics))
+        app.add_exception_handler(NeedsLogin, needs_login)
     app.direct_routes = {
         "/v1/chat/completions": partial(generation.create, "chat"),
         "/v1/completions": partial(generation.create, "completion"),

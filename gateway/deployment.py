@@ -69,7 +69,8 @@ class GatewayIngress:
         self.governance = Governance.build(self.settings)
         # A taken port fails here, in a second, not after the engines load.
         sock = reuse_port_socket(listen["host"], int(listen["port"])) if listen is not None else None
-        self.backend = build_backend(cfg.serve, registry_for(cfg, self.settings), models)
+        self.registry = registry_for(cfg, self.settings)
+        self.backend = build_backend(cfg.serve, self.registry, models)
         await self.backend.start()
         self.replica_header = cfg.gateway.conversation_routing.replica_header
         self.asgi_app = self._build_app()
@@ -82,7 +83,7 @@ class GatewayIngress:
             await self.listener.start()
 
     def _build_app(self) -> Any:
-        app = create_app(self.settings, self.backend, self.governance)
+        app = create_app(self.settings, self.backend, self.governance, registry=self.registry)
         if self.replica_header:
             return with_header(app, b"x-raygate-replica", serve.get_replica_context().replica_id.unique_id.encode())
         return app

@@ -80,10 +80,15 @@ class TokenRateExceeded(QuotaExceeded):
 
 
 class BudgetExhausted(QuotaExceeded):
-    """A daily or monthly token budget is spent: retrying now will not help."""
+    """A token or spend budget is spent: retrying now will not help."""
 
     type = "insufficient_quota"
     default_code = "insufficient_quota"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, kind: str = "day",
+                 subject: str | None = None) -> None:
+        super().__init__(message, headers=headers, kind=kind)
+        self.subject = subject  # the key or team (`key:<id>`, `team:<name>`) whose budget it is
 
 
 class KeyStoreUnavailable(GatewayError):

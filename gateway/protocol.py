@@ -51,6 +51,14 @@ class _Request(BaseModel):
         """The most tokens the request may make its engine process (its quota reservation)."""
         raise NotImplementedError
 
+    def end_user(self) -> str | None:
+        """The caller's own id for its end user, for the ledger: OpenAI's `user` (or its successor
+        `safety_identifier`); Anthropic's `metadata.user_id`."""
+        for value in (getattr(self, "user", None), (self.model_extra or {}).get("safety_identifier")):
+            if isinstance(value, str) and value:
+                return value
+        return None
+
 
 class _Sampling(_Request):
     stream: bool | None = False
@@ -171,6 +179,10 @@ class MessagesRequest(MessagesCountRequest):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     metadata: dict[str, Any] | None = None
+
+    def end_user(self) -> str | None:
+        user = (self.metadata or {}).get("user_id")
+        return user if isinstance(user, str) and user else None
 
     def demand(self) -> Demand:
         """The system prompt, every message's text, tool-use inputs and tool results, the tool definitions, then

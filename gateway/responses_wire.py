@@ -22,6 +22,8 @@ def _fill(response: dict[str, Any], outcome: Outcome) -> None:
     usage = response.get("usage") or {}
     outcome.prompt_tokens = int(usage.get("input_tokens") or 0)
     outcome.completion_tokens = int(usage.get("output_tokens") or 0)
+    details = usage.get("input_tokens_details")
+    outcome.cached_tokens = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
     reason = (response.get("incomplete_details") or {}).get("reason")
     outcome.finish_reason = reason or response.get("status")
 

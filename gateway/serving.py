@@ -121,7 +121,8 @@ class GenerationService:
                 body["priority"] = priority_for(caller.tier, settings.tier_priority)
             exact = self.exact_prompts and endpoint in SCHEDULED  # tokenize and detokenize reserve nothing
             count = (lambda: first.count_prompt_tokens(endpoint, body)) if exact else None
-            adm = await gov.admit(caller, typed.demand, card.max_model_len, count)
+            adm = await gov.admit(caller, typed.demand, card.max_model_len, count, price=lambda: gov.prices.ceiling(
+                name for target in chosen for name in self.backend.grant_names(target)))
             watch.mark("quota")
         except BaseException as exc:
             watch.fail(exc)
@@ -129,7 +130,7 @@ class GenerationService:
         streaming = typed.streams
         wire = WIRES[endpoint]
         watch.admitted(streaming, adm.unchecked)
-        outcome = Outcome(model=requested, endpoint=endpoint)
+        outcome = Outcome(model=requested, endpoint=endpoint, end_user=typed.end_user())
         headers = {**id_headers(request, rid), **adm.headers}
         client_wants_usage = wire.want_usage(body) if streaming else True
 
@@ -162,7 +163,7 @@ class GenerationService:
                 exc.headers = {**adm.headers, **getattr(exc, "headers", {})}  # type: ignore[attr-defined]
             raise
         watch.first_output(engine.card.id, fallbacks)
-        outcome.version = engine.card.root
+        outcome.version, outcome.served = engine.card.root, engine.card.id
         if engine.card.root:
             headers["x-raygate-model-version"] = engine.card.root
         if isinstance(result, bytes):

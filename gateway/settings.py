@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.governance.pricing import ModelPrice
 from gateway.routing.routes import RouteConfig
 
 
@@ -64,6 +65,25 @@ class GatewaySettings(BaseSettings):
         "template and tokenizes, exact but paid twice per request). Either way the reservation settles to the "
         "engine's real count when the request ends.",
     )
+    currency: str = Field(
+        default="USD", min_length=1, max_length=8,
+        description="The currency `prices` and spend budgets are in; a label for the admin API, the console and CSV.",
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description="Prices per million tokens by model: a served name, an alias, a version (`name@3`, over its "
+        "model's price) or `*` (every model without one). Each request's cost is written to the ledger and counted "
+        "against spend budgets; a model without a price costs nothing.",
+    )
+    budget_alert_webhook: str | None = Field(
+        default=None,
+        description="URL that gets a JSON POST when a key's or team's budget (tokens or spend, per day, month or in "
+        "all) reaches one of `budget_alert_thresholds`, once per budget, period and threshold; None: no alerts.",
+    )
+    budget_alert_thresholds: list[float] = Field(
+        default_factory=lambda: [0.8, 1.0],
+        description="Shares of a budget whose crossing sends an alert to `budget_alert_webhook`.",
+    )
     ledger_flush_interval_s: float = Field(default=1.0, gt=0, description="How often usage rows are written in one batch; longer writes fewer, larger batches.")
     routes: dict[str, RouteConfig] = Field(
         default_factory=dict, description="Names clients may send as `model` that split or fall back across models."
@@ -95,6 +115,13 @@ class GatewaySettings(BaseSettings):
     access_log: bool = Field(
         default=False, description="One JSON line per request (status, model, key id, tokens, times; never the key "
         "or the prompt), written from a thread of its own."
+    )
+    console: bool = Field(
+        default=True, description="Serve the admin console at /ui (behind the admin key; off without one)."
+    )
+    console_session_s: float = Field(
+        default=8 * 3600, gt=0, le=30 * 86400,
+        description="How long a console login lasts; shorten it where browsers are shared.",
     )
     slo_ttft_s: float = Field(default=1.0, gt=0, description="Time-to-first-token objective that raygate_slo_requests_total counts against; set your service's.")
     slo_tpot_s: float = Field(default=0.1, gt=0, description="Mean time-per-output-token objective that raygate_slo_requests_total counts against; set your service's.")
@@ -136,6 +163,13 @@ class GatewaySettings(BaseSettings):
             if any(t.model == name for t in route.targets):
                 raise ValueError(f"route {name!r} points at itself")
         return self
+
+    @field_validator("budget_alert_thresholds")
+    @classmethod
+    def _shares(cls, v: list[float]) -> list[float]:
+        if any(not 0 < t <= 1 for t in v):
+            raise ValueError("alert thresholds are shares of a budget, in (0, 1]")
+        return sorted(set(v))
 
     @field_validator("home", "api_keys_file", "admin_key_file", mode="after")
     @classmethod

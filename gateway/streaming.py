@@ -57,15 +57,22 @@ class SettledStream(StreamingResponse):
                 await self.closer()
 
 
+def fill_usage(usage: dict[str, Any], outcome: Outcome) -> None:
+    """Tokens from OpenAI's `usage` (chat, completions, embeddings): the prompt's cached share from
+    `prompt_tokens_details.cached_tokens`, which vLLM reports when its prefix cache served part of the prompt."""
+    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+    details = usage.get("prompt_tokens_details")
+    outcome.cached_tokens = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+
+
 def read_usage(payload: bytes, outcome: Outcome) -> None:
     """Fill `outcome` from a full response body (usage and the first choice's finish reason)."""
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return
-    usage = doc.get("usage") or {}
-    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+    fill_usage(doc.get("usage") or {}, outcome)
     choices = doc.get("choices") or []
     if choices:
         outcome.finish_reason = choices[0].get("finish_reason")
@@ -101,9 +108,7 @@ def observe(chunk: bytes, outcome: Outcome, client_wants_usage: bool) -> bytes:
                 doc = orjson.loads(event[6:])
             except orjson.JSONDecodeError:
                 doc = {}
-            usage = doc.get("usage") or {}
-            outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+            fill_usage(doc.get("usage") or {}, outcome)
             outcome.usage_seen = True
             if not client_wants_usage and not doc.get("choices"):
                 continue

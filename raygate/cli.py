@@ -97,6 +97,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  API key    {key}\n"
             f"             (also in {key_path})\n"
             f"  admin key  in {admin_path}  (/admin/keys, or `raygate keys ...`)\n"
+            f"  console    {stack.base_url}/ui  (log in with the admin key)\n"
             f"  dashboard  {stack.dashboard_url}  ({token_hint()})\n"
             f"  metrics    {stack.base_url}/metrics (gateway), http://127.0.0.1:{args.metrics_port}/metrics (Ray, Serve, vLLM)\n"
             "  try:       curl -s {0}/v1/chat/completions -H \"Authorization: Bearer $(cat {1})\" "
@@ -270,7 +271,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     async def serve_forever() -> None:
         backend = build_backend(cfg.serve, registry)
-        app = create_app(settings, backend)  # opens the key store first: an unreachable one fails before engines load
+        app = create_app(settings, backend, registry=registry)  # opens the key store first: an unreachable one fails before engines load
         await backend.start()
         server = uvicorn.Server(
             uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning", lifespan="on")

@@ -22,6 +22,7 @@ from serve.engine import Endpoint
 ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
 
 LIMIT_FLAGS = ("rpm", "tpm", "max_concurrent", "tokens_per_day", "tokens_per_month")
+SPEND_FLAGS = ("spend_per_day", "spend_per_month", "spend_total")  # in the gateway's currency
 
 
 def store_for(home: Path) -> KeyStore:
@@ -30,7 +31,7 @@ def store_for(home: Path) -> KeyStore:
 
 
 def _limits(args: argparse.Namespace) -> Limits:
-    return Limits(**{f: getattr(args, f) for f in LIMIT_FLAGS if getattr(args, f) is not None})
+    return Limits(**{f: getattr(args, f) for f in LIMIT_FLAGS + SPEND_FLAGS if getattr(args, f) is not None})
 
 
 def _row(k: KeyRecord) -> str:
@@ -66,7 +67,8 @@ def cmd_keys(args: argparse.Namespace, home: Path) -> int:
             rows: list[dict[str, Any]] = store.usage_summary(since=args.since, until=args.until, key_id=args.key)
             for r in rows:
                 print(f"{r['day']} {r['key_id'] or '-':26s} {r['model']:30s} req={r['requests']} "
-                      f"prompt={r['prompt_tokens']} completion={r['completion_tokens']} errors={r['errors']}")
+                      f"prompt={r['prompt_tokens']} cached={r['cached_tokens']} completion={r['completion_tokens']} "
+                      f"cost={r['cost']:g} errors={r['errors']}")
     finally:
         store.close()
     return 0
@@ -79,6 +81,9 @@ def add_parser(sub: Any) -> None:
     def limit_flags(p: argparse.ArgumentParser) -> None:
         for f in LIMIT_FLAGS:
             p.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=None)
+        for f in SPEND_FLAGS:
+            p.add_argument("--" + f.replace("_", "-"), dest=f, type=float, default=None,
+                           help="Spend budget in the gateway's currency.")
 
     create = ksub.add_parser("create", help="A new key; its plaintext is printed once.")
     create.add_argument("--name", default="")

@@ -5,6 +5,9 @@ No `from __future__ import annotations` here: FastAPI must see the route-local `
 
 
 import asyncio
+import base64
+import csv
+import io
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
@@ -13,11 +16,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
-from gateway.errors import NotFound, ServiceDisabled
+from gateway.errors import NotFound, QuotaUnavailable, ServiceDisabled
 from gateway.governance.gate import Governance
 from gateway.governance.limits import Limits
+from gateway.governance.pricing import from_nanos
+from gateway.governance.quota_policy import DIMENSIONS, SPEND_COUNTERS, limit_values
 from gateway.governance.records import KeyRecord, as_utc
-from gateway.governance.store import KeyNotFound, KeyStore, reachable
+from gateway.governance.store import USAGE_GROUPS, KeyNotFound, KeyStore, reachable
 from serve.engine import Endpoint
 from serve.errors import InvalidRequest
 
@@ -115,14 +120,60 @@ def _key_view(record: KeyRecord) -> dict[str, Any]:
     return record.model_dump(mode="json")
 
 
-def _usage_cursor(after: str) -> tuple[str, str, str]:
-    parts = after.split("|", 2)
-    if len(parts) != 3:
-        raise InvalidRequest("`after` is the `last_id` of a previous page (day|key_id|model).", param="after")
-    return parts[0], parts[1], parts[2]
+def _usage_cursor(group: dict[str, Any], group_by: list[str]) -> str:
+    """A group's place in the ordering, as an opaque `last_id` (values may hold any character)."""
+    return base64.urlsafe_b64encode(orjson.dumps([group[g] or "" for g in group_by])).decode()
+
+
+def _usage_after(after: str, group_by: list[str]) -> list[str]:
+    try:
+        values = orjson.loads(base64.urlsafe_b64decode(after.encode()))
+    except (ValueError, orjson.JSONDecodeError):
+        values = None
+    if not isinstance(values, list) or len(values) != len(group_by) or not all(isinstance(v, str) for v in values):
+        raise InvalidRequest("`after` is the `last_id` of a previous page grouped the same way.", param="after")
+    return values
+
+
+def _group_by(value: str) -> list[str]:
+    groups = [g.strip() for g in value.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in USAGE_GROUPS]
+    if not groups or unknown or len(set(groups)) != len(groups):
+        raise InvalidRequest(f"`group_by` is a comma-separated list of distinct {', '.join(USAGE_GROUPS)}.",
+                             param="group_by")
+    return groups
+
+
+CSV_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens", "cost", "errors",
+               "mean_latency_ms")
+
+
+def _csv(rows: list[dict[str, Any]], group_by: list[str], currency: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([*group_by, *CSV_COLUMNS[:-3], f"cost_{currency.lower()}", *CSV_COLUMNS[-2:]])
+    for row in rows:
+        # A cell a spreadsheet would run as a formula (a client-chosen `user`, say) is written as text.
+        cells = [("'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v)
+                 for v in (*(row[g] for g in group_by), *(row[c] for c in CSV_COLUMNS))]
+        writer.writerow(["" if c is None else c for c in cells])
+    return out.getvalue()
+
+
+def budget_view(limits: Limits, used: tuple[int, ...], currency: str) -> dict[str, Any]:
+    """Each limit set, with what is used of it now (spend in the currency)."""
+    out = {}
+    for d, (name, lim) in enumerate(zip(DIMENSIONS, limit_values(limits), strict=True)):
+        if lim is None:
+            continue
+        spend = d in SPEND_COUNTERS
+        out[name] = {"limit": from_nanos(lim) if spend else lim, "used": from_nanos(used[d]) if spend else used[d],
+                     "unit": currency if spend else "requests" if d in (0, 2) else "tokens"}
+    return out
 
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")]
+Groups = Annotated[str, Query(description="Comma-separated columns to group by: " + ", ".join(USAGE_GROUPS) + ".")]
 
 
 def admin_router(gov: Governance) -> APIRouter:
@@ -196,19 +247,52 @@ def admin_router(gov: Governance) -> APIRouter:
         return _json({"object": "list", "data": [{"team": n, "limits": lim.model_dump(exclude_none=True)}
                                                  for n, lim in teams.items()]})
 
-    @r.get("/usage")
-    async def usage(
-        store: Store, since: date | None = None, until: date | None = None, key_id: str | None = None,
-        endpoint: Endpoint | None = None, limit: Limit = 100, after: str | None = None,
-    ) -> Response:
+    async def usage_rows(store: KeyStore, **query: Any) -> Any:
         if gov.ledger is not None:
             with reachable():
                 await gov.ledger.flush()  # this process's pending rows first
-        cursor = _usage_cursor(after) if after else None
-        rows = await call(
-            store.usage_summary, since=since, until=until, key_id=key_id, endpoint=endpoint, limit=limit + 1,
-            after=cursor,
-        )
-        return _json(_page(rows, limit, lambda g: "|".join((g["day"], g["key_id"] or "", g["model"]))))
+        return await call(store.usage_summary, **query)
+
+    @r.get("/usage")
+    async def usage(
+        store: Store, since: date | None = None, until: date | None = None, key_id: str | None = None,
+        team: str | None = None, model: str | None = None, version: str | None = None, end_user: str | None = None,
+        endpoint: Endpoint | None = None, group_by: Groups = "day,key_id,model", limit: Limit = 100,
+        after: str | None = None,
+    ) -> Response:
+        groups = _group_by(group_by)
+        where = {"key_id": key_id, "team": team, "model": model, "version": version, "end_user": end_user,
+                 "endpoint": endpoint}
+        rows = await usage_rows(store, group_by=groups, since=since, until=until, limit=limit + 1,
+                                after=_usage_after(after, groups) if after else None, **where)
+        totals = await call(store.usage_totals, since=since, until=until, **where)
+        page = _page(rows, limit, lambda g: _usage_cursor(g, groups))
+        return _json({**page, "group_by": groups, "currency": gov.settings.currency, "totals": totals})
+
+    @r.get("/usage.csv")
+    async def usage_csv(
+        store: Store, since: date | None = None, until: date | None = None, key_id: str | None = None,
+        team: str | None = None, model: str | None = None, version: str | None = None, end_user: str | None = None,
+        endpoint: Endpoint | None = None, group_by: Groups = "day,key_id,model",
+    ) -> Response:
+        groups = _group_by(group_by)
+        rows = await usage_rows(store, group_by=groups, since=since, until=until, key_id=key_id, team=team,
+                                model=model, version=version, end_user=end_user, endpoint=endpoint)
+        return Response(_csv(rows, groups, gov.settings.currency), media_type="text/csv; charset=utf-8",
+                        headers={"content-disposition": 'attachment; filename="raygate-usage.csv"'})
+
+    @r.get("/keys/{key_id}/budget")
+    async def key_budget(key_id: str, store: Store) -> Response:
+        """The key's limits (and its team's) with what each has used now, from the live quota counters."""
+        record: KeyRecord = await call(store.get_key, key_id)
+        out: dict[str, Any] = {"key_id": record.id, "currency": gov.settings.currency}
+        for subject in gov.subjects(record):
+            try:
+                used = await gov.limiter.used(subject)
+            except Exception as exc:  # noqa: BLE001 - the quota store's own errors (Redis down)
+                raise QuotaUnavailable("The quota service is unavailable; retry shortly.") from exc
+            out["team" if subject.id.startswith("team:") else "key"] = budget_view(subject.limits, used,
+                                                                                 gov.settings.currency)
+        return _json(out)
 
     return r

@@ -15,10 +15,12 @@ from datetime import UTC, datetime
 
 from starlette.requests import Request
 
-from gateway.errors import AuthenticationFailed, EndpointNotAllowed
+from gateway.errors import AuthenticationFailed, BudgetExhausted, EndpointNotAllowed
+from gateway.governance.alerts import BudgetAlerts
 from gateway.governance.keycache import KeyCache
 from gateway.governance.keys import hash_key, key_prefix
 from gateway.governance.ledger import UsageLedger
+from gateway.governance.pricing import PriceBook, TokenPrice
 from gateway.governance.quota import LocalQuota, QuotaLimiter
 from gateway.governance.quota_policy import Admission, Demand, Period, Subject, reservation
 from gateway.governance.records import KeyRecord, UsageRow
@@ -56,6 +58,7 @@ class Outcome:
 
     status: int = 200
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, found in the engine's prefix cache (vLLM's cached_tokens)
     completion_tokens: int = 0
     finish_reason: str | None = None
     version: str | None = None
@@ -63,6 +66,8 @@ class Outcome:
     endpoint: str | None = None
     usage_seen: bool = False  # the engine reported usage (a full body, or a stream's usage event)
     events: int = 0  # stream events with choices relayed so far (what the client was sent)
+    served: str | None = None  # the model id that answered (a route's target, an alias's model)
+    end_user: str | None = None  # the caller's own user id (OpenAI's `user`, Anthropic's metadata.user_id)
 
 
 class Governance:
@@ -79,6 +84,9 @@ class Governance:
         self.store = store
         self.limiter = limiter
         self.ledger = ledger
+        self.prices = PriceBook(settings.prices)
+        self.alerts = BudgetAlerts(settings.budget_alert_webhook, settings.budget_alert_thresholds, limiter,
+                                   settings.currency) if settings.budget_alert_webhook else None
         self._secret = secret  # the store's too: both hash with it
         static = {}
         for key in settings.accepted_keys():
@@ -111,9 +119,16 @@ class Governance:
     def hash(self, key: str) -> str:
         return hash_key(self._secret, key)
 
+    def session_key(self, purpose: str) -> bytes:
+        """A signing key for `purpose` (the console's cookies), from the server secret and the admin key: a new
+        admin key or secret voids what it signed."""
+        return hmac.new(self._secret, f"{purpose}:{self._admin_hash or ''}".encode(), "sha256").digest()
+
     async def close(self) -> None:
         if self.ledger is not None:
             await self.ledger.close()
+        if self.alerts is not None:
+            await self.alerts.close()
         await self.limiter.close()
         if self.store is not None:
             self.store.close()
@@ -125,6 +140,11 @@ class Governance:
         if record is None or not record.usable():
             raise AuthenticationFailed(_INVALID)  # unknown, revoked and expired look the same
         return record
+
+    @property
+    def has_admin(self) -> bool:
+        """Whether an admin key is set (without one, /admin and the console stay shut)."""
+        return self._admin_hash is not None
 
     def authenticate_admin(self, request: Request) -> None:
         token = bearer_token(request)
@@ -150,16 +170,16 @@ class Governance:
         return allowed
 
     # -- how much -------------------------------------------------------------
-    async def budget_used(self, subject: Subject, period: Period) -> tuple[int, int]:
-        """What the ledger says `subject` used on the period's day and in its month (this process's pending rows
-        written first)."""
+    async def budget_used(self, subject: Subject, period: Period) -> tuple[int, ...]:
+        """What the ledger says `subject` used of each budget (tokens on the period's day and in its month, spend
+        on the day, in the month and in all) , this process's pending rows written first."""
         assert self.store is not None
         kind, _, name = subject.id.partition(":")
         with reachable():
             if self.ledger is not None:
                 await self.ledger.flush()
             return await asyncio.to_thread(
-                self.store.tokens_used, key_id=name if kind == "key" else None, team=name if kind == "team" else None,
+                self.store.budget_used, key_id=name if kind == "key" else None, team=name if kind == "team" else None,
                 at=datetime.fromtimestamp(period.now, UTC),
             )
 
@@ -174,17 +194,28 @@ class Governance:
 
     async def admit(
         self, record: KeyRecord, demand_of: Callable[[], Demand], max_model_len: int | None,
-        count_prompt: Callable[[], Awaitable[int | None]] | None = None,
+        count_prompt: Callable[[], Awaitable[int | None]] | None = None, price: Callable[[], TokenPrice] | None = None,
     ) -> Admission:
-        """Reserve the most the request can use. The request's demand (`demand_of`) and the engine's exact prompt
-        count (`count_prompt`) are asked only when a limit applies: a key without limits pays for neither.
-        A batch counts one request a prompt for rpm and max_concurrent."""
+        """Reserve the most the request can use: tokens, and where a spend budget applies its most possible cost
+        at `price` (the dearest of the models it may run on). The request's demand (`demand_of`), the engine's
+        exact prompt count (`count_prompt`) and the price are asked only when a limit applies: a key without
+        limits pays for none of them. A batch counts one request a prompt for rpm and max_concurrent."""
         subjects = self.subjects(record)
         if not subjects:
             return await self.limiter.admit(subjects, 0)
         demand = demand_of()
         counted = await count_prompt() if count_prompt is not None else None
-        return await self.limiter.admit(subjects, reservation(demand, max_model_len, counted), demand.prompts)
+        reserve = reservation(demand, max_model_len, counted)
+        spend = 0
+        if price is not None and any(s.limits.has_spend() for s in subjects):
+            prompt = demand.prompt_tokens if counted is None else counted
+            spend = price().most(prompt, reserve - prompt)
+        try:
+            return await self.limiter.admit(subjects, reserve, demand.prompts, spend)
+        except BudgetExhausted as exc:
+            if self.alerts is not None:
+                await self.alerts.check(subjects, refused=(exc.subject or "", exc.kind))
+            raise
 
     async def authorize_endpoint(self, record: KeyRecord, endpoint: Endpoint) -> None:
         """EndpointNotAllowed (403) when the key's endpoint allow-list leaves `endpoint` out; the refusal counts
@@ -200,13 +231,22 @@ class Governance:
         if subjects:
             await self.limiter.settle(await self.limiter.admit(subjects, 0), 0)
 
+    def cost(self, outcome: Outcome) -> int:
+        """What the request cost in nano-units: its tokens at the price of the version that served it, else of the
+        model that answered, else of the name it asked for."""
+        price = self.prices.price(outcome.version, outcome.served, outcome.model)
+        return price.cost(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens)
+
     async def finish(
         self, record: KeyRecord, adm: Admission | None, outcome: Outcome, request_id: str, latency_s: float
     ) -> None:
-        """Settle the reservation to real usage and queue the ledger row. Never raises."""
+        """Settle the reservation to real usage and cost, and queue the ledger row. Never raises."""
+        cost = self.cost(outcome)
         try:
             if adm is not None:
-                await self.limiter.settle(adm, outcome.prompt_tokens + outcome.completion_tokens)
+                await self.limiter.settle(adm, outcome.prompt_tokens + outcome.completion_tokens, cost)
+                if self.alerts is not None and not adm.unchecked:
+                    await self.alerts.check(adm.subjects)
         except Exception:  # noqa: BLE001 - a settle failure must not fail the response
             logger.exception("quota settle failed for %s", request_id)
         if self.ledger is not None and outcome.model is not None:
@@ -214,7 +254,9 @@ class Governance:
                 UsageRow(
                     request_id=request_id, key_id=record.id, team=record.team, model=outcome.model,
                     version=outcome.version, prompt_tokens=outcome.prompt_tokens,
-                    completion_tokens=outcome.completion_tokens, latency_ms=latency_s * 1000.0,
-                    status=outcome.status, finish_reason=outcome.finish_reason, endpoint=outcome.endpoint,
+                    cached_tokens=min(outcome.cached_tokens, outcome.prompt_tokens),
+                    completion_tokens=outcome.completion_tokens, cost=cost, end_user=outcome.end_user,
+                    latency_ms=latency_s * 1000.0, status=outcome.status, finish_reason=outcome.finish_reason,
+                    endpoint=outcome.endpoint,
                 )
             )

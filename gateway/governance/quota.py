@@ -16,7 +16,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from gateway.errors import BudgetExhausted, QuotaExceeded, TokenRateExceeded
+from gateway.governance.pricing import from_nanos
 from gateway.governance.quota_policy import (
+    BUDGETS,
+    SPEND_COUNTERS,
+    TOKEN_COUNTERS,
     Admission,
     Period,
     Rejection,
@@ -36,24 +40,29 @@ _MESSAGES = {
     "concurrent": "Too many concurrent requests ({limit} at once) on {subject}. Retry when one finishes.",
     "day": "You exceeded your daily token budget ({limit}) on {subject}.",
     "month": "You exceeded your monthly token budget ({limit}) on {subject}.",
+    "spend_day": "You exceeded your daily spend budget ({amount}) on {subject}.",
+    "spend_month": "You exceeded your monthly spend budget ({amount}) on {subject}.",
+    "spend_total": "You exceeded your spend budget ({amount}) on {subject}.",
 }
 
 
 def rejection_error(r: Rejection) -> QuotaExceeded:
-    message = _MESSAGES[r.kind].format(limit=r.limit, subject=r.subject, retry=r.retry_after_s)
-    if r.kind in ("day", "month"):
-        return BudgetExhausted(message, headers=r.headers, kind=r.kind)
+    message = _MESSAGES[r.kind].format(limit=r.limit, amount=f"{from_nanos(r.limit):g}", subject=r.subject,
+                                       retry=r.retry_after_s)
+    if r.dim in BUDGETS:
+        return BudgetExhausted(message, headers=r.headers, kind=r.kind, subject=r.subject)
     cls = TokenRateExceeded if r.kind == "tokens" else QuotaExceeded
     return cls(message, retry_after_s=r.retry_after_s, headers=r.headers, kind=r.kind)
 
 
-# What a subject used of its day and month budgets before this process counted (the ledger's sums).
-BudgetSource = Callable[[Subject, Period], Awaitable[tuple[int, int]]]
+# What a subject used of each budget (BUDGETS: tokens of the day and month, spend of the day, month and all time)
+# before this process counted: the ledger's sums.
+BudgetSource = Callable[[Subject, Period], Awaitable[tuple[int, ...]]]
 
 
 class Unseeded(Exception):  # noqa: N818 - a signal between a limiter and its base class, never raised further
-    """Day or month counters of these subjects do not exist in the store yet: a new period, a restarted gateway,
-    a restarted Redis. They are seeded from the ledger before the admission is checked."""
+    """Budget counters of these subjects do not exist in the store yet: a new period, a restarted gateway, a
+    restarted Redis. They are seeded from the ledger before the admission is checked."""
 
     def __init__(self, subjects: list[Subject]) -> None:
         super().__init__()
@@ -79,21 +88,21 @@ class QuotaLimiter(abc.ABC):
         self._held: dict[str, Admission] = {}
         self._renewer: asyncio.Task[None] | None = None
 
-    async def admit(self, subjects: list[Subject], reserve: int, requests: int = 1) -> Admission:
-        """Reserve `requests` requests (one a prompt of a batch) and `reserve` tokens for every subject, or raise
-        QuotaExceeded."""
+    async def admit(self, subjects: list[Subject], reserve: int, requests: int = 1, spend: int = 0) -> Admission:
+        """Reserve `requests` requests (one a prompt of a batch), `reserve` tokens and `spend` nano-units for every
+        subject, or raise QuotaExceeded."""
         period = Period(self.clock(), self.window_s)
-        adm = Admission(subjects, reserve, period, uuid.uuid4().hex, requests=max(1, requests))
+        adm = Admission(subjects, reserve, period, uuid.uuid4().hex, requests=max(1, requests), spend=spend)
         if not subjects:
             return adm
         try:
             adm = await self._admit(adm)
         except Unseeded as missing:
-            # Budgets survive restarts: a day or month counter this store does not hold yet starts from what the
-            # ledger says was used in that period, then the admission is checked against it.
+            # Budgets survive restarts: a budget counter this store does not hold yet starts from what the ledger
+            # says was used in its period, then the admission is checked against it.
             for subject in missing.subjects:
-                day, month = await self.budgets(subject, period) if self.budgets is not None else (0, 0)
-                await self._seed(subject, period, day, month)
+                used = await self.budgets(subject, period) if self.budgets is not None else (0,) * len(BUDGETS)
+                await self._seed(subject, period, used)
             adm = await self._admit(adm, check_seeded=False)
         if not adm.unchecked and any(s.limits.max_concurrent is not None for s in subjects):
             self._held[adm.lease] = adm
@@ -111,35 +120,41 @@ class QuotaLimiter(abc.ABC):
                 except Exception:  # noqa: BLE001 - the next tick tries again; a lease lasts three ticks
                     logger.warning("renewing %d concurrency leases failed", len(held), exc_info=True)
 
-    async def settle(self, adm: Admission, used_tokens: int) -> None:
-        """Replace the reservation by the tokens really used; frees the concurrency slot. Idempotent."""
+    async def settle(self, adm: Admission, used_tokens: int, used_spend: int | None = None) -> None:
+        """Replace the reservation by the tokens really used and the real cost (None: the reserved cost stands);
+        frees the concurrency slot. Idempotent."""
         if adm.settled:
             return
         adm.settled = True
         self._held.pop(adm.lease, None)
         if adm.subjects and not adm.unchecked:
-            await self._settle(adm, used_tokens - adm.reserve)
+            await self._settle(adm, used_tokens - adm.reserve, 0 if used_spend is None else used_spend - adm.spend)
 
     @abc.abstractmethod
     async def used(self, subject: Subject) -> tuple[int, ...]:
-        """What `subject` has used now in each dimension (requests, tokens, in flight, day, month)."""
+        """What `subject` has used now in each of the DIMENSIONS."""
 
     @abc.abstractmethod
     async def _admit(self, adm: Admission, check_seeded: bool = True) -> Admission:
-        """Check and reserve atomically; raise Unseeded first (when `check_seeded`) for subjects whose day or
-        month counters with a limit do not exist."""
+        """Check and reserve atomically; raise Unseeded first (when `check_seeded`) for subjects whose budget
+        counters with a limit do not exist."""
 
     @abc.abstractmethod
-    async def _seed(self, subject: Subject, period: Period, day: int, month: int) -> None:
-        """Create the subject's day and month counters (those with a limit) holding `day` and `month`, unless
-        they exist (another process seeded them first)."""
+    async def _seed(self, subject: Subject, period: Period, used: tuple[int, ...]) -> None:
+        """Create the subject's budget counters (those of BUDGETS with a limit) holding `used` (one value each),
+        unless they exist (another process seeded them first)."""
 
     @abc.abstractmethod
-    async def _settle(self, adm: Admission, delta_tokens: int) -> None: ...
+    async def _settle(self, adm: Admission, delta_tokens: int, delta_spend: int) -> None: ...
 
     @abc.abstractmethod
     async def _extend(self, held: list[Admission], expiry: float) -> None:
         """Move the concurrency leases of `held` (admissions still running) to expire at `expiry`."""
+
+    @abc.abstractmethod
+    async def claim(self, name: str, ttl_s: float | None) -> bool:
+        """True for the first caller to claim `name` (in every process sharing the store) within `ttl_s` (None:
+        for ever); False after, or when the store cannot say."""
 
     async def close(self) -> None:
         task, self._renewer = self._renewer, None
@@ -157,6 +172,7 @@ class LocalQuota(QuotaLimiter):
         self._counts: dict[str, int] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._expiry: dict[str, float] = {}
+        self._claims: dict[str, float] = {}
         self._admits = 0
 
     def _purge(self, now: float) -> None:
@@ -200,7 +216,7 @@ class LocalQuota(QuotaLimiter):
         all_keys = [adm.period.keys(s.id, prefix) for s in adm.subjects]
         if check_seeded:
             missing = [s for s, keys in zip(adm.subjects, all_keys) if any(
-                limit_values(s.limits)[d] is not None and not self._holds(keys[d], now) for d in (3, 4))]
+                limit_values(s.limits)[d] is not None and not self._holds(keys[d], now) for d in BUDGETS)]
             if missing:
                 raise Unseeded(missing)
         used = []
@@ -209,12 +225,13 @@ class LocalQuota(QuotaLimiter):
                 len(self._live_leases(k, now)) if d == 2 else self._get(k, now) for d, k in enumerate(keys)
             )
             used.append(u)
-            bad = first_exceeded(limit_values(subj.limits), u, adm.reserve, adm.requests)
+            bad = first_exceeded(limit_values(subj.limits), u, adm.reserve, adm.requests, adm.spend)
             if bad is not None:
                 raise rejection_error(reject(adm, used, len(used) - 1, bad))
         ttl = self._ttls()
         for subj, keys in zip(adm.subjects, all_keys):
-            for d, (k, c, lim) in enumerate(zip(keys, costs(adm.reserve, adm.requests), limit_values(subj.limits))):
+            for d, (k, c, lim) in enumerate(zip(keys, costs(adm.reserve, adm.requests, adm.spend),
+                                                limit_values(subj.limits))):
                 if lim is None:
                     continue
                 if d == 2:
@@ -223,7 +240,9 @@ class LocalQuota(QuotaLimiter):
                         leases[member] = now + self.lease_s
                 else:
                     self._counts[k] = self._counts.get(k, 0) + c
-                    self._expiry.setdefault(k, now + ttl[d])
+                    lifetime = ttl[d]
+                    if lifetime is not None:
+                        self._expiry.setdefault(k, now + lifetime)
         adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True, requests=adm.requests)
         return adm
 
@@ -236,25 +255,36 @@ class LocalQuota(QuotaLimiter):
                         if member in leases:
                             leases[member] = expiry
 
-    def _ttls(self) -> tuple[float, ...]:
-        return (2 * self.window_s, 2 * self.window_s, 0, 2 * 86400, 32 * 86400)
+    async def claim(self, name: str, ttl_s: float | None) -> bool:
+        now = self.clock()
+        if self._claims.get(name, now) > now:
+            return False
+        self._claims[name] = float("inf") if ttl_s is None else now + ttl_s
+        return True
 
-    async def _seed(self, subject: Subject, period: Period, day: int, month: int) -> None:
+    def _ttls(self) -> tuple[float | None, ...]:
+        """How long each counter outlives its period's start (None: for ever, the all-time spend)."""
+        return (2 * self.window_s, 2 * self.window_s, 0, 2 * 86400, 32 * 86400, 2 * 86400, 32 * 86400, None)
+
+    async def _seed(self, subject: Subject, period: Period, used: tuple[int, ...]) -> None:
         keys = period.keys(subject.id, "q")
-        for d, value in ((3, day), (4, month)):
+        for d, value in zip(BUDGETS, used, strict=True):
             if limit_values(subject.limits)[d] is not None and keys[d] not in self._counts:
                 self._counts[keys[d]] = value
-                self._expiry[keys[d]] = period.now + self._ttls()[d]
+                ttl = self._ttls()[d]
+                if ttl is not None:
+                    self._expiry[keys[d]] = period.now + ttl
 
-    async def _settle(self, adm: Admission, delta_tokens: int) -> None:
+    async def _settle(self, adm: Admission, delta_tokens: int, delta_spend: int) -> None:
         now = self.clock()
         for subj in adm.subjects:
             keys = adm.period.keys(subj.id, "q")
             leases = self._leases.get(keys[2], {})
             for member in lease_members(adm):
                 leases.pop(member, None)
-            for d in (1, 3, 4):
-                count = self._get(keys[d], now)  # a counter of a period that ended is gone: nothing to settle
-                if keys[d] in self._counts:
-                    self._counts[keys[d]] = max(0, count + delta_tokens)
+            for dims, delta in ((TOKEN_COUNTERS, delta_tokens), (SPEND_COUNTERS, delta_spend)):
+                for d in dims:
+                    count = self._get(keys[d], now)  # a counter of a period that ended is gone: nothing to settle
+                    if keys[d] in self._counts:
+                        self._counts[keys[d]] = max(0, count + delta)
 

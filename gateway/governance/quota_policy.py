@@ -11,19 +11,28 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from gateway.governance.limits import Limits
+from gateway.governance.pricing import to_nanos
 
-# The five counters every subject (a key, a team) has, in this order everywhere (Lua too).
-DIMENSIONS: tuple[str, ...] = ("requests", "tokens", "concurrent", "day", "month")
-Kind = Literal["requests", "tokens", "concurrent", "day", "month"]
+# The eight counters every subject (a key, a team) has, in this order everywhere (Lua too). Spend is counted in
+# nano-units of the currency (gateway.governance.pricing).
+DIMENSIONS: tuple[str, ...] = (
+    "requests", "tokens", "concurrent", "day", "month", "spend_day", "spend_month", "spend_total")
+Kind = Literal["requests", "tokens", "concurrent", "day", "month", "spend_day", "spend_month", "spend_total"]
+TOKEN_COUNTERS = (1, 3, 4)  # what settles to the tokens really used
+SPEND_COUNTERS = (5, 6, 7)  # what settles to the real cost
+BUDGETS = (3, 4, 5, 6, 7)  # a period's use (or all time's): seeded from the ledger where the store lacks them
 
 
 def limit_values(limits: Limits) -> tuple[int | None, ...]:
-    return (limits.rpm, limits.tpm, limits.max_concurrent, limits.tokens_per_day, limits.tokens_per_month)
+    spend = (limits.spend_per_day, limits.spend_per_month, limits.spend_total)
+    return (limits.rpm, limits.tpm, limits.max_concurrent, limits.tokens_per_day, limits.tokens_per_month,
+            *(None if v is None else to_nanos(v) for v in spend))
 
 
-def costs(reserve: int, requests: int = 1) -> tuple[int, ...]:
-    """What one admission adds to each counter (`requests`: the sequences a batch runs at once, one a prompt)."""
-    return (requests, reserve, requests, reserve, reserve)
+def costs(reserve: int, requests: int = 1, spend: int = 0) -> tuple[int, ...]:
+    """What one admission adds to each counter (`requests`: the sequences a batch runs at once, one a prompt;
+    `spend`: its most possible cost in nano-units)."""
+    return (requests, reserve, requests, reserve, reserve, spend, spend, spend)
 
 
 @dataclass(frozen=True)
@@ -35,10 +44,10 @@ class Subject:
 
 
 def first_exceeded(
-    limits: tuple[int | None, ...], used: tuple[int, ...], reserve: int, requests: int = 1
+    limits: tuple[int | None, ...], used: tuple[int, ...], reserve: int, requests: int = 1, spend: int = 0
 ) -> int | None:
     """Index of the first dimension this admission would push over its limit, or None."""
-    for d, (lim, u, c) in enumerate(zip(limits, used, costs(reserve, requests))):
+    for d, (lim, u, c) in enumerate(zip(limits, used, costs(reserve, requests, spend))):
         if lim is not None and u + c > lim:
             return d
     return None
@@ -76,16 +85,21 @@ class Period:
         return nxt.timestamp() - self.now
 
     def reset_s(self, dim: int) -> float:
-        return (self.window_reset_s, self.window_reset_s, 1.0, self.day_reset_s(), self.month_reset_s())[dim]
+        """Seconds until the counter `dim` starts again (an all-time budget never does: 0)."""
+        day, month = self.day_reset_s(), self.month_reset_s()
+        return (self.window_reset_s, self.window_reset_s, 1.0, day, month, day, month, 0.0)[dim]
 
     def keys(self, subject: str, prefix: str) -> list[str]:
-        """Storage keys of a subject's five counters in this period."""
+        """Storage keys of a subject's eight counters in this period."""
         return [
             f"{prefix}:{subject}:rpm:{self.window}",
             f"{prefix}:{subject}:tpm:{self.window}",
             f"{prefix}:{subject}:conc",
             f"{prefix}:{subject}:day:{self.day}",
             f"{prefix}:{subject}:month:{self.month}",
+            f"{prefix}:{subject}:spend_day:{self.day}",
+            f"{prefix}:{subject}:spend_month:{self.month}",
+            f"{prefix}:{subject}:spend",
         ]
 
 
@@ -98,6 +112,7 @@ class Admission:
     period: Period
     lease: str
     requests: int = 1  # what it counts for rpm and max_concurrent: one a prompt of a batch
+    spend: int = 0  # its most possible cost, in nano-units, reserved against spend budgets
     headers: dict[str, str] = field(default_factory=dict)
     unchecked: bool = False  # admitted without a check (quota store down, fail_open)
     settled: bool = False

@@ -15,27 +15,39 @@ from typing import Any, Literal
 
 from gateway.errors import QuotaUnavailable
 from gateway.governance.quota import QuotaLimiter, Unseeded, lease_members, rejection_error
-from gateway.governance.quota_policy import Admission, Period, Subject, limit_values, rate_headers, reject
+from gateway.governance.quota_policy import (
+    BUDGETS,
+    DIMENSIONS,
+    Admission,
+    Period,
+    Subject,
+    limit_values,
+    rate_headers,
+    reject,
+)
 
 logger = logging.getLogger(__name__)
 
-# KEYS: five per subject (rpm, tpm, conc, day, month). ARGV: now_ms, reserve, requests,
-# lease_expiry_ms, window_ms, check_seeded (1/0), then five limits per subject (-1: none), then the `requests`
-# lease members. Returns {1, used...} (five per subject, before this admission), {0, subject_index, dim,
-# used...}, or {2, subject_index...}: those subjects' day or month counters (with a limit) do not exist yet.
+# KEYS: eight per subject (rpm, tpm, conc, day, month, spend_day, spend_month, spend). ARGV: now_ms, reserve,
+# requests, lease_expiry_ms, window_ms, check_seeded (1/0), spend, then eight limits per subject (-1: none), then
+# the `requests` lease members. Returns {1, used...} (eight per subject, before this admission), {0, subject_index,
+# dim, used...}, or {2, subject_index...}: those subjects' budget counters (with a limit) do not exist yet.
 ADMIT = """
-local n = #KEYS / 5
+local D = 8
+local H = 7
+local n = #KEYS / D
 local now = tonumber(ARGV[1])
 local reserve = tonumber(ARGV[2])
 local requests = tonumber(ARGV[3])
-local cost = {requests, reserve, requests, reserve, reserve}
-local members = 6 + n * 5
+local spend = tonumber(ARGV[7])
+local cost = {requests, reserve, requests, reserve, reserve, spend, spend, spend}
+local members = H + n * D
 if tonumber(ARGV[6]) == 1 then
   local missing = {}
   for i = 0, n - 1 do
-    local k = i * 5
-    for _, d in ipairs({4, 5}) do
-      if tonumber(ARGV[6 + k + d]) >= 0 and redis.call('EXISTS', KEYS[k + d]) == 0 then
+    local k = i * D
+    for d = 4, 8 do
+      if tonumber(ARGV[H + k + d]) >= 0 and redis.call('EXISTS', KEYS[k + d]) == 0 then
         table.insert(missing, i)
         break
       end
@@ -47,37 +59,37 @@ if tonumber(ARGV[6]) == 1 then
 end
 local used = {}
 for i = 0, n - 1 do
-  local k = i * 5
+  local k = i * D
   redis.call('ZREMRANGEBYSCORE', KEYS[k + 3], '-inf', now)
-  local u = {
-    tonumber(redis.call('GET', KEYS[k + 1]) or '0'),
-    tonumber(redis.call('GET', KEYS[k + 2]) or '0'),
-    redis.call('ZCARD', KEYS[k + 3]),
-    tonumber(redis.call('GET', KEYS[k + 4]) or '0'),
-    tonumber(redis.call('GET', KEYS[k + 5]) or '0'),
-  }
-  for d = 1, 5 do
+  local u = {}
+  for d = 1, D do
+    if d == 3 then
+      u[d] = redis.call('ZCARD', KEYS[k + 3])
+    else
+      u[d] = tonumber(redis.call('GET', KEYS[k + d]) or '0')
+    end
     table.insert(used, u[d])
   end
-  for d = 1, 5 do
-    local lim = tonumber(ARGV[6 + k + d])
+  for d = 1, D do
+    local lim = tonumber(ARGV[H + k + d])
     if lim >= 0 and u[d] + cost[d] > lim then
       return {0, i, d - 1, unpack(used)}
     end
   end
 end
 local window_ms = tonumber(ARGV[5])
-local ttl_ms = {2 * window_ms, 2 * window_ms, 0, 2 * 86400000, 32 * 86400000}
+-- 0: the counter never expires (the all-time spend)
+local ttl_ms = {2 * window_ms, 2 * window_ms, 0, 2 * 86400000, 32 * 86400000, 2 * 86400000, 32 * 86400000, 0}
 for i = 0, n - 1 do
-  local k = i * 5
-  for d = 1, 5 do
-    if tonumber(ARGV[6 + k + d]) >= 0 then
+  local k = i * D
+  for d = 1, D do
+    if tonumber(ARGV[H + k + d]) >= 0 then
       local key = KEYS[k + d]
       if d == 3 then
         for j = 1, requests do redis.call('ZADD', key, ARGV[4], ARGV[members + j]) end
         redis.call('PEXPIRE', key, tonumber(ARGV[4]) - now)
       else
-        if redis.call('INCRBY', key, cost[d]) == cost[d] then
+        if redis.call('INCRBY', key, cost[d]) == cost[d] and ttl_ms[d] > 0 then
           redis.call('PEXPIRE', key, ttl_ms[d])
         end
       end
@@ -87,19 +99,20 @@ end
 return {1, unpack(used)}
 """
 
-# KEYS: the admission's five keys per subject. ARGV: token delta (used - reserved), then the lease members.
+# KEYS: the admission's eight keys per subject. ARGV: token delta (used - reserved), spend delta, then the lease
+# members.
 SETTLE = """
-local n = #KEYS / 5
-local delta = tonumber(ARGV[1])
+local D = 8
+local n = #KEYS / D
+local deltas = {0, tonumber(ARGV[1]), 0, tonumber(ARGV[1]), tonumber(ARGV[1]),
+                tonumber(ARGV[2]), tonumber(ARGV[2]), tonumber(ARGV[2])}
 for i = 0, n - 1 do
-  local k = i * 5
-  for j = 2, #ARGV do redis.call('ZREM', KEYS[k + 3], ARGV[j]) end
-  if delta ~= 0 then
-    for _, d in ipairs({2, 4, 5}) do
-      local key = KEYS[k + d]
-      if redis.call('EXISTS', key) == 1 then
-        if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
-      end
+  local k = i * D
+  for j = 3, #ARGV do redis.call('ZREM', KEYS[k + 3], ARGV[j]) end
+  for _, d in ipairs({2, 4, 5, 6, 7, 8}) do
+    local key = KEYS[k + d]
+    if deltas[d] ~= 0 and redis.call('EXISTS', key) == 1 then
+      if redis.call('INCRBY', key, deltas[d]) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
     end
   end
 end
@@ -141,7 +154,7 @@ class RedisQuota(QuotaLimiter):
         keys: list[str] = []
         args: list[Any] = [
             int(adm.period.now * 1000), adm.reserve, adm.requests,
-            int((adm.period.now + self.lease_s) * 1000), int(self.window_s * 1000), int(check_seeded),
+            int((adm.period.now + self.lease_s) * 1000), int(self.window_s * 1000), int(check_seeded), adm.spend,
         ]
         for s in adm.subjects:
             keys += adm.period.keys(s.id, self.prefix)
@@ -154,7 +167,8 @@ class RedisQuota(QuotaLimiter):
         if res[0] == 2:
             raise Unseeded([adm.subjects[int(i)] for i in res[1:]])
         flat = [int(x) for x in (res[1:] if res[0] == 1 else res[3:])]
-        used = [tuple(flat[i : i + 5]) for i in range(0, len(flat), 5)]
+        d = len(DIMENSIONS)
+        used = [tuple(flat[i : i + d]) for i in range(0, len(flat), d)]
         if res[0] != 1:
             raise rejection_error(reject(adm, used, int(res[1]), int(res[2])))
         adm.headers = rate_headers(adm.subjects, used, adm.reserve, adm.period, admitted=True, requests=adm.requests)
@@ -164,20 +178,25 @@ class RedisQuota(QuotaLimiter):
         now = self.clock()
         keys = Period(now, self.window_s).keys(subject.id, self.prefix)
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.get(keys[0]).get(keys[1]).zcount(keys[2], int(now * 1000) + 1, "+inf").get(keys[3]).get(keys[4])
+            for d, key in enumerate(keys):
+                if d == 2:
+                    pipe.zcount(key, int(now * 1000) + 1, "+inf")
+                else:
+                    pipe.get(key)
             values = await pipe.execute()
         return tuple(int(v or 0) for v in values)
 
-    async def _seed(self, subject: Subject, period: Period, day: int, month: int) -> None:
+    async def _seed(self, subject: Subject, period: Period, used: tuple[int, ...]) -> None:
         from redis.exceptions import RedisError
 
         keys = period.keys(subject.id, self.prefix)
         limits = limit_values(subject.limits)
+        ttls_s = (2 * 86400, 32 * 86400, 2 * 86400, 32 * 86400, None)  # BUDGETS' lifetimes; the all-time spend lasts
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                for d, value, ttl_s in ((3, day, 2 * 86400), (4, month, 32 * 86400)):
+                for d, value, ttl_s in zip(BUDGETS, used, ttls_s, strict=True):
                     if limits[d] is not None:
-                        pipe.set(keys[d], value, nx=True, px=int(ttl_s * 1000))
+                        pipe.set(keys[d], value, nx=True, px=None if ttl_s is None else ttl_s * 1000)
                 await pipe.execute()
         except RedisError:
             pass  # the admission that follows meets the outage too, and the failure mode answers it
@@ -194,15 +213,24 @@ class RedisQuota(QuotaLimiter):
                         pipe.pexpire(key, ttl_ms, gt=True)
             await pipe.execute()
 
-    async def _settle(self, adm: Admission, delta_tokens: int) -> None:
+    async def _settle(self, adm: Admission, delta_tokens: int, delta_spend: int) -> None:
         from redis.exceptions import RedisError
 
         keys = [k for s in adm.subjects for k in adm.period.keys(s.id, self.prefix)]
         try:
-            await self._settle_script(keys=keys, args=[delta_tokens, *lease_members(adm)])
+            await self._settle_script(keys=keys, args=[delta_tokens, delta_spend, *lease_members(adm)])
         except RedisError as exc:
             # The lease expires by itself; token counters keep the reservation (never under-count).
             logger.warning("quota settle failed (lease %s): %s", adm.lease, exc)
+
+    async def claim(self, name: str, ttl_s: float | None) -> bool:
+        from redis.exceptions import RedisError
+
+        try:
+            return bool(await self._client.set(f"{self.prefix}:{name}", 1, nx=True,
+                                               px=None if ttl_s is None else int(ttl_s * 1000)))
+        except RedisError:
+            return False
 
     def _unreachable(self, adm: Admission, exc: Exception) -> Admission:
         now = time.monotonic()

@@ -70,7 +70,10 @@ class UsageRow(BaseModel):
     model: str
     version: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, read from the engine's prefix cache
     completion_tokens: int = 0
+    cost: int = 0  # nano-units of the gateway's currency (gateway.governance.pricing)
+    end_user: str | None = None  # the caller's own user id, as it sent it (bounded)
     latency_ms: float = 0.0
     status: int = 200
     finish_reason: str | None = None

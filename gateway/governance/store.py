@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     Integer,
@@ -33,10 +34,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from gateway.errors import KeyStoreUnavailable
 from gateway.governance.keys import hash_key, key_prefix, new_key
 from gateway.governance.limits import Limits
+from gateway.governance.pricing import from_nanos
 from gateway.governance.records import KeyRecord, UsageRow, as_utc, utcnow
 from serve.engine import Endpoint
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+END_USER_MAX = 200  # characters of a caller's `user` the ledger keeps
+# What usage can be grouped and filtered by: the ledger's columns of the same names.
+USAGE_GROUPS = ("day", "key_id", "team", "model", "version", "end_user", "endpoint")
 
 
 class Base(DeclarativeBase):
@@ -78,7 +83,10 @@ class UsageRecordRow(Base):
     model: Mapped[str] = mapped_column(String(200))
     version: Mapped[str | None] = mapped_column(String(200), nullable=True)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost: Mapped[int] = mapped_column(BigInteger, default=0)  # nano-units of the currency
+    end_user: Mapped[str | None] = mapped_column(String(END_USER_MAX), nullable=True)
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     status: Mapped[int] = mapped_column(Integer, default=200)
     finish_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
@@ -269,59 +277,50 @@ class KeyStore:
             return
         # One executemany through Core: an ORM unit of work per row cost the gateway ~20% of its CPU under load.
         # `__dict__`: a pydantic model's fields as they are (iterating the model costs ~10 µs a row).
-        values = [{**r.__dict__, "day": r.created_at.astimezone(UTC).date().isoformat()} for r in rows]
+        values = [{**r.__dict__, "day": r.created_at.astimezone(UTC).date().isoformat(),
+                   "end_user": r.end_user[:END_USER_MAX] if r.end_user else None} for r in rows]
         with self.engine.begin() as conn:
             conn.execute(insert(UsageRecordRow.__table__), values)  # type: ignore[arg-type]
 
     def usage_summary(
-        self, *, since: date | None = None, until: date | None = None, key_id: str | None = None,
-        endpoint: str | None = None, limit: int | None = None, after: tuple[str, str, str] | None = None,
+        self, *, group_by: Sequence[str] = ("day", "key_id", "model"), since: date | None = None,
+        until: date | None = None, limit: int | None = None, after: Sequence[str] | None = None, **where: str | None,
     ) -> list[dict[str, Any]]:
-        """Requests and tokens grouped by UTC day, key and model (inclusive date bounds; of one endpoint's requests
-        if `endpoint`); a page of `limit` groups after the group `after` (day, key id or "", model), if given."""
+        """Requests, tokens and cost grouped by `group_by` (of USAGE_GROUPS), ordered by them; inclusive day bounds
+        and a value per column of `where` (key_id, team, model, ... ; None: any); a page of `limit` groups after the
+        group whose values are `after` (null values as ""), if given."""
         u = UsageRecordRow
-        key = func.coalesce(u.key_id, "")
-        q = select(
-            u.key_id, u.model, u.day,
-            func.count().label("requests"),
-            func.coalesce(func.sum(u.prompt_tokens), 0).label("prompt_tokens"),
-            func.coalesce(func.sum(u.completion_tokens), 0).label("completion_tokens"),
-            func.sum(func.cast(u.status >= 400, Integer)).label("errors"),
-            func.avg(u.latency_ms).label("mean_latency_ms"),
-        ).group_by(u.key_id, u.model, u.day).order_by(u.day, key, u.model)
+        columns = [getattr(u, g) for g in group_by]
+        ordered = [func.coalesce(c, "") for c in columns]
+        q = select(*columns, *_usage_sums(u)).group_by(*columns).order_by(*ordered)
+        q = _usage_where(q, since, until, where)
         if after is not None:
-            q = q.where(tuple_(u.day, key, u.model) > tuple_(*after))
+            q = q.where(tuple_(*ordered) > tuple_(*after))
         if limit is not None:
             q = q.limit(limit)
-        if since is not None:
-            q = q.where(u.day >= since.isoformat())
-        if until is not None:
-            q = q.where(u.day <= until.isoformat())
-        if key_id is not None:
-            q = q.where(u.key_id == key_id)
-        if endpoint is not None:
-            q = q.where(u.endpoint == endpoint)
         with self._session() as s:
-            out = []
-            for r in s.execute(q):
-                row = dict(r._mapping)
-                row["errors"] = int(row["errors"] or 0)
-                row["mean_latency_ms"] = round(float(row["mean_latency_ms"] or 0.0), 3)
-                row["total_tokens"] = int(row["prompt_tokens"]) + int(row["completion_tokens"])
-                out.append(row)
-            return out
+            return [_usage_view(dict(r._mapping)) for r in s.execute(q)]
 
-    def tokens_used(self, *, key_id: str | None = None, team: str | None = None, at: datetime) -> tuple[int, int]:
-        """Tokens the ledger holds for a key or a team on `at`'s UTC day and in its UTC month."""
+    def usage_totals(self, *, since: date | None = None, until: date | None = None, **where: str | None) -> dict[str, Any]:
+        """The same sums over every row `usage_summary` would group."""
+        q = _usage_where(select(*_usage_sums(UsageRecordRow)), since, until, where)
+        with self._session() as s:
+            return _usage_view(dict(s.execute(q).one()._mapping))
+
+    def budget_used(self, *, key_id: str | None = None, team: str | None = None, at: datetime) -> tuple[int, ...]:
+        """What the ledger holds for a key or a team: tokens on `at`'s UTC day and in its UTC month, spend
+        (nano-units) on that day, in that month and in all (quota_policy.BUDGETS' order)."""
         u = UsageRecordRow
         day = at.astimezone(UTC).date()
         tokens = func.coalesce(func.sum(u.prompt_tokens + u.completion_tokens), 0)
+        cost = func.coalesce(func.sum(u.cost), 0)
         who = u.key_id == key_id if key_id is not None else u.team == team
+        on_day, in_month = u.day == day.isoformat(), (u.day >= day.replace(day=1).isoformat()) & (u.day <= day.isoformat())
         with self._session() as s:
-            on_day = s.scalar(select(tokens).where(who, u.day == day.isoformat()))
-            in_month = s.scalar(select(tokens).where(who, u.day >= day.replace(day=1).isoformat(),
-                                                     u.day <= day.isoformat()))
-        return int(on_day or 0), int(in_month or 0)
+            day_row = s.execute(select(tokens, cost).where(who, on_day)).one()
+            month_row = s.execute(select(tokens, cost).where(who, in_month)).one()
+            spent = s.scalar(select(cost).where(who))
+        return int(day_row[0]), int(month_row[0]), int(day_row[1]), int(month_row[1]), int(spent or 0)
 
     # -- helpers --------------------------------------------------------------
     @staticmethod
@@ -344,6 +343,42 @@ class KeyStore:
             team_limits=team_limits, metadata=row.meta or {}, created_at=as_utc(row.created_at),
             expires_at=as_utc(row.expires_at), revoked_at=as_utc(row.revoked_at),
         )
+
+
+def _usage_sums(u: type[UsageRecordRow]) -> list[Any]:
+    return [
+        func.count().label("requests"),
+        func.coalesce(func.sum(u.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(u.cached_tokens), 0).label("cached_tokens"),
+        func.coalesce(func.sum(u.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(u.cost), 0).label("cost_nanos"),
+        func.sum(func.cast(u.status >= 400, Integer)).label("errors"),
+        func.avg(u.latency_ms).label("mean_latency_ms"),
+    ]
+
+
+def _usage_where(q: Any, since: date | None, until: date | None, where: dict[str, str | None]) -> Any:
+    u = UsageRecordRow
+    if since is not None:
+        q = q.where(u.day >= since.isoformat())
+    if until is not None:
+        q = q.where(u.day <= until.isoformat())
+    for column, value in where.items():
+        if column not in USAGE_GROUPS:
+            raise ValueError(f"usage has no column {column!r}")
+        if value is not None:
+            q = q.where(getattr(u, column) == value)
+    return q
+
+
+def _usage_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A group's sums as the admin API shows them: cost in the currency (and exact, in nano-units)."""
+    for name in ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_nanos", "errors"):
+        row[name] = int(row[name] or 0)
+    row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
+    row["cost"] = from_nanos(row["cost_nanos"])
+    row["mean_latency_ms"] = round(float(row["mean_latency_ms"] or 0.0), 3)
+    return row
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

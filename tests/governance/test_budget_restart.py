@@ -56,4 +56,34 @@ async def test_a_restart_does_not_reset_day_and_month_budgets(tmp_path, private_
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota", refused.text
     assert (await _chat(second, key, 30)).status_code == 200  # 60 + 34 = 94
     await _stop(second)
-    assert second.state.governance.store.tokens_used(key_id=record.id, at=record.created_at) == (94, 94)
+    assert second.state.governance.store.budget_used(key_id=record.id, at=record.created_at)[:2] == (94, 94)
+
+
+@pytest.mark.parametrize("quota", ["local", "redis"])
+async def test_a_restart_does_not_reset_spend_budgets(tmp_path, private_redis, pg_url, quota) -> None:
+    """Spend of the day and of all time, rebuilt from the ledger's costs (PostgreSQL: BIGINT sums)."""
+    settings = GatewaySettings(
+        home=tmp_path, redis_url=private_redis.url if quota == "redis" else None, database_url=pg_url,
+        key_secret="s" * 32, prompt_token_count="engine",
+        prices={"fake": {"input": 1000, "output": 2000}},  # 0.001 a prompt token, 0.002 a generated one
+    )
+    first = _gateway(settings)
+    record, key = first.state.governance.store.create_key(
+        name="spend", limits=Limits(spend_per_day=0.3, spend_total=0.2))
+    assert (await _chat(first, key, 56)).status_code == 200  # 4 × 0.001 + 56 × 0.002 = 0.116
+    await _stop(first)
+    if quota == "redis":
+        private_redis.stop()
+        private_redis.start()
+
+    second = _gateway(settings)
+    refused = await _chat(second, key, 41)  # 0.116 + 0.004 + 0.082 = 0.202 > 0.2 in all
+    assert refused.status_code == 429 and "exceeded your spend budget (0.2)" in refused.json()["error"]["message"]
+    assert (await _chat(second, key, 40)).status_code == 200  # 0.116 + 0.084 = 0.2: the whole budget, exactly
+    await _stop(second)
+    assert second.state.governance.store.budget_used(key_id=record.id, at=record.created_at)[2:] == (
+        200_000_000, 200_000_000, 200_000_000)
+    third = _gateway(settings)
+    refused = await _chat(third, key, 1)  # the day's budget has 0.1 left; the all-time one nothing
+    assert refused.status_code == 429 and "exceeded your spend budget" in refused.json()["error"]["message"]
+    await _stop(third)

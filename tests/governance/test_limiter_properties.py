@@ -28,7 +28,15 @@ from hypothesis.stateful import (
 from gateway.errors import QuotaExceeded
 from gateway.governance.limits import Limits
 from gateway.governance.quota import LocalQuota, QuotaLimiter
-from gateway.governance.quota_policy import Admission, Subject, costs, limit_values
+from gateway.governance.quota_policy import (
+    DIMENSIONS,
+    SPEND_COUNTERS,
+    TOKEN_COUNTERS,
+    Admission,
+    Subject,
+    costs,
+    limit_values,
+)
 from gateway.governance.quota_redis import RedisQuota
 
 NOW = 1_000_000_020.0  # 20 s into a minute window, mid-day: every step falls in the same periods
@@ -40,40 +48,47 @@ limits_st = st.builds(
     max_concurrent=st.none() | st.integers(0, 5),
     tokens_per_day=st.none() | st.integers(0, 600),
     tokens_per_month=st.none() | st.integers(0, 800),
+    # in thousandths of the currency: 10**6 nano-units each, the unit admissions spend in below
+    spend_per_day=st.none() | st.integers(0, 600).map(lambda n: n / 1000),
+    spend_per_month=st.none() | st.integers(0, 800).map(lambda n: n / 1000),
+    spend_total=st.none() | st.integers(0, 1000).map(lambda n: n / 1000),
 )
+MILLI = 10**6  # nano-units in a thousandth
+DIMS = len(DIMENSIONS)
 
 
 @dataclass
 class Model:
-    """What each subject has used: requests, tokens, in flight, day, month (counters exist once touched)."""
+    """What each subject has used in each of the DIMENSIONS (counters exist once touched)."""
 
     subjects: list[Subject]
     used: dict[str, list[int]] = field(default_factory=dict)
 
-    def fits(self, reserve: int, requests: int) -> bool:
+    def fits(self, reserve: int, requests: int, spend: int) -> bool:
         for s in self.subjects:
-            u = self.used.get(s.id, [0] * 5)
-            for lim, have, cost in zip(limit_values(s.limits), u, costs(reserve, requests)):
+            u = self.used.get(s.id, [0] * DIMS)
+            for lim, have, cost in zip(limit_values(s.limits), u, costs(reserve, requests, spend)):
                 if lim is not None and have + cost > lim:
                     return False
         return True
 
-    def admit(self, reserve: int, requests: int) -> None:
+    def admit(self, reserve: int, requests: int, spend: int) -> None:
         for s in self.subjects:
-            u = self.used.setdefault(s.id, [0] * 5)
-            for d, (lim, cost) in enumerate(zip(limit_values(s.limits), costs(reserve, requests))):
+            u = self.used.setdefault(s.id, [0] * DIMS)
+            for d, (lim, cost) in enumerate(zip(limit_values(s.limits), costs(reserve, requests, spend))):
                 if lim is not None:
                     u[d] += cost
 
-    def settle(self, adm: Admission, used_tokens: int) -> None:
+    def settle(self, adm: Admission, used_tokens: int, used_spend: int) -> None:
         for s in self.subjects:
             u = self.used[s.id]
             lims = limit_values(s.limits)
             if lims[2] is not None:
                 u[2] -= adm.requests
-            for d in (1, 3, 4):
-                if lims[d] is not None:
-                    u[d] = max(0, u[d] + used_tokens - adm.reserve)
+            for dims, delta in ((TOKEN_COUNTERS, used_tokens - adm.reserve), (SPEND_COUNTERS, used_spend - adm.spend)):
+                for d in dims:
+                    if lims[d] is not None:
+                        u[d] = max(0, u[d] + delta)
 
 
 class LimiterMachine(RuleBasedStateMachine):
@@ -95,17 +110,17 @@ class LimiterMachine(RuleBasedStateMachine):
         subjects = [Subject(f"key:{tag}", key)] + ([Subject(f"team:{tag}", team)] if team else [])
         self.model = Model([s for s in subjects if not s.limits.is_unlimited()] or subjects[:1])
 
-    @rule(reserve=st.integers(0, 150), requests=st.integers(1, 3))
-    def admit(self, reserve: int, requests: int) -> None:
+    @rule(reserve=st.integers(0, 150), requests=st.integers(1, 3), spend=st.integers(0, 150).map(lambda n: n * MILLI))
+    def admit(self, reserve: int, requests: int, spend: int) -> None:
         assert self.model is not None
-        fits = self.model.fits(reserve, requests)
+        fits = self.model.fits(reserve, requests, spend)
         try:
-            adm = self.run(self.limiter.admit(self.model.subjects, reserve, requests))
+            adm = self.run(self.limiter.admit(self.model.subjects, reserve, requests, spend))
         except QuotaExceeded:
             assert not fits, "refused an admission that fits every limit"
             return
         assert fits, "admitted past a limit"
-        self.model.admit(reserve, requests)
+        self.model.admit(reserve, requests, spend)
         self.open.append(adm)
 
     @precondition(lambda self: self.open)
@@ -114,9 +129,10 @@ class LimiterMachine(RuleBasedStateMachine):
         assert self.model is not None
         adm = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
         used = data.draw(st.integers(0, adm.reserve + 20))  # an estimate may under-count: more than reserved
-        self.run(self.limiter.settle(adm, used))
-        self.model.settle(adm, used)
-        self.run(self.limiter.settle(adm, used))  # settling twice changes nothing
+        spent = data.draw(st.integers(0, adm.spend + 20 * MILLI))
+        self.run(self.limiter.settle(adm, used, spent))
+        self.model.settle(adm, used, spent)
+        self.run(self.limiter.settle(adm, used, spent))  # settling twice changes nothing
 
     @invariant()
     def counters_agree(self) -> None:
@@ -124,7 +140,7 @@ class LimiterMachine(RuleBasedStateMachine):
             return
         for s in self.model.subjects:
             actual = self.run(self.limiter.used(s))
-            expected = self.model.used.get(s.id, [0] * 5)
+            expected = self.model.used.get(s.id, [0] * DIMS)
             lims = limit_values(s.limits)
             assert [a for a, lim in zip(actual, lims) if lim is not None] == [
                 e for e, lim in zip(expected, lims) if lim is not None]
@@ -132,7 +148,7 @@ class LimiterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             for adm in self.open:
-                self.run(self.limiter.settle(adm, adm.reserve))
+                self.run(self.limiter.settle(adm, adm.reserve, adm.spend))
             if self.model is not None:
                 for s in self.model.subjects:
                     assert self.run(self.limiter.used(s))[2] == 0, "a concurrency slot outlived every settlement"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import free_port
+from tests.support import WebhookReceiver, free_port, wait_until
 
 ADMIN = "rg-admin-test-0123456789abcdefghij"
 SECRET = "test-secret-0123456789abcdef"
@@ -27,9 +27,10 @@ MSG = [{"role": "user", "content": "hello"}]
 
 
 class Gateways:
-    def __init__(self, urls: list[str], logs: list[Path]) -> None:
+    def __init__(self, urls: list[str], logs: list[Path], hook: WebhookReceiver) -> None:
         self.urls = urls
         self.logs = logs
+        self.hook = hook  # where budget alerts go
 
     def admin(self, method: str, path: str, i: int = 0, **kw: Any) -> httpx.Response:
         return httpx.request(method, self.urls[i] + path, headers={"authorization": f"Bearer {ADMIN}"}, timeout=10, **kw)
@@ -61,10 +62,14 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @pytest.fixture
 def gateways(tmp_path: Path, redis_url: str, pg_url: str) -> Iterator[Gateways]:
+    hook = WebhookReceiver()
     cfg = tmp_path / "gw.yaml"
     cfg.write_text(yaml.safe_dump({
         "gateway": {"settings": {
             "home": str(tmp_path), "database_url": pg_url, "redis_url": redis_url, "rate_window_s": 4,
+            # fake-a: a prompt token costs 0.001, a generated one 0.002 (per million: 1000 and 2000)
+            "prices": {"fake-a": {"input": 1000, "cached_input": 500, "output": 2000}},
+            "budget_alert_webhook": hook.url, "budget_alert_thresholds": [0.5, 1.0],
             "routes": {"chat": {"targets": [{"model": "fake-a", "weight": 1}], "fallbacks": ["fake-b"]},
                        "safe": {"targets": [{"model": "broken"}], "fallbacks": ["fake-b"]}},
         }},
@@ -86,8 +91,9 @@ def gateways(tmp_path: Path, redis_url: str, pg_url: str) -> Iterator[Gateways]:
     try:
         for url, proc, log in zip(urls, procs, logs):
             _wait(url, proc, log)
-        yield Gateways(urls, logs)
+        yield Gateways(urls, logs, hook)
     finally:
+        hook.close()
         for p in procs:
             p.terminate()
         for p in procs:
@@ -172,6 +178,34 @@ async def test_budget_across_two_processes(gateways: Gateways) -> None:
     refused = [r for r in rs if r.status_code == 429]
     assert all(r.json()["error"]["type"] == "insufficient_quota" for r in refused)
     assert all(r.headers["x-should-retry"] == "false" for r in refused)
+
+
+async def test_spend_budget_across_two_processes(gateways: Gateways) -> None:
+    """50 requests at once through both processes against a daily spend budget that holds exactly 10 of their
+    reservations (prompt estimate 7 × 0.001 + max_tokens 93 × 0.002 = 0.193): exactly 10 run, the ledger's cost is
+    theirs, and the alert webhook hears once of each threshold (half the budget; the budget refusing) however many
+    requests crossed it in either process."""
+    key_id, key = gateways.new_key(limits={"spend_per_day": 1.93})
+    body = {"model": "fake-a", "messages": MSG, "max_tokens": 93, "user": "end-user-7"}
+    rs = await _burst(gateways, key, 50, body)
+    assert _codes(rs) == {200: 10, 429: 40}
+    refused = [r for r in rs if r.status_code == 429]
+    assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
+    assert "daily spend budget (1.93)" in refused[0].json()["error"]["message"]
+    path = f"/admin/usage?key_id={key_id}&group_by=key_id,end_user"
+    # each process writes its ledger rows within a second (the admin call flushes only its own process's)
+    assert wait_until(lambda: gateways.admin("GET", path).json()["totals"]["requests"] == 10, 10, every_s=0.2)
+    usage = gateways.admin("GET", path).json()
+    (row,) = usage["data"]
+    # the fake engine counts the prompt as 1 token: each request settles to 0.001 + 93 × 0.002
+    assert row["end_user"] == "end-user-7" and row["requests"] == 10 and row["cost_nanos"] == 10 * 187_000_000
+    assert usage["totals"]["cost"] == 1.87 and usage["currency"] == "USD"
+    budget = gateways.admin("GET", f"/admin/keys/{key_id}/budget").json()
+    assert budget["key"]["spend_day"] == {"limit": 1.93, "used": 1.87, "unit": "USD"}
+    assert wait_until(lambda: len(gateways.hook.received) >= 2, 10, every_s=0.1), gateways.hook.received
+    await asyncio.sleep(0.5)  # an alert sent twice would have arrived by now (a negative: nothing to poll for)
+    alerts = sorted((a["threshold"], a["budget"], a["key"]) for a in gateways.hook.received)
+    assert alerts == [(0.5, "spend_day", key_id), (1.0, "spend_day", key_id)], gateways.hook.received
 
 
 def test_header_sequence_counts_down_then_429_then_admits_again(gateways: Gateways) -> None:

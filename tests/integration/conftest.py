@@ -95,6 +95,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, session_redis: PrivateRedis)
         "redis_url": session_redis.url,
         "prompt_token_count": "engine",  # token reservations from vLLM's own count (test_governance_vllm)
         "routes": {"chat": {"targets": [{"model": manifest.name}], "fallbacks": []}},
+        # 0.001 a prompt token, 0.0001 one from vLLM's prefix cache, 0.002 a generated one (test_governance_vllm)
+        "prices": {manifest.name: {"input": 1000, "cached_input": 100, "output": 2000}},
     })
     # Small limits so saturation is reachable from a test: 4 running + 2 queued.
     model = raw["serve"]["models"][0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -41,20 +42,21 @@ class NetnsCluster:
         # Ray's temp dirs: a short path of their own, as Unix socket paths inside them must stay under 108 bytes.
         self.workdir = Path(tempfile.mkdtemp(prefix="rgmn", dir="/tmp"))
         self.gcs_port, self.dashboard_port, self.metrics_ports = gcs_port, dashboard_port, metrics_ports
-        # Token authentication on every node, as on any cluster reachable over a network (the token file is on
-        # the disk both nodes share; on separate machines it is copied to each).
+        # Token authentication on every node, as on any cluster reachable over a network: a token of the
+        # cluster's own in every node's environment (on separate machines, in each one's RAY_AUTH_TOKEN or token
+        # file), never the ~/.ray/auth_token a local Ray left on this machine, or none on a fresh one.
         # Not RAY_ADDRESS: a Ray this test process joined (the shared stack) would win over --address.
         inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         self.env = {**inherited, **stack_env(replicas_listen=False), "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     # HAProxy's own metrics and stats ports on the head: free ones, beside any other stack here.
                     **dict(zip(("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"),
                                map(str, free_ports(2)), strict=True))}
         self.ray = str(Path(sys.executable).with_name("ray"))
 
     def auth_header(self) -> dict[str, str]:
-        """The header the dashboard's HTTP API wants (`ray get-auth-token` prints the token)."""
-        token = subprocess.run([self.ray, "get-auth-token"], env=self.env, capture_output=True, text=True, timeout=60)
-        return {"authorization": f"Bearer {token.stdout.strip()}"}
+        """The header the dashboard's HTTP API wants."""
+        return {"authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
 
     @property
     def address(self) -> str:

@@ -119,3 +119,27 @@ def test_what_vllm_generates_is_what_was_reserved(stack: LiveStack) -> None:
     # Reserved: vLLM's count of the three prompts + 3 x 2 x 4, after the chat request settled to its usage.
     reserved = batch["usage"]["prompt_tokens"] + 3 * 2 * 4
     assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 1_000_000 - chat["usage"]["total_tokens"] - reserved
+
+
+def test_vllms_cached_prompt_tokens_are_recorded_and_priced(stack: LiveStack) -> None:
+    """The same long prompt twice: vLLM's prefix cache serves whole blocks of the second, its usage says how many
+    (`cached_tokens`), and the ledger records them and prices them at `cached_input`, with the caller's `user`."""
+    r = stack.admin("POST", "/admin/keys", json={"name": "priced", "limits": {"spend_per_day": 10}})
+    key_id, key = r.json()["id"], r.json()["key"]
+    words = " ".join(f"w{i}" for i in range(300))
+    messages = [{"role": "user", "content": f"Context {key_id}: {words}"}]  # unique: nothing cached before
+    client = _client(stack, key)
+    usages = [client.chat.completions.create(model=stack.model, messages=messages, max_tokens=4, user="it-user",
+                                             temperature=0).usage for _ in range(2)]
+    assert all(u is not None and u.prompt_tokens_details is not None for u in usages)
+    cached = [u.prompt_tokens_details.cached_tokens or 0 for u in usages]  # type: ignore[union-attr]
+    assert cached[0] == 0 and cached[1] >= 128, cached  # at least one whole KV block found the second time
+    stack.usage_rows(key_id, count=2)  # both rows written
+    rows = stack.admin("GET", f"/admin/usage?key_id={key_id}&group_by=key_id,end_user").json()["data"]
+    assert len(rows) == 1 and rows[0]["end_user"] == "it-user" and rows[0]["requests"] == 2, rows
+    assert rows[0]["cached_tokens"] == sum(cached)
+    expected = sum((u.prompt_tokens - c) * 1_000_000 + c * 100_000 + u.completion_tokens * 2_000_000
+                   for u, c in zip(usages, cached, strict=True))  # type: ignore[union-attr]
+    assert rows[0]["cost_nanos"] == expected
+    budget = stack.admin("GET", f"/admin/keys/{key_id}/budget").json()["key"]["spend_day"]
+    assert budget["used"] == expected / 10**9 and budget["unit"] == "USD"

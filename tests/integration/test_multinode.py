@@ -2,9 +2,11 @@
 
 The head runs in this network namespace, the worker node in one of its own (tests/integration/netns_cluster.py):
 separate addresses, Ray temp dirs and resources, joined with `ray start --address`. The Serve config is the one
-`deploy/serve_config.yaml` shows, with two gateway replicas (one per node: each takes the node's one CPU with its
-co-located vLLM engine) and a model in a deployment of its own (`tiny-chat-remote`) on the worker node, placed
-there by a custom resource only that node offers. Every node runs Serve's ingress on the same port. Quotas are
+`deploy/serve_config.yaml` shows, with two gateway replicas (one per node, each with a co-located model) and a
+vLLM model in a deployment of its own (`tiny-chat-remote`) on the worker node, placed there by a custom resource
+only that node offers. The co-located model runs raygate's deterministic engine: what is under test here is the
+cluster (placement, ingress, quotas, a node's death), and one vLLM engine starting on a one-CPU node, not three,
+keeps the module within minutes; vLLM co-located in the gateway replica is tested on one node elsewhere. Every node runs Serve's ingress on the same port. Quotas are
 in a Redis both nodes reach over the veth pair; keys in the gateway's SQLite store on the shared disk.
 
 What it shows: replicas on both nodes and the model on the worker (Ray's state API and `raygate status
@@ -82,12 +84,14 @@ def _serve_config(home: Path, redis_url: str) -> dict[str, Any]:
             "name": APP, "route_prefix": "/", "import_path": "gateway.builder:build_app",
             "args": {"config": {
                 "gateway": {
-                    "num_replicas": 2, "num_cpus": 0.5,
+                    "num_replicas": 2, "num_cpus": 1,  # the node's one CPU: one replica a node
                     "settings": {"home": str(home), "api_keys": [DEV_KEY], "admin_key": ADMIN, "redis_url": redis_url,
                                  "key_secret": "multinode-secret-0123456789abcdef"},
                 },
                 "serve": {"registry": str(home / "registry"), "models": [
-                    {"model": "raygate/tiny-chat@stable", "engine": "vllm", "num_cpus": 0.5, "engine_kwargs": engine},
+                    # raygate's deterministic engine, paced like a small model: 400 tokens take 4 s.
+                    {"model": "raygate/tiny-chat@stable", "engine": "fake", "num_cpus": 0,
+                     "fake": {"ttft_ms": 20, "itl_ms": 10}},
                     {"model": "raygate/tiny-chat@stable", "served_name": REMOTE, "engine": "vllm",
                      "placement": "deployment", "num_cpus": 0, "resources": {"rg_worker": 0.1},
                      "engine_kwargs": engine},

@@ -44,3 +44,13 @@ def test_keys_cli_creates_and_lists(home: Path, capsys: pytest.CaptureFixture[st
     assert main(["--home", str(home), "keys", "list"]) == 0
     listing = capsys.readouterr().out
     assert "ci" in listing and plaintext not in listing and plaintext[:8] in listing
+
+
+def test_keys_cli_sets_spend_budgets_and_shows_cost(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--home", str(home), "keys", "create", "--name", "spender", "--spend-per-day", "2.5",
+                 "--spend-total", "40"]) == 0
+    capsys.readouterr()
+    assert main(["--home", str(home), "keys", "list"]) == 0
+    assert "spend_per_day=2.5,spend_total=40.0" in capsys.readouterr().out
+    assert main(["--home", str(home), "keys", "team", "ml", "--spend-per-month", "100"]) == 0
+    assert "'spend_per_month': 100.0" in capsys.readouterr().out
