@@ -80,6 +80,11 @@ class GatewaySettings(BaseSettings):
         description="URL that gets a JSON POST when a key's or team's budget (tokens or spend, per day, month or in "
         "all) reaches one of `budget_alert_thresholds`, once per budget, period and threshold; None: no alerts.",
     )
+    budget_alert_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs each alert: `x-raygate-signature: sha256=<HMAC-SHA256 of the body>`, so the receiver can "
+        "tell the gateway's posts from anyone's. Set it wherever the webhook's URL is reachable by others.",
+    )
     budget_alert_thresholds: list[float] = Field(
         default_factory=lambda: [0.8, 1.0],
         description="Shares of a budget whose crossing sends an alert to `budget_alert_webhook`.",

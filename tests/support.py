@@ -7,11 +7,13 @@ did not create. Redis comes from a server of the test's own, on a free port, gon
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +143,13 @@ class WebhookReceiver:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         received = self.received = []  # type: list[dict[str, Any]]
+        raw = self.raw = []  # type: list[tuple[dict[str, str], bytes]]
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                body = self.rfile.read(int(self.headers["content-length"]))
+                raw.append((dict(self.headers), body))
+                received.append(json.loads(body))
                 self.send_response(204)
                 self.end_headers()
 
@@ -158,3 +163,42 @@ class WebhookReceiver:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+@contextmanager
+def chromium_browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (`make test` installs both; no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is not installed: `make test` installs it (apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+ARTIFACTS = Path(os.environ.get("RAYGATE_TEST_ARTIFACTS", Path(__file__).parents[1] / "build" / "test-artifacts"))
+
+
+def screenshot(page: Any, folder: str, name: str) -> None:
+    """A full-page screenshot into the test artifacts (`build/test-artifacts/`, or RAYGATE_TEST_ARTIFACTS)."""
+    (ARTIFACTS / folder).mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / folder / f"{name}.png"), full_page=True)
+
+
+def console_key_cost(page: Any, base_url: str, name: str, timeout_s: float = 15) -> tuple[str, str]:
+    """Open the console page of the key named `name` and wait for its one usage row (the ledger writes within its
+    flush interval): the page's URL and the row's cost as shown."""
+    page.goto(base_url + "/ui/keys")
+    page.click(f"#keys tr:has-text('{name}') a")
+    url = page.url
+
+    def shown() -> bool:
+        page.goto(url)
+        return page.locator("#key-usage td.cost").count() == 1
+
+    assert wait_until(shown, timeout_s, every_s=0.3), page.inner_text("main")
+    return url, page.inner_text("#key-usage td.cost")

@@ -7,10 +7,14 @@ each alert (Redis `SET NX`, or in-process). Posts run off the request path, a fe
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from gateway.governance.pricing import from_nanos
 from gateway.governance.quota import QuotaLimiter
@@ -32,6 +36,11 @@ def reached(limits: tuple[int | None, ...], used: Sequence[int], thresholds: Seq
     return out
 
 
+def signature(secret: bytes, body: bytes) -> str:
+    """HMAC-SHA256 of an alert's body under `budget_alert_secret`, hex (the `x-raygate-signature` header)."""
+    return hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
 def period_of(dim: int, period: Period) -> str:
     """The period a budget counts in: its UTC day, its month, or `all`."""
     name = DIMENSIONS[dim]
@@ -45,8 +54,10 @@ def period_of(dim: int, period: Period) -> str:
 class BudgetAlerts:
     """Checks a subject's budgets after its requests settle and posts each threshold reached, once."""
 
-    def __init__(self, url: str, thresholds: Sequence[float], limiter: QuotaLimiter, currency: str) -> None:
+    def __init__(self, url: str, thresholds: Sequence[float], limiter: QuotaLimiter, currency: str,
+                 secret: bytes | None = None) -> None:
         self.url, self.thresholds, self.limiter, self.currency = url, list(thresholds), limiter, currency
+        self.secret = secret
         self.sent = 0
         self.failed = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -97,9 +108,13 @@ class BudgetAlerts:
 
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=10)
+        body = orjson.dumps(event)
+        headers = {"content-type": "application/json"}
+        if self.secret is not None:
+            headers["x-raygate-signature"] = "sha256=" + signature(self.secret, body)
         for attempt in range(TRIES):
             try:
-                r = await self._client.post(self.url, json=event)
+                r = await self._client.post(self.url, content=body, headers=headers)
                 if r.status_code < 500:
                     self.sent += 1
                     if r.status_code >= 400:

@@ -85,8 +85,9 @@ class Governance:
         self.limiter = limiter
         self.ledger = ledger
         self.prices = PriceBook(settings.prices)
+        alert_secret = settings.budget_alert_secret.get_secret_value().encode() if settings.budget_alert_secret else None
         self.alerts = BudgetAlerts(settings.budget_alert_webhook, settings.budget_alert_thresholds, limiter,
-                                   settings.currency) if settings.budget_alert_webhook else None
+                                   settings.currency, alert_secret) if settings.budget_alert_webhook else None
         self._secret = secret  # the store's too: both hash with it
         static = {}
         for key in settings.accepted_keys():

@@ -10,12 +10,10 @@ A screenshot of every page goes to `build/test-artifacts/console/` (RAYGATE_TEST
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,10 +22,9 @@ import pytest
 import yaml
 
 from models.registry import Registry
-from tests.support import free_port, wait_until
+from tests.support import chromium_browser, console_key_cost, free_port, screenshot, wait_until
 
 ADMIN = "rg-admin-console-0123456789abcdef"
-ARTIFACTS = Path(os.environ.get("RAYGATE_TEST_ARTIFACTS", Path(__file__).parents[2] / "build" / "test-artifacts"))
 
 
 class Gateway:
@@ -86,19 +83,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is not installed: `make test` installs it (apt-get install chromium)"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+    with chromium_browser() as browser:
         yield browser
-        browser.close()
 
 
 def _shot(page: Any, name: str) -> None:
-    (ARTIFACTS / "console").mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "console" / f"{name}.png"), full_page=True)
+    screenshot(page, "console", name)
 
 
 def test_an_operator_runs_a_key_and_a_roll_out_from_the_console(gateway: Gateway, browser: Any) -> None:
@@ -128,18 +118,10 @@ def test_an_operator_runs_a_key_and_a_roll_out_from_the_console(gateway: Gateway
     with pytest.raises(openai.PermissionDeniedError):  # the endpoint list the form set: chat only
         gateway.client(key).completions.create(model="demo", prompt="hi", max_tokens=2)
 
-    # Its usage and cost appear on its page (the ledger writes within its flush interval).
-    page.goto(gateway.url + "/ui/keys")
-    page.click("#keys tr:has-text('browser-made') a")
-    key_url = page.url
-
-    def cost_shown() -> bool:
-        page.goto(key_url)
-        return page.locator("#key-usage td.cost").count() == 1
-
-    assert wait_until(cost_shown, 10, every_s=0.3), page.inner_text("main")
-    # 2 prompt tokens at 0.001 + 8 generated at 0.002 (the fake engine counts words)
-    assert page.inner_text("#key-usage td.cost") == "0.018"
+    # Its usage and cost appear on its page: 2 prompt tokens at 0.001 + 8 generated at 0.002 (the fake engine
+    # counts words).
+    key_url, cost = console_key_cost(page, gateway.url, "browser-made")
+    assert cost == "0.018"
     assert "spend_day" in page.inner_text("main") and "2.5 EUR" in page.inner_text("main")
     _shot(page, "key")
     page.click("text=Usage & spend")

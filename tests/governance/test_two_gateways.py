@@ -19,11 +19,13 @@ import httpx
 import pytest
 import yaml
 
+from gateway.governance.alerts import signature
 from tests.support import WebhookReceiver, free_port, wait_until
 
 ADMIN = "rg-admin-test-0123456789abcdefghij"
 SECRET = "test-secret-0123456789abcdef"
 MSG = [{"role": "user", "content": "hello"}]
+HOOK_SECRET = "hook-secret-0123456789"
 
 
 class Gateways:
@@ -69,7 +71,7 @@ def gateways(tmp_path: Path, redis_url: str, pg_url: str) -> Iterator[Gateways]:
             "home": str(tmp_path), "database_url": pg_url, "redis_url": redis_url, "rate_window_s": 4,
             # fake-a: a prompt token costs 0.001, a generated one 0.002 (per million: 1000 and 2000)
             "prices": {"fake-a": {"input": 1000, "cached_input": 500, "output": 2000}},
-            "budget_alert_webhook": hook.url, "budget_alert_thresholds": [0.5, 1.0],
+            "budget_alert_webhook": hook.url, "budget_alert_thresholds": [0.5, 1.0], "budget_alert_secret": HOOK_SECRET,
             "routes": {"chat": {"targets": [{"model": "fake-a", "weight": 1}], "fallbacks": ["fake-b"]},
                        "safe": {"targets": [{"model": "broken"}], "fallbacks": ["fake-b"]}},
         }},
@@ -206,6 +208,8 @@ async def test_spend_budget_across_two_processes(gateways: Gateways) -> None:
     await asyncio.sleep(0.5)  # an alert sent twice would have arrived by now (a negative: nothing to poll for)
     alerts = sorted((a["threshold"], a["budget"], a["key"]) for a in gateways.hook.received)
     assert alerts == [(0.5, "spend_day", key_id), (1.0, "spend_day", key_id)], gateways.hook.received
+    for headers, body in gateways.hook.raw:  # signed: the receiver can tell the gateway's posts from others'
+        assert headers["x-raygate-signature"] == "sha256=" + signature(HOOK_SECRET.encode(), body)
 
 
 def test_header_sequence_counts_down_then_429_then_admits_again(gateways: Gateways) -> None:

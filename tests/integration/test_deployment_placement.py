@@ -1,13 +1,13 @@
 """Models in deployments of their own (`placement: deployment`) on the real stack.
 
-vLLM on the tiny model as `raygate/tiny-chat@stable` (streaming 4 tokens per event), the same version
-again as `tiny-chat-pair` in two replicas routed by conversation, and an autoscaled fake model as
-`slow@1`, each its own Serve deployment beside the gateway: the OpenAI API through the handle
-(official client, streams, errors, disconnects), the names operators see in `serve status` and
-`raygate status`, every turn of a conversation reaching the replica whose prefix cache holds its
-history (vLLM's own `cached_tokens`), a model deployment scaling up under load and back down
-while the gateway stays at one replica, and a vLLM deployment (`tiny-chat-kv`, a small KV cache)
-scaling out when its KV cache fills while its request count stays far below the target.
+vLLM on the tiny model as `raygate/tiny-chat@stable` (streaming 4 tokens per event, a small KV cache,
+autoscaled on it), the same version again as `tiny-chat-pair` in two replicas routed by conversation, and
+an autoscaled fake model as `slow@1`, each its own Serve deployment beside the gateway: the OpenAI API
+through the handle (official client, streams, errors, disconnects), the names operators see in `serve
+status` and `raygate status`, every turn of a conversation reaching the replica whose prefix cache holds
+its history (vLLM's own `cached_tokens`), a model deployment scaling up under load and back down while the
+gateway stays at one replica, and the vLLM deployment scaling out when its KV cache fills while its request
+count stays far below the target (that test runs last: until then it has one replica).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 
+from serve.hardware import cpu_supports_bf16
 from tests.integration.scaling import ClosedLoad, running_replicas
 from tests.support import free_ports, wait_until
 
@@ -34,8 +35,7 @@ PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
 APP, VLLM_DEP, SLOW_DEP = "raygate", "raygate/tiny-chat@stable", "slow@1"
 PAIR, PAIR_DEP = "tiny-chat-pair", "tiny-chat-pair@stable"
 BLOCK = 128  # vLLM's KV block on CPUs: its prefix cache holds whole blocks
-KV, KV_DEP = "tiny-chat-kv", "tiny-chat-kv@stable"
-KV_TOKENS = 4096  # tiny-chat's KV takes 4 KiB a token: a 16 MiB cache holds this many
+KV_TOKENS = 4096  # the cache holds this many tokens: 4 KiB each in bf16, 8 KiB in the float32 of a CPU without bf16
 
 
 class _Placed:
@@ -76,19 +76,19 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
     raw = default_app_config(home, "vllm")
     del raw["serve"]["models"][1:]  # the chat model only (embeddings: test_embeddings_vllm)
     # vLLM's stream_interval 4 through engine_kwargs: one event per 4 tokens after the first
-    # (test_the_openai_api_through_the_models_deployment sees it across the handle).
-    raw["serve"]["models"][0].update({"placement": "deployment", "num_cpus": 0.5,
-                                      "engine_kwargs": {"max_model_len": 2048, "stream_interval": 4}})
-    raw["serve"]["models"].append({  # two replicas, each its own engine and prefix cache; routed by conversation
-        "model": raw["serve"]["models"][0]["model"], "served_name": PAIR, "placement": "deployment", "num_replicas": 2,
-        "num_cpus": 0, "engine_kwargs": {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20},
-    })
-    raw["serve"]["models"].append({  # scales on its KV cache: 64 requests per replica would never be reached here
-        "model": raw["serve"]["models"][0]["model"], "served_name": KV, "placement": "deployment", "num_cpus": 0,
-        "engine_kwargs": {"max_model_len": 2048, "kv_cache_memory_bytes": KV_TOKENS * 4096},
+    # (test_the_openai_api_through_the_models_deployment sees it across the handle). It scales on its KV cache:
+    # 64 requests per replica would never be reached here (test_a_vllm_deployment_scales_out_when_its_kv_cache_fills).
+    raw["serve"]["models"][0].update({
+        "placement": "deployment", "num_cpus": 0.5,
+        "engine_kwargs": {"max_model_len": 2048, "stream_interval": 4,
+                          "kv_cache_memory_bytes": KV_TOKENS * (4096 if cpu_supports_bf16() else 8192)},
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64,
                         "target_kv_cache_usage": 0.5, "upscale_delay_s": 1, "downscale_delay_s": 4,
                         "metrics_interval_s": 0.5, "look_back_period_s": 2},
+    })
+    raw["serve"]["models"].append({  # two replicas, each its own engine and prefix cache; routed by conversation
+        "model": raw["serve"]["models"][0]["model"], "served_name": PAIR, "placement": "deployment", "num_replicas": 2,
+        "num_cpus": 0, "engine_kwargs": {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20},
     })
     raw["serve"]["models"].append({
         "model": "slow@1", "served_name": "slow", "engine": "fake", "placement": "deployment", "num_cpus": 0,
@@ -112,7 +112,7 @@ def test_each_model_is_a_named_deployment_the_operator_sees(placed: _Placed) -> 
         deployments = serve.status().applications[APP].deployments
         return {name: str(getattr(d.status, "value", d.status)) for name, d in deployments.items()}
 
-    assert {"gateway", VLLM_DEP, PAIR_DEP, KV_DEP, SLOW_DEP} <= set(statuses()), statuses()
+    assert {"gateway", VLLM_DEP, PAIR_DEP, SLOW_DEP} <= set(statuses()), statuses()
     # `/ready` is the engines' readiness; Serve's controller may report a deployment's status a moment later.
     assert wait_until(lambda: set(statuses().values()) == {"HEALTHY"}, 60, every_s=0.5), statuses()
     exe = [str(Path(sys.executable).parent / "raygate"), "status", "--dashboard-port", str(DASHBOARD_PORT)]
@@ -126,7 +126,7 @@ def test_each_model_is_a_named_deployment_the_operator_sees(placed: _Placed) -> 
 def test_the_openai_api_through_the_models_deployment(placed: _Placed) -> None:
     client = openai.OpenAI(api_key=placed.key, base_url=placed.base_url + "/v1", max_retries=0,
                            _strict_response_validation=True)
-    assert {m.id for m in client.models.list().data} == {"raygate/tiny-chat", PAIR, KV, "slow"}
+    assert {m.id for m in client.models.list().data} == {"raygate/tiny-chat", PAIR, "slow"}
     raw = client.chat.completions.with_raw_response.create(
         model="raygate/tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
     assert raw.headers["x-raygate-model-version"] == "raygate/tiny-chat@1"
@@ -182,7 +182,6 @@ def test_a_model_deployment_scales_up_under_load_and_back_down(placed: _Placed) 
         assert wait_until(lambda: running_replicas(SLOW_DEP) >= 2, 90), \
             "no second replica of slow@1 under 12 concurrent requests with target 2"
         assert running_replicas("gateway") == 1 and running_replicas(VLLM_DEP) == 1  # only the loaded model scaled
-        assert running_replicas(KV_DEP) == 1
     assert wait_until(lambda: running_replicas(SLOW_DEP) == 1, 90), "did not scale back down when idle"
     assert load.codes and set(load.codes) == {200}, load.outcomes()
 
@@ -231,23 +230,23 @@ def test_each_conversation_reaches_the_replica_that_cached_its_history(placed: _
 
 
 def test_a_vllm_deployment_scales_out_when_its_kv_cache_fills(placed: _Placed) -> None:
-    """Four long requests fill `tiny-chat-kv`'s cache (4,096 tokens) while 4 in flight is far below its target of
+    """Four long requests fill `raygate/tiny-chat`'s cache (4,096 tokens) while 4 in flight is far below its target of
     64: only the KV signal (vLLM's own kv_cache_usage, through the replica's autoscaling stats) asks for a
     second replica. When the load ends the cache empties and the deployment goes back to one."""
-    assert running_replicas(KV_DEP) == 1
+    assert running_replicas(VLLM_DEP) == 1
     prompt = " ".join(f"w{i}" for i in range(300))
-    body = {"model": KV, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1200, "min_tokens": 1200,
+    body = {"model": "raygate/tiny-chat", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1200, "min_tokens": 1200,
             "stream": True}
     usage: list[float] = []
 
     def fuller() -> bool:
-        usage.append(max(s["kv_cache_usage"] for s in placed.call(KV_DEP, "engine_stats").values()))
+        usage.append(max(s["kv_cache_usage"] for s in placed.call(VLLM_DEP, "engine_stats").values()))
         return usage[-1] >= 0.5
 
     with ClosedLoad(placed.base_url, placed.key, body, workers=4) as load:
         assert wait_until(fuller, 120, every_s=0.5), f"the KV cache never filled: {usage[-10:]}"
-        assert wait_until(lambda: running_replicas(KV_DEP) >= 2, 240), \
-            f"no second replica of {KV_DEP} with its KV cache at {usage[-1]:.2f} (target 0.5)"
-        assert running_replicas(SLOW_DEP) == 1 and running_replicas(VLLM_DEP) == 1
-    assert wait_until(lambda: running_replicas(KV_DEP) == 1, 120), "did not scale back in when the cache emptied"
+        assert wait_until(lambda: running_replicas(VLLM_DEP) >= 2, 240), \
+            f"no second replica of {VLLM_DEP} with its KV cache at {usage[-1]:.2f} (target 0.5)"
+        assert running_replicas(SLOW_DEP) == 1 and running_replicas(PAIR_DEP) == 2
+    assert wait_until(lambda: running_replicas(VLLM_DEP) == 1, 120), "did not scale back in when the cache emptied"
     assert load.codes and set(load.codes) == {200}, load.outcomes()
