@@ -63,11 +63,14 @@ class GatewayApp(FastAPI):
         root = scope.get("root_path")
         if root and path.startswith(root):
             path = path[len(root):]
-        if self.admin_gate(path):
-            # The admin key is checked before a byte of the body is read, and the body is capped.
+        admin = self.admin_gate(path)
+        if admin or (scope["method"] == "POST" and path.startswith("/ui/")):
+            # The admin key is checked before a byte of the body is read, and the body is capped (the console's
+            # forms too: their login is the one POST anyone may send).
             request = Request(scope, receive, send)
             try:
-                self.governance.authenticate_admin(request)
+                if admin:
+                    self.governance.authenticate_admin(request)
                 receive = await bounded_body(receive, ADMIN_MAX_BODY_BYTES, request.headers.get("content-length"))
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI envelope
                 await self.on_error(request, exc)(scope, receive, send)

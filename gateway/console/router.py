@@ -69,6 +69,25 @@ def _names(text: str) -> list[str] | None:
     return names or None
 
 
+def serve_deployments() -> list[dict[str, Any]]:
+    """This gateway's Serve application, each deployment with its status and replicas by state, as Serve's
+    controller reports them; [] where the gateway does not run in Serve (`raygate gateway`). Blocking: call it
+    from a thread."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        app_name = serve.get_replica_context().app_name
+    except RayServeException:
+        return []
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return []
+    return [{"name": name, "status": str(getattr(d.status, "value", d.status)),
+             "replicas": {str(getattr(state, "value", state)): n for state, n in d.replica_states.items()}}
+            for name, d in app.deployments.items()]
+
+
 def slo_attainment(metrics: GatewayMetrics | None) -> dict[str, Any]:
     """This replica's requests that met the TTFT/TPOT targets, and their share (from its own counters)."""
     if metrics is None:
@@ -156,7 +175,8 @@ def console_router(
         engines = stats_by_version(backend.running_engines())
         ready = await backend.readiness()
         in_flight = sum(s["admitted"] for s in engines.values())
-        return page(request, "overview.html", engines=engines, ready=ready, in_flight=in_flight,
+        deployments = await asyncio.to_thread(serve_deployments)
+        return page(request, "overview.html", engines=engines, ready=ready, in_flight=in_flight, deployments=deployments,
                     slo=slo_attainment(metrics), cards=backend.cards(), slo_ttft_s=settings.slo_ttft_s,
                     slo_tpot_s=settings.slo_tpot_s)
 

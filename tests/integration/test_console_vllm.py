@@ -26,6 +26,8 @@ def test_the_console_runs_a_key_against_vllm(stack: LiveStack) -> None:
         page.fill("input[name=admin_key]", stack.admin_key)
         page.click("text=Log in")
         assert page.inner_text("h1") == "Status" and stack.model in page.inner_text("main")
+        # Serve's own view of the application: the gateway deployment and its running replica.
+        assert "gateway HEALTHY RUNNING=1" in " ".join(page.inner_text("#deployments").split())
         screenshot(page, "console-vllm", "status")
         page.goto(stack.base_url + "/ui/keys")
         page.fill("#create-key input[name=name]", "console-vllm")

@@ -26,3 +26,22 @@ def test_charts_escape_their_labels() -> None:
     svg = bar_chart("<t>", [("<script>alert(1)</script>", 2.0), ("b", 1.0)], "EUR")
     assert "<script>" not in svg and "&lt;script&gt;" in svg and svg.count("<rect") == 2
     assert "no usage" in bar_chart("empty", [])
+
+
+async def test_a_console_form_past_the_body_bound_is_refused_before_it_is_read(tmp_path) -> None:
+    import httpx
+
+    from gateway import create_app
+    from gateway.backend import ModelBackend
+    from gateway.settings import GatewaySettings
+    from serve.config import FakeEngineConfig
+    from serve.fake_engine import FakeEngine
+
+    app = create_app(GatewaySettings(admin_key="admin-key-0123456789abcdef", home=tmp_path),
+                     ModelBackend({"fake": FakeEngine("fake", FakeEngineConfig())}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        r = await http.post("/ui/login", content=b"admin_key=" + b"x" * (2 << 20),
+                            headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = await http.post("/ui/login", data={"admin_key": "admin-key-0123456789abcdef"})
+        assert r.status_code == 303 and r.headers["location"] == "/ui"
