@@ -6,8 +6,6 @@ No `from __future__ import annotations` here: FastAPI must see the route-local `
 
 import asyncio
 import base64
-import csv
-import io
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
@@ -17,10 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from gateway.errors import NotFound, QuotaUnavailable, ServiceDisabled
+from gateway.governance import usage_report
 from gateway.governance.gate import Governance
 from gateway.governance.limits import Limits
-from gateway.governance.pricing import from_nanos
-from gateway.governance.quota_policy import DIMENSIONS, SPEND_COUNTERS, limit_values
 from gateway.governance.records import KeyRecord, as_utc
 from gateway.governance.store import USAGE_GROUPS, KeyNotFound, KeyStore, reachable
 from serve.engine import Endpoint
@@ -144,34 +141,6 @@ def _group_by(value: str) -> list[str]:
     return groups
 
 
-CSV_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens", "cost", "errors",
-               "mean_latency_ms")
-
-
-def _csv(rows: list[dict[str, Any]], group_by: list[str], currency: str) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow([*group_by, *CSV_COLUMNS[:-3], f"cost_{currency.lower()}", *CSV_COLUMNS[-2:]])
-    for row in rows:
-        # A cell a spreadsheet would run as a formula (a client-chosen `user`, say) is written as text.
-        cells = [("'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v)
-                 for v in (*(row[g] for g in group_by), *(row[c] for c in CSV_COLUMNS))]
-        writer.writerow(["" if c is None else c for c in cells])
-    return out.getvalue()
-
-
-def budget_view(limits: Limits, used: tuple[int, ...], currency: str) -> dict[str, Any]:
-    """Each limit set, with what is used of it now (spend in the currency)."""
-    out = {}
-    for d, (name, lim) in enumerate(zip(DIMENSIONS, limit_values(limits), strict=True)):
-        if lim is None:
-            continue
-        spend = d in SPEND_COUNTERS
-        out[name] = {"limit": from_nanos(lim) if spend else lim, "used": from_nanos(used[d]) if spend else used[d],
-                     "unit": currency if spend else "requests" if d in (0, 2) else "tokens"}
-    return out
-
-
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")]
 Groups = Annotated[str, Query(description="Comma-separated columns to group by: " + ", ".join(USAGE_GROUPS) + ".")]
 
@@ -278,8 +247,8 @@ def admin_router(gov: Governance) -> APIRouter:
         groups = _group_by(group_by)
         rows = await usage_rows(store, group_by=groups, since=since, until=until, key_id=key_id, team=team,
                                 model=model, version=version, end_user=end_user, endpoint=endpoint)
-        return Response(_csv(rows, groups, gov.settings.currency), media_type="text/csv; charset=utf-8",
-                        headers={"content-disposition": 'attachment; filename="raygate-usage.csv"'})
+        return Response(usage_report.usage_csv(rows, groups, gov.settings.currency),
+                        media_type="text/csv; charset=utf-8", headers={"content-disposition": 'attachment; filename="raygate-usage.csv"'})
 
     @r.get("/keys/{key_id}/budget")
     async def key_budget(key_id: str, store: Store) -> Response:
@@ -291,8 +260,8 @@ def admin_router(gov: Governance) -> APIRouter:
                 used = await gov.limiter.used(subject)
             except Exception as exc:  # noqa: BLE001 - the quota store's own errors (Redis down)
                 raise QuotaUnavailable("The quota service is unavailable; retry shortly.") from exc
-            out["team" if subject.id.startswith("team:") else "key"] = budget_view(subject.limits, used,
-                                                                                 gov.settings.currency)
+            view = usage_report.budget_view(subject.limits, used, gov.settings.currency)
+            out["team" if subject.id.startswith("team:") else "key"] = view
         return _json(out)
 
     return r

@@ -9,20 +9,20 @@ No `from __future__ import annotations`: FastAPI must see the route-local depend
 import asyncio
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from gateway.api.admin_router import CSV_COLUMNS, _csv, budget_view
 from gateway.backend import ModelBackend
 from gateway.console.charts import bar_chart
 from gateway.console.session import COOKIE, ConsoleSessions
-from gateway.errors import AuthenticationFailed
+from gateway.errors import AuthenticationFailed, ServiceDisabled
 from gateway.governance.gate import Governance
 from gateway.governance.limits import Limits
 from gateway.governance.store import KeyNotFound, KeyStore, reachable
+from gateway.governance.usage_report import CSV_COLUMNS, budget_view, usage_csv
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from models.registry import Registry, RegistryError
@@ -36,7 +36,7 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 LIMIT_FIELDS = tuple(Limits.model_fields)
-ENDPOINTS: tuple[str, ...] = Endpoint.__args__  # type: ignore[attr-defined]
+ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
 
 
 class NeedsLogin(Exception):  # noqa: N818 - a redirect, not an error
@@ -55,8 +55,8 @@ def _environment() -> Any:
     return env
 
 
-def _limits_from(form: Any, prefix: str = "") -> Limits:
-    values = {f: str(form.get(prefix + f, "")).strip() for f in LIMIT_FIELDS}
+def _limits_from(form: Any) -> Limits:
+    values = {f: str(form.get(f, "")).strip() for f in LIMIT_FIELDS}
     try:
         return Limits.model_validate({f: v for f, v in values.items() if v})
     except ValidationError as exc:
@@ -133,7 +133,7 @@ def console_router(
             if not sessions.csrf_ok(nonce, str(form.get("csrf", ""))):
                 raise AuthenticationFailed("The form's CSRF token is missing or stale: reload the page.")
         if gov.store is None:
-            raise FormError("This gateway runs without a key store.")
+            raise ServiceDisabled("This gateway runs without a key store.")
         return gov.store
 
     Store = Annotated[KeyStore, Depends(admin)]
@@ -153,11 +153,7 @@ def console_router(
     @r.post("/login")
     async def login(request: Request) -> Response:
         form = await request.form()
-        request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"authorization"] + [
-            (b"authorization", f"Bearer {form.get('admin_key', '')}".encode())]
-        try:
-            gov.authenticate_admin(Request(request.scope))
-        except AuthenticationFailed:
+        if not gov.is_admin_key(str(form.get("admin_key", ""))):
             return page(request, "login.html", status=401, error="That is not this gateway's admin key.")
         response = RedirectResponse("/ui", status_code=303)
         response.set_cookie(COOKIE, sessions.issue(), max_age=int(settings.console_session_s), path="/ui",
@@ -321,10 +317,14 @@ def console_router(
                     columns=CSV_COLUMNS)
 
     @r.get("/usage.csv")
-    async def usage_csv(store: Store, since: str | None = None, until: str | None = None) -> Response:
-        start, end = usage_range(since, until)
+    async def usage_export(request: Request, store: Store, since: str | None = None,
+                           until: str | None = None) -> Response:
+        try:
+            start, end = usage_range(since, until)
+        except FormError as exc:
+            return page(request, "message.html", status=400, message=str(exc))
         rows = await call(store.usage_summary, group_by=("day", "key_id", "model"), since=start, until=end)
-        return Response(_csv(rows, ["day", "key_id", "model"], settings.currency), media_type="text/csv",
+        return Response(usage_csv(rows, ["day", "key_id", "model"], settings.currency), media_type="text/csv",
                         headers={"content-disposition": 'attachment; filename="raygate-usage.csv"'})
 
     # -- models -----------------------------------------------------------------------------------------

@@ -147,9 +147,12 @@ class Governance:
         """Whether an admin key is set (without one, /admin and the console stay shut)."""
         return self._admin_hash is not None
 
+    def is_admin_key(self, token: str) -> bool:
+        """Whether `token` is the admin key (compared as HMACs, in constant time)."""
+        return self._admin_hash is not None and hmac.compare_digest(self.hash(token), self._admin_hash)
+
     def authenticate_admin(self, request: Request) -> None:
-        token = bearer_token(request)
-        if self._admin_hash is None or not hmac.compare_digest(self.hash(token), self._admin_hash):
+        if not self.is_admin_key(bearer_token(request)):
             raise AuthenticationFailed(_INVALID)
 
     @staticmethod
@@ -235,6 +238,8 @@ class Governance:
     def cost(self, outcome: Outcome) -> int:
         """What the request cost in nano-units: its tokens at the price of the version that served it, else of the
         model that answered, else of the name it asked for."""
+        if not self.prices:
+            return 0  # no prices configured: every request is free, and no lookup on the request path
         price = self.prices.price(outcome.version, outcome.served, outcome.model)
         return price.cost(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens)
 

@@ -28,7 +28,7 @@ def test_charts_escape_their_labels() -> None:
     assert "no usage" in bar_chart("empty", [])
 
 
-async def test_a_console_form_past_the_body_bound_is_refused_before_it_is_read(tmp_path) -> None:
+async def test_console_bodies_are_bounded_and_bad_dates_refused(tmp_path) -> None:
     import httpx
 
     from gateway import create_app
@@ -45,3 +45,6 @@ async def test_a_console_form_past_the_body_bound_is_refused_before_it_is_read(t
         assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}
         r = await http.post("/ui/login", data={"admin_key": "admin-key-0123456789abcdef"})
         assert r.status_code == 303 and r.headers["location"] == "/ui"
+        for path in ("/ui/usage", "/ui/usage.csv"):  # a bad date is the console's 400 page, never a 500
+            r = await http.get(path, params={"since": "yesterday"})
+            assert r.status_code == 400 and "YYYY-MM-DD" in r.text
