@@ -55,7 +55,8 @@ def conversation_router_config(cfg: AppConfig) -> Any:
     routing = cfg.gateway.conversation_routing
     router: dict[str, Any] = {  # Serve's pydantic model, untyped for mypy: fields by name
         "request_router_class": "gateway.routing.replica_router:ConversationRequestRouter",
-        "request_router_kwargs": {"max_load_gap": routing.max_load_gap},
+        "request_router_kwargs": {"max_load_gap": routing.max_load_gap,
+                                  "max_kv_cache_usage": routing.max_kv_cache_usage},
         "request_routing_stats_period_s": routing.stats_period_s,
         "request_routing_stats_timeout_s": max(routing.stats_period_s, 5.0),
     }

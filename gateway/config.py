@@ -30,8 +30,16 @@ class ConversationRoutingConfig(BaseModel):
         "the least busy replica (gateway replicas, and the replicas of models routed by conversation). Lower it "
         "when a few long conversations should spread; raise it to keep more turns on their cached prefixes.",
     )
+    max_kv_cache_usage: float | None = Field(
+        default=0.9, gt=0, le=1,
+        description="A conversation's replica is passed over while its engines' KV cache is this full or more (the "
+        "blocks its running requests hold; a new request would wait there, or make vLLM preempt one, while another "
+        "replica has room). Lower it when queueing behind a full cache costs more than a recomputed prefix; `null` "
+        "routes on requests in flight alone.",
+    )
     stats_period_s: float = Field(
-        default=1.0, gt=0, description="How often each replica reports its in-flight requests to the routers."
+        default=1.0, gt=0,
+        description="How often each replica reports its in-flight requests and KV cache use to the routers.",
     )
     replica_header: bool = Field(
         default=False, description="Name the replica that answered in an `x-raygate-replica` response header."

@@ -92,7 +92,7 @@ class GatewayIngress:
         return self.asgi_app
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        """What this replica tells Serve's request routers (conversation routing passes over busy replicas)."""
+        """What this replica tells Serve's request routers (conversation routing passes over busy or KV-full replicas)."""
         return routing_stats(self.backend.running_engines())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -5,7 +5,9 @@ On one node the gateway replicas take connections themselves (gateway/listener.p
 seconds of refused connections, which clients report as a network failure. `raygate up` watches the port
 instead; while no replica listens, it listens itself (SO_REUSEPORT, as the replicas do) and answers every
 request with OpenAI's error envelope, 503 `no_replica` and `Retry-After`, which the official SDKs retry.
-As soon as a replica listens again it stops, so it never takes a share of the traffic a replica can serve.
+As soon as a replica listens again it stops, so it never takes a share of the traffic a replica can serve;
+connections the kernel queued on its socket by then are answered before it closes (closing a listening socket
+resets the connections still waiting in its queue: a client would see its request cut, not refused).
 """
 
 from __future__ import annotations
@@ -125,6 +127,18 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             await writer.wait_closed()
 
 
+def drain_backlog(sock: socket.socket) -> list[socket.socket]:
+    """Accept every connection waiting in a listening socket's queue, without waiting for more."""
+    sock.setblocking(False)
+    out: list[socket.socket] = []
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return out
+        out.append(conn)
+
+
 class Standby:
     """Watches (host, port) from a thread of its own; listens there while no other socket does."""
 
@@ -134,6 +148,7 @@ class Standby:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="raygate-standby", daemon=True)
         self._watch: concurrent.futures.Future[None] | None = None
+        self._answering: set[asyncio.Task[None]] = set()
 
     def start(self) -> Standby:
         self._thread.start()
@@ -152,29 +167,59 @@ class Standby:
         self._watch = None
 
     async def _watch_forever(self) -> None:
-        server: asyncio.Server | None = None
+        sock: socket.socket | None = None
         own: int | None = None
+        accepting: asyncio.Task[None] | None = None
         try:
             while True:
                 others = listening_sockets(self.port) - {own}
-                if server is None and not others:
+                if sock is None and not others:
                     try:
                         sock = reuse_port_socket(self.host, self.port)
                     except OSError:  # held by a socket without SO_REUSEPORT, not listening yet: look again
                         await asyncio.sleep(self.every_s)
                         continue
                     sock.listen(128)
+                    sock.setblocking(False)
                     own = os.fstat(sock.fileno()).st_ino
-                    server = await asyncio.start_server(_answer, sock=sock, limit=MAX_HEAD)
+                    accepting = asyncio.create_task(self._accept_forever(sock))
                     self.answering = True
                     logger.warning("no gateway replica listens on %s:%d: answering 503 until one does",
                                    self.host, self.port)
-                elif server is not None and others:
-                    server.close()
-                    server, own, self.answering = None, None, False
+                elif sock is not None and others:
+                    assert accepting is not None
+                    accepting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await accepting
+                    for conn in drain_backlog(sock):  # queued before the replica listened: answered, not reset
+                        self._answer_later(conn)
+                    sock.close()
+                    sock, own, accepting, self.answering = None, None, None, False
                     logger.warning("a gateway replica listens on %s:%d again", self.host, self.port)
                 await asyncio.sleep(self.every_s)
         finally:
-            if server is not None:
-                server.close()
+            if accepting is not None:
+                accepting.cancel()
+            if sock is not None:
+                sock.close()
             self.answering = False
+
+    async def _accept_forever(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            self._answer_later(conn)
+
+    def _answer_later(self, conn: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer_socket(conn))
+        self._answering.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._answering.discard)
+
+    @staticmethod
+    async def _answer_socket(conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_HEAD)
+        except OSError:
+            conn.close()
+            return
+        await _answer(reader, writer)

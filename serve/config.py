@@ -174,7 +174,8 @@ class ModelDeploymentConfig(BaseModel):
         description="How the gateway picks among a `deployment` placement's replicas. `conversation`: each "
         "conversation (`prompt_cache_key`, or the messages up to the first user turn) sticks to one replica, so "
         "vLLM's prefix cache there holds its history and later turns skip its prefill; a replica carrying "
-        "`gateway.conversation_routing.max_load_gap` more requests than the least busy is passed over. `load`: "
+        "`gateway.conversation_routing.max_load_gap` more requests than the least busy, or whose KV cache is "
+        "`max_kv_cache_usage` full, is passed over. `load`: "
         "Serve's default router (the less busy of two random replicas), for traffic with no shared prefixes.",
     )
 

@@ -110,14 +110,16 @@ class Engine(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
 
 
-# The routing stat a replica reports to Serve's request routers (`record_routing_stats`): requests in flight in
-# its engines. Conversation routing passes over a replica carrying too many more than the least busy one.
+# The routing stats a replica reports to Serve's request routers (`record_routing_stats`): requests in flight in
+# its engines, and its fullest KV cache (KV_CACHE_USAGE_STAT). Conversation routing passes over a replica carrying
+# too many more requests than the least busy one, or whose KV cache is nearly full.
 IN_FLIGHT_STAT = "in_flight"
 
 
-def routing_stats(engines: Iterable[Engine]) -> dict[str, int]:
+def routing_stats(engines: Iterable[Engine]) -> dict[str, float]:
     """What a replica hosting `engines` tells Serve's request routers."""
-    return {IN_FLIGHT_STAT: sum(e.busy() for e in engines)}
+    engines = list(engines)
+    return {IN_FLIGHT_STAT: sum(e.busy() for e in engines), **autoscaling_stats(engines)}
 
 
 def autoscaling_stats(engines: Iterable[Engine]) -> dict[str, float]:

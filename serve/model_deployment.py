@@ -70,7 +70,7 @@ class ModelServer:
             return None
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        """What this replica tells the gateway's request router (conversation routing passes over busy replicas)."""
+        """What this replica tells the gateway's request router (conversation routing passes over busy or KV-full replicas)."""
         return routing_stats(self.live.all_engines())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

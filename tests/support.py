@@ -17,6 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# vLLM's arguments for the test stacks' engines: no torch.compile at start (docs/operations.md, "CPU hosts"). A
+# stack starts three engines and tests restart them; compiled, each start pays for it again. The LoRA gateway of
+# test_rollout_lifecycle keeps vLLM's compiled default, so it runs somewhere in the suite.
+EAGER: dict[str, bool] = {"enforce_eager": True}
+
 
 def free_port() -> int:
     """A TCP port nothing listens on now."""

@@ -7,7 +7,9 @@ key* and replicas are ranked by rendezvous hashing on it (highest random weight)
 router ranks them the same way without sharing state, and adding or removing a replica
 moves only the conversations of that replica. A replica more than `max_load_gap`
 requests busier than the least busy one is passed over, so a hot conversation cannot
-pile up on one replica while others idle.
+pile up on one replica while others idle; so is one whose engines' KV cache is
+`max_kv_cache_usage` full or more (its running requests hold the blocks a new one would
+need: vLLM would queue the request there, or preempt one, while another replica has room).
 """
 
 from __future__ import annotations
@@ -68,15 +70,23 @@ def _weight(key: bytes, replica: str) -> bytes:
     return blake2b(key + b"\x00" + replica.encode(), digest_size=8).digest()
 
 
-def rank_replicas(key: str, loads: Mapping[str, int], max_load_gap: int) -> list[str]:
+def rank_replicas(key: str, loads: Mapping[str, int], max_load_gap: int,
+                  kv_cache_usage: Mapping[str, float] | None = None, max_kv_cache_usage: float | None = None) -> list[str]:
     """Replicas in the order to try them for `key`.
 
     Rendezvous order (the same for a key on every router), except that a replica carrying
-    more than `max_load_gap` requests above the least loaded one goes after all the others.
+    more than `max_load_gap` requests above the least loaded one, or whose KV cache use (0-1,
+    `kv_cache_usage`, absent: 0) is at `max_kv_cache_usage` or above, goes after all the
+    others. Replicas all passed over keep the rendezvous order: affinity again.
     """
     k = key.encode()
     order = sorted(loads, key=lambda r: _weight(k, r), reverse=True)
     if not order:
         return order
     ceiling = min(loads.values()) + max_load_gap
-    return [r for r in order if loads[r] <= ceiling] + [r for r in order if loads[r] > ceiling]
+    kv = kv_cache_usage or {}
+
+    def passed_over(r: str) -> bool:
+        return loads[r] > ceiling or (max_kv_cache_usage is not None and kv.get(r, 0.0) >= max_kv_cache_usage)
+
+    return [r for r in order if not passed_over(r)] + [r for r in order if passed_over(r)]

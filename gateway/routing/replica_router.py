@@ -4,8 +4,8 @@ Two pieces, wired by `gateway.builder` when `gateway.conversation_routing.enable
 
 - `ConversationRequestRouter`, the gateway deployment's Serve request router: ranks replicas
   for a request's conversation key (`RequestMetadata.session_id`) with the pure policy in
-  `gateway.routing.affinity`, using the in-flight counts replicas report
-  (`GatewayIngress.record_routing_stats`). Serve's Python proxy and handles use it directly
+  `gateway.routing.affinity`, using the in-flight counts and KV cache use replicas report
+  (`GatewayIngress.record_routing_stats`, `ModelReplica.record_routing_stats`). Serve's Python proxy and handles use it directly
   (the key is then the `x-session-id` header only).
 - `ConversationRouter`, the ingress request router HAProxy asks before it forwards a POST
   (Ray's direct-ingress contract: `POST /internal/route` with the request's body, answered
@@ -29,16 +29,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.routing.affinity import conversation_key, rank_replicas
+from serve.autoscaling_policy import KV_CACHE_USAGE_STAT
 from serve.engine import IN_FLIGHT_STAT
 
 logger = logging.getLogger(__name__)
 
 
 class ConversationRequestRouter(RequestRouter):
-    """Replicas ranked by the request's conversation key, busy ones passed over (see `rank_replicas`)."""
+    """Replicas ranked by the request's conversation key, busy or KV-full ones passed over (see `rank_replicas`)."""
 
-    def initialize_state(self, max_load_gap: int = 16, **_: Any) -> None:
+    def initialize_state(self, max_load_gap: int = 16, max_kv_cache_usage: float | None = None, **_: Any) -> None:
         self.max_load_gap = max_load_gap
+        self.max_kv_cache_usage = max_kv_cache_usage
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -49,9 +51,11 @@ class ConversationRequestRouter(RequestRouter):
         # No key: the request id spreads such requests evenly (still away from busy replicas).
         key = (meta.session_id or meta.internal_request_id) if meta is not None else ""
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        loads = {rid: int((r.routing_stats or {}).get(IN_FLIGHT_STAT, 0)) for rid, r in by_id.items()}
+        stats = {rid: r.routing_stats or {} for rid, r in by_id.items()}
+        loads = {rid: int(s.get(IN_FLIGHT_STAT, 0)) for rid, s in stats.items()}
+        kv = {rid: float(s.get(KV_CACHE_USAGE_STAT, 0.0)) for rid, s in stats.items()}
         # One replica per rank: Serve tries them in this order when it reserves capacity.
-        return [[by_id[rid]] for rid in rank_replicas(key, loads, self.max_load_gap)]
+        return [[by_id[rid]] for rid in rank_replicas(key, loads, self.max_load_gap, kv, self.max_kv_cache_usage)]
 
 
 def _body(raw: bytes) -> dict[str, Any] | None:

@@ -9,10 +9,21 @@ from typing import Any
 
 import pytest
 
-from tests.support import PrivateRedis, free_ports
+from tests.support import EAGER, PrivateRedis, free_ports
 
 PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
 TP_MODEL = "tiny-chat-tp2"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the session's shared stack after every other integration test: the shared stack holds this
+    process's Ray connection until the session ends, and a module that starts its own stack in this process
+    (`Stack.start` calls `ray.init`) must run before it starts, whatever the modules' names."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in item.path.parents]
+    ordered = sorted((items[i] for i in slots), key=lambda item: "stack" in getattr(item, "fixturenames", ()))
+    for i, item in zip(slots, ordered, strict=True):
+        items[i] = item
 
 
 @dataclass
@@ -101,13 +112,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, session_redis: PrivateRedis)
     # Small limits so saturation is reachable from a test: 4 running + 2 queued.
     model = raw["serve"]["models"][0]
     model.update({"max_queued_requests": 2,
-                  "engine_kwargs": {**model["engine_kwargs"], "max_num_seqs": 4, "max_model_len": 1024}})
+                  "engine_kwargs": {**model["engine_kwargs"], **EAGER, "max_num_seqs": 4, "max_model_len": 1024}})
+    raw["serve"]["models"][1]["engine_kwargs"] = EAGER
     # Roll-outs (test_rollout_lifecycle): follow @stable closely and prefer int8 (W8A8 on this CPU).
     raw["serve"]["models"][0].update({"variants": ["int8", "full"], "registry_poll_s": 1.0})
     # The same version split over two tensor-parallel CPU workers (test_parallel_engines).
     raw["serve"]["models"].append({
         "model": f"{manifest.name}@1", "served_name": TP_MODEL, "num_cpus": 0,
-        "engine_kwargs": {"max_model_len": 1024, "max_num_seqs": 4, "tensor_parallel_size": 2,
+        "engine_kwargs": {**EAGER, "max_model_len": 1024, "max_num_seqs": 4, "tensor_parallel_size": 2,
                           "kv_cache_memory_bytes": 256 << 20},
     })
     stack = Stack(AppConfig.load(raw), port=PORT, dashboard_port=DASHBOARD_PORT, metrics_export_port=METRICS_PORT)

@@ -27,7 +27,7 @@ import pytest
 
 from serve.hardware import cpu_supports_bf16
 from tests.integration.scaling import ClosedLoad, running_replicas
-from tests.support import free_ports, wait_until
+from tests.support import EAGER, free_ports, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
     # 64 requests per replica would never be reached here (test_a_vllm_deployment_scales_out_when_its_kv_cache_fills).
     raw["serve"]["models"][0].update({
         "placement": "deployment", "num_cpus": 0.5,
-        "engine_kwargs": {"max_model_len": 2048, "stream_interval": 4,
+        "engine_kwargs": {**EAGER, "max_model_len": 2048, "stream_interval": 4,
                           "kv_cache_memory_bytes": KV_TOKENS * (4096 if cpu_supports_bf16() else 8192)},
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64,
                         "target_kv_cache_usage": 0.5, "upscale_delay_s": 1, "downscale_delay_s": 4,
@@ -88,7 +88,7 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
     })
     raw["serve"]["models"].append({  # two replicas, each its own engine and prefix cache; routed by conversation
         "model": raw["serve"]["models"][0]["model"], "served_name": PAIR, "placement": "deployment", "num_replicas": 2,
-        "num_cpus": 0, "engine_kwargs": {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20},
+        "num_cpus": 0, "engine_kwargs": {**EAGER, "max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20},
     })
     raw["serve"]["models"].append({
         "model": "slow@1", "served_name": "slow", "engine": "fake", "placement": "deployment", "num_cpus": 0,

@@ -101,5 +101,19 @@ def test_a_busy_replica_is_passed_over_then_taken_back() -> None:
     assert rank_replicas("conv", loads, 4)[0] == home
 
 
+def test_a_replica_with_a_full_kv_cache_is_passed_over_then_taken_back() -> None:
+    loads = dict.fromkeys(REPLICAS, 0)
+    home = rank_replicas("conv", loads, 4)[0]
+    kv = dict.fromkeys(REPLICAS, 0.3)
+    kv[home] = 0.89  # below the ceiling: still its replica
+    assert rank_replicas("conv", loads, 4, kv, 0.9)[0] == home
+    kv[home] = 0.9
+    order = rank_replicas("conv", loads, 4, kv, 0.9)
+    assert order[0] != home and order[-1] == home  # tried last, not dropped
+    assert rank_replicas("conv", loads, 4, kv, None)[0] == home  # no ceiling: requests in flight alone
+    assert rank_replicas("conv", loads, 4, {r: 0.95 for r in REPLICAS}, 0.9)[0] == home  # all full: affinity again
+    assert rank_replicas("conv", loads, 4, {}, 0.9)[0] == home  # a replica that reports none counts as empty
+
+
 def test_no_replicas() -> None:
     assert rank_replicas("conv", {}, 4) == []

@@ -325,7 +325,9 @@ def test_a_deployment_model_routes_by_conversation_unless_told_to_route_by_load(
     opts = model_options(app, app.serve.models[0])
     router = opts["request_router_config"]
     assert router.request_router_class == "gateway.routing.replica_router:ConversationRequestRouter"
-    assert router.request_router_kwargs == {"max_load_gap": app.gateway.conversation_routing.max_load_gap}
+    routing = app.gateway.conversation_routing
+    assert router.request_router_kwargs == {"max_load_gap": routing.max_load_gap,
+                                            "max_kv_cache_usage": routing.max_kv_cache_usage}
     load = _app(num_replicas=3, routing="load")
     assert "request_router_config" not in model_options(load, load.serve.models[0])  # Serve's default router
 

@@ -20,17 +20,20 @@ from gateway.config import AppConfig
 from gateway.deployment import with_header
 from gateway.routing.affinity import conversation_key, rank_replicas
 from gateway.routing.replica_router import ConversationRequestRouter, pick_replica
-from serve.engine import IN_FLIGHT_STAT
+from serve.autoscaling_policy import KV_CACHE_USAGE_STAT
+from serve.engine import IN_FLIGHT_STAT, EngineStats, routing_stats
 
 
-def _replica(uid: str, in_flight: int | None) -> Any:
+def _replica(uid: str, in_flight: int | None, kv: float | None = None) -> Any:
     stats = {} if in_flight is None else {IN_FLIGHT_STAT: in_flight}
+    if kv is not None:
+        stats[KV_CACHE_USAGE_STAT] = kv
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=uid), routing_stats=stats)
 
 
-def _router(gap: int) -> ConversationRequestRouter:
+def _router(gap: int, max_kv: float | None = None) -> ConversationRequestRouter:
     router = object.__new__(ConversationRequestRouter)  # the policy part needs no Serve state
-    router.initialize_state(max_load_gap=gap)
+    router.initialize_state(max_load_gap=gap, max_kv_cache_usage=max_kv)
     return router
 
 
@@ -50,6 +53,25 @@ async def test_request_router_passes_over_a_busy_replica_and_reads_missing_stats
     replicas = [_replica("r0", 9 if home == "r0" else None), _replica("r1", 9 if home == "r1" else None)]
     ranks = await _router(2).choose_replicas(replicas, _pending("m:conv"))
     assert ranks[0][0].replica_id.unique_id != home and ranks[1][0].replica_id.unique_id == home
+
+
+async def test_request_router_passes_over_a_replica_whose_kv_cache_is_full() -> None:
+    home = rank_replicas("m:conv", dict.fromkeys(["r0", "r1"], 0), 16)[0]
+    other = "r1" if home == "r0" else "r0"
+    replicas = [_replica(home, 1, kv=0.95), _replica(other, 1, kv=0.2)]
+    ranks = await _router(16, max_kv=0.9).choose_replicas(replicas, _pending("m:conv"))
+    assert [r[0].replica_id.unique_id for r in ranks] == [other, home]
+    ranks = await _router(16, max_kv=None).choose_replicas(replicas, _pending("m:conv"))  # requests alone
+    assert ranks[0][0].replica_id.unique_id == home
+
+
+def test_a_replica_reports_its_requests_in_flight_and_its_fullest_kv_cache() -> None:
+    def engine(busy: int, kv: float) -> Any:
+        return SimpleNamespace(busy=lambda: busy, stats=lambda: EngineStats(running=busy, kv_cache_usage=kv))
+
+    assert routing_stats([engine(2, 0.4), engine(3, 0.7)]) == {IN_FLIGHT_STAT: 5, KV_CACHE_USAGE_STAT: 0.7}
+    assert routing_stats(iter([engine(1, 0.2)])) == {IN_FLIGHT_STAT: 1, KV_CACHE_USAGE_STAT: 0.2}  # any iterable
+    assert routing_stats([]) == {IN_FLIGHT_STAT: 0, KV_CACHE_USAGE_STAT: 0.0}
 
 
 async def test_request_router_without_a_key_spreads_by_request_id() -> None:
@@ -113,5 +135,6 @@ def test_deployment_options_name_the_request_router_only_when_enabled() -> None:
     cfg = AppConfig.load({**base, "gateway": {"conversation_routing": {"enabled": True, "max_load_gap": 3,
                                                                         "stats_period_s": 0.5}}})
     rc = deployment_options(cfg)["request_router_config"]
-    assert rc.request_router_kwargs == {"max_load_gap": 3} and rc.request_routing_stats_period_s == 0.5
+    assert rc.request_router_kwargs == {"max_load_gap": 3, "max_kv_cache_usage": 0.9}
+    assert rc.request_routing_stats_period_s == 0.5
     assert rc.request_router_class == "gateway.routing.replica_router:ConversationRequestRouter"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -11,7 +12,7 @@ import openai
 import pytest
 
 from gateway.listener import reuse_port_socket
-from raygate.standby import Standby, _listening_by_diag, _listening_by_proc, listening_sockets
+from raygate.standby import Standby, _listening_by_diag, _listening_by_proc, drain_backlog, listening_sockets
 from tests.support import free_port, wait_until
 
 
@@ -66,6 +67,54 @@ def test_the_port_answers_503_while_no_replica_listens_and_steps_aside_when_one_
     assert not standby.answering and not listening_sockets(port)  # a stop leaves the port to be refused
     with pytest.raises(httpx.ConnectError):
         httpx.get(url)
+
+
+def _queued_requests(port: int, n: int) -> list[socket.socket]:
+    """`n` clients whose connections the kernel completed and queued on the port, each with its request sent."""
+    clients = []
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        clients.append(c)
+    return clients
+
+
+def _answer_of(client: socket.socket) -> bytes:
+    with client:
+        data = b""
+        while chunk := client.recv(65536):
+            data += chunk
+        return data
+
+
+def test_connections_queued_when_a_replica_comes_back_are_answered_not_reset() -> None:
+    """Closing a listening socket resets the connections still in its queue (the premise, checked first); the
+    standby accepts what is queued before it closes and answers each with the 503."""
+    port = free_port()
+    sock = reuse_port_socket("127.0.0.1", port)
+    sock.listen(16)
+    (lost,) = _queued_requests(port, 1)
+    sock.close()
+    with pytest.raises(ConnectionResetError):
+        _answer_of(lost)
+
+    sock = reuse_port_socket("127.0.0.1", port)
+    sock.listen(16)
+    clients = _queued_requests(port, 3)
+    queued = drain_backlog(sock)
+    sock.close()
+    assert len(queued) == 3
+    empty = reuse_port_socket("127.0.0.1", free_port())
+    empty.listen()
+    with empty:
+        assert drain_backlog(empty) == []  # nothing queued: returns at once
+
+    async def answer_all() -> None:
+        await asyncio.gather(*(Standby._answer_socket(conn) for conn in queued))
+
+    asyncio.run(answer_all())
+    for client in clients:
+        assert _answer_of(client).startswith(b"HTTP/1.1 503 ")
 
 
 def test_the_kernels_socket_diagnostics_find_exactly_the_listeners_that_proc_lists() -> None:
