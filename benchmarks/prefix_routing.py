@@ -10,6 +10,7 @@ turns 2 and later that came from the cache, and the prefill tokens left to compu
 it counts tokens, not seconds (TTFT is printed beside it).
 
     python -m benchmarks.prefix_routing --conversations 16 --turns 6 --streams 4
+    python -m benchmarks.prefix_routing --kv-blocks 96   # caches that hold a replica's share, not everything
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ def _ports(n: int) -> list[int]:
     return ports
 
 
-def _config(home: Path, replicas: int) -> dict[str, object]:
+def _config(home: Path, replicas: int, kv_blocks: int | None) -> dict[str, object]:
+    engine: dict[str, object] = {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}
+    if kv_blocks:  # vLLM's own cap on the cache, in blocks (128 tokens each on CPUs), whatever the dtype
+        engine["num_gpu_blocks_override"] = kv_blocks
     return {
         "gateway": {"settings": {"home": str(home), "api_keys": [KEY]}},
         "serve": {"models": [
             {"model": "raygate/tiny-chat@stable", "served_name": name, "placement": "deployment", "routing": routing,
-             "num_replicas": replicas, "num_cpus": 0,
-             "engine_kwargs": {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}}
+             "num_replicas": replicas, "num_cpus": 0, "engine_kwargs": engine}
             for name, routing in TARGETS.items()
         ]},
     }
@@ -94,13 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=6, help="Turns per conversation.")
     p.add_argument("--streams", type=int, default=4, help="Conversations in flight per target.")
     p.add_argument("--replicas", type=int, default=2, help="Replicas of each target's deployment.")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="Each engine's KV cache in blocks (vLLM's num_gpu_blocks_override). Unset: room for every "
+                        "conversation on every replica; set below the whole workload's blocks but above a "
+                        "replica's share, it is the regime of a busy deployment, where a cache holds only part "
+                        "of what its replicas' clients talk about.")
     p.add_argument("--home", default=".bench/home", help="raygate home (the default model is built there once).")
     p.add_argument("--out-dir", default="benchmarks/results/prefix_routing")
     a = p.parse_args(argv)
     home = Path(a.home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "prefix-routing.yaml"
-    cfg.write_text(yaml.safe_dump(_config(home, a.replicas)))
+    cfg.write_text(yaml.safe_dump(_config(home, a.replicas, a.kv_blocks)))
     port, dashboard, metrics = _ports(3)
     base = f"http://127.0.0.1:{port}"
     log = open(home / "prefix-routing.log", "wb")  # noqa: SIM115 - open for the stack's lifetime
@@ -135,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(a), "summary": summary, "hit_rate_ratio": ratio,
                                                    "prefill_ratio": prefill, "turns": results}, indent=2))
+    cache = f"a KV cache of {a.kv_blocks} blocks per engine" if a.kv_blocks else "a KV cache with room for all"
     md = (f"{a.conversations} conversations x {a.turns} turns per target, {a.streams} in flight each, "
-          f"{a.replicas} replicas per deployment; turns 2-{a.turns}:\n\n"
+          f"{a.replicas} replicas per deployment, {cache}; turns 2-{a.turns}:\n\n"
           "| routing | prompt tokens | cached | hit rate | prefill computed | TTFT p50 ms |\n|---|---|---|---|---|---|\n"
           + "".join(f"| {n} | {s['prompt_tokens']} | {s['cached_tokens']} | {s['hit_rate']:.2f} | "
                     f"{s['prefill_tokens']} | {s['ttft_p50_ms']} |\n" for n, s in summary.items())

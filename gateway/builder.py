@@ -118,9 +118,23 @@ def _resources(num_cpus: float, models: list[ModelDeploymentConfig], env: dict[s
             "placement_group_strategy": "STRICT_PACK"}
 
 
+def metrics_dir(cfg: AppConfig) -> str:
+    """Where the application's gateway replicas on a node pool their Prometheus samples: `gateway.metrics_dir`,
+    else a directory of this Ray cluster's own (named by the node building the application: a cluster started
+    again gets a new one), so that a second stack on the host neither counts these samples nor wipes them."""
+    if cfg.gateway.metrics_dir:
+        return cfg.gateway.metrics_dir
+    import tempfile
+
+    import ray
+
+    cluster = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    return os.path.join(tempfile.gettempdir(), "raygate-metrics", cluster, cfg.app_name)
+
+
 def runtime_env(cfg: AppConfig) -> dict[str, Any]:
     """Environment of every gateway replica, set before it imports anything."""
-    return {"env_vars": {**engine_env(cfg), MULTIPROC_ENV: cfg.metrics_dir()}}
+    return {"env_vars": {**engine_env(cfg), MULTIPROC_ENV: metrics_dir(cfg)}}
 
 
 def engine_env(cfg: AppConfig) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,7 +59,9 @@ class GatewayDeploymentConfig(BaseModel):
     metrics_dir: str | None = Field(
         default=None,
         description="Directory where a node's gateway replicas pool their Prometheus samples (PROMETHEUS_MULTIPROC_DIR), "
-        "so /metrics of any replica counts them all; default <tmp>/raygate-metrics/<app_name>.",
+        "so /metrics of any replica counts them all. Default: <tmp>/raygate-metrics/<cluster>/<app_name>, <cluster> "
+        "the id of the Ray node that built the application, new at every cluster start, so two stacks on one host "
+        "never count or wipe each other's samples. Set it only to read the samples from outside.",
     )
     num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves per gateway replica.")
     max_ongoing_requests: int = Field(
@@ -116,12 +117,6 @@ class AppConfig(BaseModel):
     route_prefix: str = Field(default="/", description="HTTP prefix of the application.")
     gateway: GatewayDeploymentConfig = Field(default_factory=GatewayDeploymentConfig, description="Ingress options.")
     serve: ServeConfig = Field(description="Models and registry.")
-
-    def metrics_dir(self) -> str:
-        """Where this application's gateway replicas on a node pool their metrics."""
-        import tempfile
-
-        return self.gateway.metrics_dir or os.path.join(tempfile.gettempdir(), "raygate-metrics", self.app_name)
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any] | AppConfig) -> AppConfig:

@@ -96,6 +96,7 @@ class Stack:
     started: bool = False
     _record: StackRecord | None = field(default=None, init=False, repr=False)
     _standby: Standby | None = field(default=None, init=False, repr=False)
+    _metrics_dir: str | None = field(default=None, init=False, repr=False)
 
     @property
     def replicas_listen(self) -> bool:
@@ -136,7 +137,7 @@ class Stack:
         import ray
         from ray import serve
 
-        from gateway.builder import build_application
+        from gateway.builder import build_application, metrics_dir
 
         # ray.init installs its own SIGTERM handler (it aborts the process); keep the caller's.
         saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -156,8 +157,9 @@ class Stack:
             for sig, handler in saved.items():
                 if handler is not None:
                     signal.signal(sig, handler)
-        # Gateway metrics are pooled per node; a new cluster starts from zero (replicas make the directory).
-        shutil.rmtree(self.config.metrics_dir(), ignore_errors=True)
+        # Gateway metrics are pooled per node, in a directory of this cluster's own (the replicas make it); the stop
+        # removes it.
+        self._metrics_dir = metrics_dir(self.config)
         serve.start(
             proxy_location="Disabled" if listen else None,
             http_options={"host": self.host, "port": self.port},
@@ -233,6 +235,10 @@ class Stack:
             # Until they are gone: Ray's agents outlive ray.shutdown a few seconds holding the metrics port, and a
             # replica Ray killed (a stop that timed out) leaves its vLLM engine running.
             reap(procs)
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the cluster's folder, empty unless another app used it
+                    os.rmdir(os.path.dirname(self._metrics_dir))
             if self._record is not None:
                 self._record.remove()
 

@@ -113,6 +113,12 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert "deployment gateway: HEALTHY" in status.stdout, status.stdout
         assert "engine raygate/tiny-chat@1: variant full, running 0, healthy" in status.stdout, status.stdout
         assert f"http://127.0.0.1:{DASHBOARD_PORT}" in status.stdout
+        # The replica pools its metrics in a folder of this cluster's own (another stack on the host has another).
+        (replica,) = {c.pid for c in psutil.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN and c.laddr.port == PORT and c.pid}
+        pooled = Path(psutil.Process(replica).environ()["PROMETHEUS_MULTIPROC_DIR"])
+        assert pooled.name == "raygate" and pooled.parent.parent.name == "raygate-metrics", pooled
+        assert len(pooled.parent.name) > 20 and any(pooled.iterdir()), pooled  # named by a Ray node id; in use
     finally:
         stop_started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -125,6 +131,7 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(1)
     assert not (_ray_processes() - before), "Ray processes left behind"
+    assert not pooled.parent.exists()  # the stop removes the cluster's metrics folder
 
 
 def test_sigterm_drains_the_replica_listening_itself(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ class _Up:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Up]:
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Up]:
     redis = PrivateRedis(tmp_path_factory.mktemp("affinity-redis")).start()  # the two replicas share quotas
     # `raygate up` in a process of its own, as a user runs it: Serve reads its HAProxy flags when first
     # imported, which this test process did at collection, before any stack set them.
@@ -60,19 +60,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Up]:
          "--dashboard-port", str(DASHBOARD_PORT), "--metrics-port", str(METRICS_PORT)],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    up = _Up(f"http://127.0.0.1:{PORT}", proc)
+    running = _Up(f"http://127.0.0.1:{PORT}", proc)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             assert proc.poll() is None, (home / "up.log").read_text()[-3000:]
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{up.base_url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{running.base_url}/ready", timeout=2).status_code == 200:
                     break
             time.sleep(1)
         else:
             raise AssertionError("raygate up not ready: " + (home / "up.log").read_text()[-3000:])
-        _wait_for_routing(up)
-        yield up
+        _wait_for_routing(running)
+        yield running
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -98,13 +98,13 @@ def _wait_for_routing(up: _Up, timeout_s: float = 120) -> None:
         time.sleep(2)
 
 
-def _client(stack: _Up) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=KEY, max_retries=0, timeout=30)
+def _client(up: _Up) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{up.base_url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
-def _replica_ids(stack: _Up) -> list[str]:
+def _replica_ids(up: _Up) -> list[str]:
     seen: set[str] = set()
-    with httpx.Client(base_url=stack.base_url, headers={"authorization": f"Bearer {KEY}"}) as c:
+    with httpx.Client(base_url=up.base_url, headers={"authorization": f"Bearer {KEY}"}) as c:
         for i in range(40):  # distinct conversations reach both replicas
             r = c.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 1,
                                                      "messages": [{"role": "user", "content": f"probe {i}"}]})
@@ -119,9 +119,9 @@ def _routers() -> list[psutil.Process]:
             if "ServeReplica:raygate:gateway-router" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_every_turn_of_a_conversation_reaches_the_replica_the_policy_picks(stack: _Up) -> None:
-    client = _client(stack)
-    replicas = _replica_ids(stack)
+def test_every_turn_of_a_conversation_reaches_the_replica_the_policy_picks(up: _Up) -> None:
+    client = _client(up)
+    replicas = _replica_ids(up)
     served: dict[int, list[str]] = defaultdict(list)
     for conv in range(12):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"conversation {conv}"}]
@@ -139,9 +139,9 @@ def test_every_turn_of_a_conversation_reaches_the_replica_the_policy_picks(stack
     assert {s[0] for s in served.values()} == set(replicas), "12 conversations, one replica: no spreading"
 
 
-def test_prompt_cache_key_and_session_header_pin_unrelated_requests(stack: _Up) -> None:
-    client = _client(stack)
-    replicas = _replica_ids(stack)
+def test_prompt_cache_key_and_session_header_pin_unrelated_requests(up: _Up) -> None:
+    client = _client(up)
+    replicas = _replica_ids(up)
     for i in range(6):
         key = f"tenant-{i}"
         expected = rank_replicas("k:" + key, dict.fromkeys(replicas, 0), 16)[0]
@@ -155,8 +155,8 @@ def test_prompt_cache_key_and_session_header_pin_unrelated_requests(stack: _Up) 
         assert got == {rank_replicas(f"s:session-{i}", dict.fromkeys(replicas, 0), 16)[0]}
 
 
-def test_bad_bodies_still_get_openai_errors_through_the_router(stack: _Up) -> None:
-    with httpx.Client(base_url=stack.base_url, headers={"authorization": f"Bearer {KEY}"}) as c:
+def test_bad_bodies_still_get_openai_errors_through_the_router(up: _Up) -> None:
+    with httpx.Client(base_url=up.base_url, headers={"authorization": f"Bearer {KEY}"}) as c:
         r = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         r = c.post("/v1/chat/completions", json={"model": "chat", "messages": "nope"})
@@ -166,12 +166,12 @@ def test_bad_bodies_still_get_openai_errors_through_the_router(stack: _Up) -> No
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_cache_key"
 
 
-def test_losing_a_router_replica_fails_no_request(stack: _Up) -> None:
+def test_losing_a_router_replica_fails_no_request(up: _Up) -> None:
     codes: list[int] = []
     stop = threading.Event()
 
     def load() -> None:
-        with httpx.Client(base_url=stack.base_url, headers={"authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        with httpx.Client(base_url=up.base_url, headers={"authorization": f"Bearer {KEY}"}, timeout=30) as c:
             i = 0
             while not stop.is_set():
                 r = c.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 2,

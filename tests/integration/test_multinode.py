@@ -230,8 +230,8 @@ def test_the_worker_node_dies_under_load_and_its_model_comes_back_with_it(cluste
                 try:
                     with c.stream("POST", "/v1/chat/completions", json=body) as r:
                         text = "".join(r.iter_text())
-                    if r.status_code != 200:
-                        outcomes.append((started, f"status {r.status_code}"))
+                    if r.status_code != 200:  # with what it said, to tell who answered (a replica, HAProxy)
+                        outcomes.append((started, f"status {r.status_code} {text[:160]!r}"))
                     elif text.rstrip().endswith("data: [DONE]"):
                         outcomes.append((started, "done"))
                     elif '"error"' in text:

@@ -171,6 +171,19 @@ def test_autoscaling_env_and_logging_reach_serve() -> None:
         AutoscalingConfig(min_replicas=3, max_replicas=2)
 
 
+def test_gateway_metrics_pool_in_a_directory_of_the_cluster_s_own_unless_set() -> None:
+    """Two stacks on one host (two `raygate up`, a test's and a user's) each pool their replicas' samples apart: a
+    second stack's start once wiped the first's `/metrics`."""
+    import tempfile
+
+    from gateway.builder import metrics_dir
+
+    app = AppConfig.load({"serve": {"models": [{"model": "m", "engine": "fake"}]}})
+    assert metrics_dir(app) == f"{tempfile.gettempdir()}/raygate-metrics/local/raygate"  # no Ray here
+    app.gateway.metrics_dir = "/srv/metrics"
+    assert metrics_dir(app) == "/srv/metrics"
+
+
 def test_engine_stat_logger_drops_only_per_token_histograms() -> None:
     """Ray's agent replays every histogram observation in Python; the per-token one is left out."""
     from serve.engine_metrics import PER_TOKEN_HISTOGRAMS, without_per_token_histograms
