@@ -118,18 +118,22 @@ def _resources(num_cpus: float, models: list[ModelDeploymentConfig], env: dict[s
             "placement_group_strategy": "STRICT_PACK"}
 
 
-def metrics_dir(cfg: AppConfig) -> str:
+def metrics_dir(cfg: AppConfig, cluster: str | None = None) -> str:
     """Where the application's gateway replicas on a node pool their Prometheus samples: `gateway.metrics_dir`,
-    else a directory of this Ray cluster's own (named by the node building the application: a cluster started
-    again gets a new one), so that a second stack on the host neither counts these samples nor wipes them."""
+    else a directory of the Ray cluster's own (`cluster`, default `ray_cluster_tag()`: a cluster started again
+    gets a new one), so that a second stack on the host neither counts these samples nor wipes them."""
     if cfg.gateway.metrics_dir:
         return cfg.gateway.metrics_dir
     import tempfile
 
+    return os.path.join(tempfile.gettempdir(), "raygate-metrics", cluster or ray_cluster_tag(), cfg.app_name)
+
+
+def ray_cluster_tag() -> str:
+    """The id of the Ray node this process runs on (the one building the application), `local` outside Ray."""
     import ray
 
-    cluster = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    return os.path.join(tempfile.gettempdir(), "raygate-metrics", cluster, cfg.app_name)
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def runtime_env(cfg: AppConfig) -> dict[str, Any]:

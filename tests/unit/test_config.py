@@ -178,10 +178,11 @@ def test_gateway_metrics_pool_in_a_directory_of_the_cluster_s_own_unless_set() -
 
     from gateway.builder import metrics_dir
 
-    app = AppConfig.load({"serve": {"models": [{"model": "m", "engine": "fake"}]}})
-    assert metrics_dir(app) == f"{tempfile.gettempdir()}/raygate-metrics/local/raygate"  # no Ray here
+    app = AppConfig.load({"app_name": "chat", "serve": {"models": [{"model": "m", "engine": "fake"}]}})
+    assert metrics_dir(app, "node-a") == f"{tempfile.gettempdir()}/raygate-metrics/node-a/chat"
+    assert metrics_dir(app, "node-b") != metrics_dir(app, "node-a")  # a cluster started again: a new folder
     app.gateway.metrics_dir = "/srv/metrics"
-    assert metrics_dir(app) == "/srv/metrics"
+    assert metrics_dir(app, "node-a") == "/srv/metrics"
 
 
 def test_engine_stat_logger_drops_only_per_token_histograms() -> None:
