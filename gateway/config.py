@@ -61,7 +61,8 @@ class GatewayDeploymentConfig(BaseModel):
         description="Directory where a node's gateway replicas pool their Prometheus samples (PROMETHEUS_MULTIPROC_DIR), "
         "so /metrics of any replica counts them all. Default: <tmp>/raygate-metrics/<cluster>/<app_name>, <cluster> "
         "the id of the Ray node that built the application, new at every cluster start, so two stacks on one host "
-        "never count or wipe each other's samples. Set it only to read the samples from outside.",
+        "never count or wipe each other's samples. Set it only to read the samples from outside (`raygate up` empties it "
+        "at each start).",
     )
     num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves per gateway replica.")
     max_ongoing_requests: int = Field(

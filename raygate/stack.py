@@ -157,9 +157,12 @@ class Stack:
             for sig, handler in saved.items():
                 if handler is not None:
                     signal.signal(sig, handler)
-        # Gateway metrics are pooled per node, in a directory of this cluster's own (the replicas make it); the stop
-        # removes it.
-        self._metrics_dir = metrics_dir(self.config)
+        # Gateway metrics are pooled per node (the replicas make the folder): by default in a folder of this
+        # cluster's own, which the stop removes; in the operator's `metrics_dir`, from zero for a new cluster.
+        if self.config.gateway.metrics_dir:
+            shutil.rmtree(self.config.gateway.metrics_dir, ignore_errors=True)
+        else:
+            self._metrics_dir = metrics_dir(self.config)
         serve.start(
             proxy_location="Disabled" if listen else None,
             http_options={"host": self.host, "port": self.port},
