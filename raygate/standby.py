@@ -32,6 +32,7 @@ _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024  # read (and drop) a body up to this before answering, so the client sees the answer
 READ_TIMEOUT_S = 5.0
+ACCEPT_RETRY_S = 0.1  # after a failed accept (no descriptor left), before the next
 
 # The kernel's socket diagnostics (linux/sock_diag.h, linux/inet_diag.h): asked for listening TCP sockets only,
 # it answers with those few, where /proc/net/tcp lists every connection of the host (thousands under load).
@@ -207,7 +208,12 @@ class Standby:
     async def _accept_forever(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(sock)
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # no descriptor left (a flood of idle connections): try again, as asyncio's servers do
+                logger.warning("standby on port %d could not accept: %s", self.port, exc)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             self._answer_later(conn)
 
     def _answer_later(self, conn: socket.socket) -> None:
