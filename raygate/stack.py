@@ -129,8 +129,12 @@ class Stack:
             if stopped:
                 logger.warning("stopped what a killed raygate up left running: %s", ", ".join(stopped))
             self._record = StackRecord(self.state_dir)
-        # A stack left running, or what a killed one left, holds these: said now with its pid, not as a bind
-        # error from deep inside Ray or a replica.
+        # A stack left running, or what a killed one left, holds these; Ray refuses two of its ports the same:
+        # said now (with the holder's pid), not as a bind error from deep inside Ray or a replica.
+        clash = port_clash({"--port": self.port, "--dashboard-port": self.dashboard_port,
+                            "--metrics-port": self.metrics_export_port})
+        if clash:
+            raise StartFailed(clash)
         check_port_free(self.host, self.port)
         check_port_free("127.0.0.1", self.dashboard_port, "--dashboard-port")
         check_port_free("127.0.0.1", self.metrics_export_port, "--metrics-port")
@@ -250,6 +254,24 @@ _DAEMON_MARKERS = (
     "/gcs/gcs_server", "dashboard/dashboard.py", "ray-dashboard-", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
     "_private/log_monitor.py", "autoscaler/_private/monitor.py", "ray::ServeController",
 )
+
+
+# Ray's dashboard agent takes this port on every node (`ray start --dashboard-agent-listen-port`'s default,
+# not randomised), and Ray refuses to start when another of its ports is the same.
+RAY_AGENT_PORT = 52365
+
+
+def port_clash(ports: dict[str, int]) -> str | None:
+    """Why these ports (flag -> port) cannot serve one stack together, or None: two the same, or one that
+    Ray's dashboard agent takes on every node."""
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port == RAY_AGENT_PORT:
+            return f"{flag} {port} is the port Ray's dashboard agent takes on every node; pass another {flag}."
+        if port in seen:
+            return f"{seen[port]} and {flag} are both {port}; pass another {flag}."
+        seen[port] = flag
+    return None
 
 
 def check_port_free(host: str, port: int, flag: str = "--port") -> None:

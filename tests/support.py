@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from raygate.stack import RAY_AGENT_PORT
+
 # vLLM's arguments for the test stacks' engines: no torch.compile at start (docs/operations.md, "CPU hosts"). A
 # stack starts three engines and tests restart them; compiled, each start pays for it again. The LoRA gateway of
 # test_rollout_lifecycle keeps vLLM's compiled default, so it runs somewhere in the suite.
@@ -25,18 +27,19 @@ EAGER: dict[str, bool] = {"enforce_eager": True}
 
 def free_port() -> int:
     """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def free_ports(n: int) -> list[int]:
-    """`n` distinct free ports (held open together while they are picked)."""
-    socks = [socket.socket() for _ in range(n)]
+    """`n` distinct free ports (held open together while they are picked), never the port Ray's dashboard
+    agent takes on every node: the kernel's ephemeral range holds it, and a stack given it does not start."""
+    socks: list[socket.socket] = []
     try:
-        for s in socks:
+        while len(socks) < n + 1:  # one more than asked: at most one of them is Ray's
+            s = socket.socket()
+            socks.append(s)
             s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
+        return [p for p in (int(s.getsockname()[1]) for s in socks) if p != RAY_AGENT_PORT][:n]
     finally:
         for s in socks:
             s.close()

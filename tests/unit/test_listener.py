@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import AppConfig
 from gateway.listener import Listener, reuse_port_socket
-from raygate.stack import Stack, StartFailed, check_port_free
+from raygate.stack import RAY_AGENT_PORT, Stack, StartFailed, check_port_free, port_clash
 from tests.support import free_port, free_ports
 
 
@@ -126,6 +126,18 @@ def test_serves_ingress_is_kept_where_the_config_needs_it() -> None:
                           "serve": {"models": [{"model": "m", "engine": "fake"}]}})
     with pytest.raises(ValueError, match="conversation routing needs Serve's ingress"):
         build_application(cfg, listen=("127.0.0.1", 8000))
+
+
+def test_ports_that_ray_would_refuse_are_named_before_ray_starts(tmp_path) -> None:  # noqa: ANN001
+    assert port_clash({"--port": 8000, "--dashboard-port": 8265, "--metrics-port": 8080}) is None
+    assert port_clash({"--port": 8000, "--dashboard-port": 8000}) == (
+        "--port and --dashboard-port are both 8000; pass another --dashboard-port.")
+    port, metrics = free_ports(2)
+    stack = Stack(AppConfig.load({"serve": {"models": [{"model": "m", "engine": "fake"}]}}), port=port,
+                  dashboard_port=RAY_AGENT_PORT, metrics_export_port=metrics, state_dir=tmp_path)
+    with pytest.raises(StartFailed, match=rf"--dashboard-port {RAY_AGENT_PORT} is the port Ray's dashboard agent"):
+        stack.start(ready_timeout_s=1)
+    assert not stack.started  # Ray was never started
 
 
 def test_up_names_who_holds_its_dashboard_or_metrics_port_before_starting_ray(tmp_path) -> None:  # noqa: ANN001
