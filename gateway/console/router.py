@@ -36,6 +36,7 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 LIMIT_FIELDS = tuple(Limits.model_fields)
+MAX_EXPIRY_DAYS = 36_500
 ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
 
 
@@ -62,6 +63,28 @@ def _limits_from(form: Any) -> Limits:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise FormError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _text(form: Any, name: str, limit: int) -> str:
+    """A form's text field, stripped and cut to `limit`; one with a NUL (no database keeps it) is refused."""
+    value = str(form.get(name, "")).strip()[:limit]
+    if "\x00" in value:
+        raise FormError(f"{name}: no NUL characters")
+    return value
+
+
+def _expiry(form: Any) -> datetime | None:
+    """`expires_in_days` from now (blank: never), in (0, MAX_EXPIRY_DAYS]."""
+    days = _text(form, "expires_in_days", 50)
+    if not days:
+        return None
+    try:
+        value = float(days)
+    except ValueError:
+        raise FormError("expires_in_days is a number of days") from None
+    if not 0 < value <= MAX_EXPIRY_DAYS:  # NaN too
+        raise FormError(f"expires_in_days is more than 0 and at most {MAX_EXPIRY_DAYS:,}")
+    return datetime.now(UTC) + timedelta(days=value)
 
 
 def _names(text: str) -> list[str] | None:
@@ -191,17 +214,16 @@ def console_router(
             endpoints = form.getlist("endpoints") or None
             if endpoints and not set(endpoints) <= set(ENDPOINTS):
                 raise FormError("unknown endpoint")
-            days = str(form.get("expires_in_days", "")).strip()
-            expires = datetime.now(UTC) + timedelta(days=float(days)) if days else None
-        except (FormError, ValueError) as exc:
+            fields = {"name": _text(form, "name", 200), "owner": _text(form, "owner", 200) or None,
+                      "team": _text(form, "team", 200) or None, "tier": _text(form, "tier", 50) or "default",
+                      "allowed_models": _names(_text(form, "models", 100_000))}
+            expires = _expiry(form)
+        except FormError as exc:
             records = await call(store.list_keys)
             return page(request, "keys.html", status=400, keys=records, error=str(exc), fields=LIMIT_FIELDS,
                         endpoints=ENDPOINTS, include_revoked=False)
-        record, plaintext = await call(
-            store.create_key, name=str(form.get("name", ""))[:200], owner=str(form.get("owner", ""))[:200] or None,
-            team=str(form.get("team", "")).strip()[:200] or None, tier=str(form.get("tier", "default"))[:50] or "default",
-            allowed_models=_names(str(form.get("models", ""))), allowed_endpoints=endpoints, limits=limits,
-            expires_at=expires)
+        record, plaintext = await call(store.create_key, **fields, allowed_endpoints=endpoints, limits=limits,
+                                       expires_at=expires)
         return page(request, "key_created.html", key=record, plaintext=plaintext)
 
     async def key_page(request: Request, store: KeyStore, key_id: str, status: int = 200, **extra: Any) -> HTMLResponse:
@@ -239,13 +261,14 @@ def console_router(
         form = await request.form()
         try:
             limits = _limits_from(form)
+            models = _names(_text(form, "models", 100_000))
+            endpoints = form.getlist("endpoints") or None
+            if endpoints and not set(endpoints) <= set(ENDPOINTS):
+                raise FormError("unknown endpoint")
         except FormError as exc:
             return await key_page(request, store, key_id, status=400, error=str(exc))
-        endpoints = form.getlist("endpoints") or None
-        if endpoints and not set(endpoints) <= set(ENDPOINTS):
-            return await key_page(request, store, key_id, status=400, error="unknown endpoint")
         _, missing = await change_key(request, store.update_key, key_id, limits=limits, allowed_endpoints=endpoints,
-                                      allowed_models=_names(str(form.get("models", ""))))
+                                      allowed_models=models)
         return missing or await key_page(request, store, key_id, notice="Limits saved.")
 
     @r.post("/keys/{key_id}/revoke")
@@ -270,8 +293,8 @@ def console_router(
     @r.post("/teams")
     async def set_team(request: Request, store: Store) -> HTMLResponse:
         form = await request.form()
-        name = str(form.get("team", "")).strip()[:200]
         try:
+            name = _text(form, "team", 200)
             if not name:
                 raise FormError("a team needs a name")
             limits = _limits_from(form)
@@ -287,9 +310,11 @@ def console_router(
     def usage_range(since: str | None, until: str | None) -> tuple[date, date]:
         try:
             end = date.fromisoformat(until) if until else datetime.now(UTC).date()  # the ledger's days are UTC
-            start = date.fromisoformat(since) if since else end - timedelta(days=30)
+            start = date.fromisoformat(since) if since else end - timedelta(days=min(30, (end - date.min).days))
         except ValueError:
             raise FormError("dates are YYYY-MM-DD") from None
+        if start > end:
+            raise FormError(f"{start} is after {end}")
         return start, end
 
     @r.get("/usage")

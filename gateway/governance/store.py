@@ -28,7 +28,7 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from gateway.errors import KeyStoreUnavailable
@@ -37,9 +37,9 @@ from gateway.governance.limits import Limits
 from gateway.governance.pricing import from_nanos
 from gateway.governance.records import KeyRecord, UsageRow, as_utc, utcnow
 from serve.engine import Endpoint
+from serve.errors import InvalidRequest
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-END_USER_MAX = 200  # characters of a caller's `user` the ledger keeps
 # What usage can be grouped and filtered by: the ledger's columns of the same names.
 USAGE_GROUPS = ("day", "key_id", "team", "model", "version", "end_user", "endpoint")
 
@@ -86,7 +86,7 @@ class UsageRecordRow(Base):
     cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost: Mapped[int] = mapped_column(BigInteger, default=0)  # nano-units of the currency
-    end_user: Mapped[str | None] = mapped_column(String(END_USER_MAX), nullable=True)
+    end_user: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the caller's `user`, cut
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     status: Mapped[int] = mapped_column(Integer, default=200)
     finish_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
@@ -95,15 +95,32 @@ class UsageRecordRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+# The ledger's text columns and their lengths. A value the caller chose (its `user`, a model name it asked for) is
+# made storable rather than the row refused and its usage lost: cut to the column, NUL (which PostgreSQL refuses
+# in text) replaced.
+USAGE_TEXT = {c.name: c.type.length for c in UsageRecordRow.__table__.columns if isinstance(c.type, String)}
+
+
+def storable(value: str, length: int | None) -> str:
+    """`value` as a text column of `length` characters stores it: NUL replaced by U+FFFD, cut to length."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    return value[:length] if length else value
+
+
 class KeyNotFound(LookupError):
     """No key with that id."""
 
 
 @contextlib.contextmanager
 def reachable() -> Iterator[None]:
-    """Turn database errors into KeyStoreUnavailable (503 in the envelope), not a 500."""
+    """Turn database errors into KeyStoreUnavailable (503 in the envelope), not a 500; a value the database
+    refuses (a NUL in text, a number out of its range) into InvalidRequest (400): retrying would not help."""
     try:
         yield
+    except DataError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise InvalidRequest(f"The key store cannot store a value of this request: {reason}") from exc
     except SQLAlchemyError as exc:
         raise KeyStoreUnavailable("The key store is unavailable; retry shortly.") from exc
 
@@ -277,8 +294,11 @@ class KeyStore:
             return
         # One executemany through Core: an ORM unit of work per row cost the gateway ~20% of its CPU under load.
         # `__dict__`: a pydantic model's fields as they are (iterating the model costs ~10 µs a row).
-        values = [{**r.__dict__, "day": r.created_at.astimezone(UTC).date().isoformat(),
-                   "end_user": r.end_user[:END_USER_MAX] if r.end_user else None} for r in rows]
+        values = [{**r.__dict__, "day": r.created_at.astimezone(UTC).date().isoformat()} for r in rows]
+        for v in values:
+            for name, length in USAGE_TEXT.items():
+                if isinstance(v.get(name), str):
+                    v[name] = storable(v[name], length)
         with self.engine.begin() as conn:
             conn.execute(insert(UsageRecordRow.__table__), values)  # type: ignore[arg-type]
 

@@ -169,3 +169,31 @@ def test_a_form_from_another_site_or_without_the_session_does_nothing(gateway: G
     assert forged.status_code == 401 and set(forged.json()["error"]) == {"message", "type", "param", "code"}
     assert gateway.registry.aliases("demo") == before
     page.close()
+
+
+@pytest.mark.parametrize(("path", "form", "says"), [
+    ("/ui/keys", {"name": "x", "expires_in_days": "inf"}, "expires_in_days is more than 0"),
+    ("/ui/keys", {"name": "x", "expires_in_days": "1e9"}, "expires_in_days is more than 0"),
+    ("/ui/keys", {"name": "x", "expires_in_days": "-5"}, "expires_in_days is more than 0"),  # born expired
+    ("/ui/keys", {"name": "x", "expires_in_days": "soon"}, "expires_in_days is a number of days"),
+    ("/ui/keys", {"name": "a\x00b"}, "name: no NUL characters"),  # PostgreSQL keeps no NUL in text
+    ("/ui/keys", {"name": "x", "models": "demo,\x00"}, "models: no NUL characters"),
+    ("/ui/teams", {"team": "t\x00"}, "team: no NUL characters"),
+])
+def test_a_hostile_form_is_refused_with_its_reason_and_changes_nothing(
+        gateway: Gateway, path: str, form: dict[str, str], says: str) -> None:
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    listed = httpx.get(gateway.url + "/admin/keys", headers=admin).json()["data"]
+    answer = httpx.post(gateway.url + path, data=form, headers=admin)
+    assert answer.status_code == 400 and says in answer.text, answer.text[-500:]
+    assert httpx.get(gateway.url + "/admin/keys", headers=admin).json()["data"] == listed
+
+
+@pytest.mark.parametrize(("query", "status"), [
+    ({"until": "0001-01-05"}, 200),  # the default 30 days before it would be before year 1
+    ({"since": "2026-12-31", "until": "2026-01-01"}, 400), ({"since": "yesterday"}, 400),
+])
+def test_usage_dates_at_the_calendars_edges_are_answered(gateway: Gateway, query: dict[str, str], status: int) -> None:
+    for path in ("/ui/usage", "/ui/usage.csv"):
+        answer = httpx.get(gateway.url + path, params=query, headers={"authorization": f"Bearer {ADMIN}"})
+        assert answer.status_code == status, (path, answer.text[-300:])

@@ -95,7 +95,7 @@ async def test_a_row_the_database_refuses_does_not_hold_back_the_others(tmp_path
     try:
         ledger = UsageLedger(store)
         good = [UsageRow(request_id=f"ok-{i}", key_id="key_ledger", model="m", completion_tokens=1) for i in range(3)]
-        bad = UsageRow(request_id="x" * 500, key_id="key_ledger", model="m")  # over VARCHAR(100) on PostgreSQL
+        bad = UsageRow(request_id="big", key_id="key_ledger", model="m", prompt_tokens=2**40)  # over PostgreSQL's INTEGER
         for row in (good[0], bad, *good[1:]):
             ledger.record(row)
         await ledger.close()
@@ -104,6 +104,33 @@ async def test_a_row_the_database_refuses_does_not_hold_back_the_others(tmp_path
     finally:
         with store.engine.begin() as c:
             c.execute(text("DELETE FROM usage WHERE key_id = 'key_ledger'"))
+        store.close()
+
+
+def test_text_a_caller_chose_never_costs_its_usage_row(store: KeyStore) -> None:
+    # A NUL in OpenAI's `user` (PostgreSQL refuses NUL in text) and a model name longer than its column: the row is
+    # written, the text made storable, instead of the database refusing the row and the request going unbilled.
+    store.insert_usage([
+        UsageRow(request_id="nul", key_id="key_text", model="m", end_user="ana\x00x", completion_tokens=5, cost=7),
+        UsageRow(request_id="long", key_id="key_text", model="m" * 300, end_user="u" * 300, completion_tokens=1),
+    ])
+    rows = store.usage_summary(group_by=("model", "end_user"), key_id="key_text")
+    assert [(len(r["model"]), r["end_user"], r["completion_tokens"]) for r in rows] == [
+        (1, "ana\ufffdx", 5), (200, "u" * 200, 1)]
+
+
+def test_a_value_the_database_refuses_is_the_callers_error_not_an_outage(pg_url: str) -> None:
+    from gateway.governance.store import reachable
+    from serve.errors import InvalidRequest
+
+    store = KeyStore(pg_url, b"s" * 32)
+    store.migrate()
+    try:
+        with pytest.raises(InvalidRequest, match="cannot contain NUL"), reachable():
+            store.set_team("a\x00b", Limits())
+        with pytest.raises(InvalidRequest, match="cannot contain NUL"), reachable():
+            store.create_key(name="a\x00b")
+    finally:
         store.close()
 
 
