@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,3 +211,23 @@ def console_key_cost(page: Any, base_url: str, name: str, timeout_s: float = 15)
 
     assert wait_until(shown, timeout_s, every_s=0.3), page.inner_text("main")
     return url, page.inner_text("#key-usage td.cost")
+
+
+PG_ADMIN = os.environ.get("RAYGATE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def own_database() -> Iterator[str]:
+    """The URL of a new database on the machine's PostgreSQL, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"raygate_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -24,7 +24,10 @@ def as_utc(dt: datetime | None) -> datetime | None:
     stored as it is would read back five hours late)."""
     if dt is None:
         return None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    try:
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before year 1 in UTC: a validation error, not a crash
+        raise ValueError(f"{dt.isoformat()} is outside the calendar once in UTC") from None
 
 
 class KeyRecord(BaseModel):

@@ -23,7 +23,7 @@ from serve.config import FakeEngineConfig
 from serve.fake_engine import FakeEngine
 from tests.fuzzing import Fuzzer
 from tests.oai_schema import spec
-from tests.support import free_port
+from tests.support import free_port, own_database
 
 ADMIN = "admin-key-0123456789abcdef"
 EXAMPLES = 100  # per operation and mode: both documents run in about a minute here
@@ -55,18 +55,22 @@ class Server:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str, dict[str, Any]]]:
-    settings_ = GatewaySettings(
-        admin_key=ADMIN, home=tmp_path_factory.mktemp("fuzz"),
-        routes={"smart": {"targets": [{"model": "fake", "weight": 1}], "fallbacks": ["other"]}},
-    )
-    engines = {name: FakeEngine(name, FakeEngineConfig(max_model_len=512)) for name in ("fake", "other")}
-    app = create_app(settings_, ModelBackend(engines, aliases={"chat": "fake"}))
-    _, key = app.state.governance.store.create_key(
-        name="fuzz", allowed_models=["fake", "chat", "smart"],
-        limits=Limits(tpm=10**9, tokens_per_day=10**12, max_concurrent=1000),
-    )
-    with Server(app) as server:
-        yield server, key, app.openapi()
+    with own_database() as url:  # PostgreSQL, as a shared gateway runs: it refuses text SQLite would keep
+        settings_ = GatewaySettings(
+            admin_key=ADMIN, home=tmp_path_factory.mktemp("fuzz"), database_url=url, key_secret="f" * 32,
+            routes={"smart": {"targets": [{"model": "fake", "weight": 1}], "fallbacks": ["other"]}},
+        )
+        engines = {name: FakeEngine(name, FakeEngineConfig(max_model_len=512)) for name in ("fake", "other")}
+        app = create_app(settings_, ModelBackend(engines, aliases={"chat": "fake"}))
+        _, key = app.state.governance.store.create_key(
+            name="fuzz", allowed_models=["fake", "chat", "smart"],
+            limits=Limits(tpm=10**9, tokens_per_day=10**12, max_concurrent=1000),
+        )
+        with Server(app) as server:
+            yield server, key, app.openapi()
+        # Every request the fuzzing made was billed: no usage row refused by the database (a NUL in `user`...).
+        ledger = app.state.governance.ledger
+        assert ledger.dropped == 0 and ledger.written > 0, (ledger.dropped, ledger.written)
 
 
 MODELS = (None, "fake", "chat", "smart")  # None: the body's own (random) model

@@ -132,6 +132,8 @@ async def test_admin_checks_its_key_before_the_body(http) -> None:
     ("method", "path", "body", "param"),
     [
         ("POST", "/admin/keys", {"expires_in_s": 1e15}, "expires_in_s"),
+        ("POST", "/admin/keys", {"expires_at": "0001-01-01T00:00:00+14:00"}, "expires_at"),  # before year 1 in UTC
+        ("PATCH", "/admin/keys/{id}", {"expires_at": "0001-01-01T00:00:00+14:00"}, "expires_at"),
         ("PATCH", "/admin/keys/{id}", {"name": None}, "name"),
         ("PATCH", "/admin/keys/{id}", {"tier": None}, "tier"),
         ("PATCH", "/admin/keys/{id}", {"limits": None}, "limits"),
