@@ -1,8 +1,8 @@
 """Routing by conversation vs Serve's default router: vLLM's prefix-cache hits on a multi-turn workload, one run.
 
 Starts `raygate up` with the default chat model served twice, each as a deployment of its own with two
-replicas (two engines, two prefix caches): `by-conversation` (`routing: conversation`, raygate's default)
-and `by-load` (`routing: load`, Serve's default router: the less busy of two random replicas). The same
+replicas (two engines, two prefix caches): `by-conversation` (`routing: conversation`, raygate's default;
+`--routing prefix_tree`: `by-prefix-tree`, Ray Serve LLM's prefix-aware router) and `by-load` (`routing: load`, Serve's default router: the less busy of two random replicas). The same
 multi-turn workload runs against both at once, interleaved: conversations with an opening of their own
 (several KV blocks) and growing histories, several in flight. vLLM reports each request's cached prompt
 tokens (`usage.prompt_tokens_details.cached_tokens`); the figure is the share of the prompt tokens of
@@ -11,6 +11,7 @@ it counts tokens, not seconds (TTFT is printed beside it).
 
     python -m benchmarks.prefix_routing --conversations 16 --turns 6 --streams 4
     python -m benchmarks.prefix_routing --kv-blocks 96   # caches that hold a replica's share, not everything
+    python -m benchmarks.prefix_routing --routing prefix_tree   # Ray Serve LLM's prefix-aware router instead
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import openai
 import yaml
 
 KEY = "rg-prefix-bench-0123456789abcdefghij"
-TARGETS = {"by-conversation": "conversation", "by-load": "load"}
 
 
 def _ports(n: int) -> list[int]:
@@ -45,7 +45,12 @@ def _ports(n: int) -> list[int]:
     return ports
 
 
-def _config(home: Path, replicas: int, kv_blocks: int | None) -> dict[str, object]:
+def _targets(routing: str) -> dict[str, str]:
+    """The two deployments compared, by served name: `routing`'s and Serve's default router's."""
+    return {f"by-{routing.replace('_', '-')}": routing, "by-load": "load"}
+
+
+def _config(home: Path, replicas: int, kv_blocks: int | None, targets: dict[str, str]) -> dict[str, object]:
     engine: dict[str, object] = {"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20}
     if kv_blocks:  # vLLM's own cap on the cache, in blocks (128 tokens each on CPUs), whatever the dtype
         engine["num_gpu_blocks_override"] = kv_blocks
@@ -54,9 +59,26 @@ def _config(home: Path, replicas: int, kv_blocks: int | None) -> dict[str, objec
         "serve": {"models": [
             {"model": "raygate/tiny-chat@stable", "served_name": name, "placement": "deployment", "routing": routing,
              "num_replicas": replicas, "num_cpus": 0, "engine_kwargs": engine}
-            for name, routing in TARGETS.items()
+            for name, routing in targets.items()
         ]},
     }
+
+
+def _wait_for_replicas(home: Path, dashboard: int, names: list[str], replicas: int, timeout_s: float = 900) -> None:
+    """Until every replica of each target runs (`raygate status`): a workload started while some are still
+    starting sends the first turns to the replicas already up, and a router that remembers where prompts went
+    keeps them there."""
+    want = [f"deployment {name}@stable: HEALTHY  replicas: RUNNING={replicas}" for name in names]
+    exe = str(Path(sys.executable).with_name("raygate"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run([exe, "--home", str(home), "status", "--dashboard-port", str(dashboard)],
+                             capture_output=True, text=True, env=env, timeout=120).stdout
+        if all(line in out for line in want):
+            return
+        time.sleep(5)
+    raise SystemExit(f"not every replica ran after {timeout_s:.0f} s:\n{out}")
 
 
 def _conversation(client: openai.OpenAI, model: str, index: int, turns: int) -> list[dict[str, float]]:
@@ -102,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
                         "conversation on every replica; set below the whole workload's blocks but above a "
                         "replica's share, it is the regime of a busy deployment, where a cache holds only part "
                         "of what its replicas' clients talk about.")
+    p.add_argument("--routing", default="conversation", choices=["conversation", "prefix_tree"],
+                   help="The routing compared with Serve's default router (a model's `routing`).")
     p.add_argument("--home", default=".bench/home", help="raygate home (the default model is built there once).")
     p.add_argument("--out-dir", default="benchmarks/results/prefix_routing")
     a = p.parse_args(argv)
     home = Path(a.home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "prefix-routing.yaml"
-    cfg.write_text(yaml.safe_dump(_config(home, a.replicas, a.kv_blocks)))
+    targets = _targets(a.routing)
+    cfg.write_text(yaml.safe_dump(_config(home, a.replicas, a.kv_blocks, targets)))
     port, dashboard, metrics = _ports(3)
     base = f"http://127.0.0.1:{port}"
     log = open(home / "prefix-routing.log", "wb")  # noqa: SIM115 - open for the stack's lifetime
@@ -126,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 raise SystemExit(f"raygate up exited ({proc.returncode}); see {home / 'prefix-routing.log'}")
             time.sleep(1)
+        _wait_for_replicas(home, dashboard, list(targets), a.replicas)
         client = openai.OpenAI(api_key=KEY, base_url=base + "/v1", max_retries=0, timeout=300)
-        jobs = [(name, i) for i in range(a.conversations) for name in TARGETS]  # interleaved: both at once
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in TARGETS}
-        with ThreadPoolExecutor(a.streams * len(TARGETS)) as pool:
+        jobs = [(name, i) for i in range(a.conversations) for name in targets]  # interleaved: both at once
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        with ThreadPoolExecutor(a.streams * len(targets)) as pool:
             futures = [(name, pool.submit(_conversation, client, name, i, a.turns)) for name, i in jobs]
             for name, future in futures:
                 results[name] += future.result()
@@ -137,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         proc.send_signal(2)
         proc.wait(120)
     summary = {name: _summary(turns) for name, turns in results.items()}
-    ratio = summary["by-conversation"]["hit_rate"] / max(summary["by-load"]["hit_rate"], 1e-9)
-    prefill = summary["by-conversation"]["prefill_tokens"] / max(summary["by-load"]["prefill_tokens"], 1)
+    routed = next(iter(targets))
+    ratio = summary[routed]["hit_rate"] / max(summary["by-load"]["hit_rate"], 1e-9)
+    prefill = summary[routed]["prefill_tokens"] / max(summary["by-load"]["prefill_tokens"], 1)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(a), "summary": summary, "hit_rate_ratio": ratio,
@@ -149,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
           "| routing | prompt tokens | cached | hit rate | prefill computed | TTFT p50 ms |\n|---|---|---|---|---|---|\n"
           + "".join(f"| {n} | {s['prompt_tokens']} | {s['cached_tokens']} | {s['hit_rate']:.2f} | "
                     f"{s['prefill_tokens']} | {s['ttft_p50_ms']} |\n" for n, s in summary.items())
-          + f"\nHit rate by conversation / by load: **{ratio:.2f}x**; prefill tokens computed: {prefill:.2f}x.\n")
+          + f"\nHit rate {routed} / by-load: **{ratio:.2f}x**; prefill tokens computed: {prefill:.2f}x.\n")
     (out / "results.md").write_text(md)
     print(md)
     return 0

@@ -84,7 +84,31 @@ def model_options(cfg: AppConfig, model: ModelDeploymentConfig) -> dict[str, Any
     }
     if model.routing == "conversation":
         opts["request_router_config"] = conversation_router_config(cfg)
+    elif model.routing == "prefix_tree":
+        opts["request_router_config"] = prefix_tree_router_config(cfg)
     return opts
+
+
+# The prompt text Ray's prefix tree keeps (all replicas of a deployment together) before it evicts the least
+# recently used, and what it keeps after: a few times what the engines' caches hold on a small deployment.
+PREFIX_TREE_MAX_CHARS = 4_000_000
+PREFIX_TREE_KEEP_CHARS = 3_600_000
+
+
+def prefix_tree_router_config(cfg: AppConfig) -> Any:
+    """Serve's request-router config for Ray Serve LLM's prefix-aware router (`routing: prefix_tree`): the gateway's
+    load gap as its imbalance threshold, the tree's oldest prompts evicted past PREFIX_TREE_MAX_CHARS. It reads
+    each call's `serve.handle_engine.PromptBody`."""
+    from ray.serve.config import RequestRouterConfig
+
+    routing = cfg.gateway.conversation_routing
+    router: dict[str, Any] = {
+        "request_router_class": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+        "request_router_kwargs": {"imbalanced_threshold": routing.max_load_gap, "do_eviction": True,
+                                  "eviction_threshold_chars": PREFIX_TREE_MAX_CHARS,
+                                  "eviction_target_chars": PREFIX_TREE_KEEP_CHARS},
+    }
+    return RequestRouterConfig(**router)
 
 
 def _common_options(cfg: AppConfig) -> dict[str, Any]:

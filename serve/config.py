@@ -169,14 +169,19 @@ class ModelDeploymentConfig(BaseModel):
     max_ongoing_requests: int = Field(
         default=1024, ge=1, description="Requests in flight per replica of a `deployment` placement (Serve's limit)."
     )
-    routing: Literal["conversation", "load"] = Field(
+    routing: Literal["conversation", "prefix_tree", "load"] = Field(
         default="conversation",
         description="How the gateway picks among a `deployment` placement's replicas. `conversation`: each "
         "conversation (`prompt_cache_key`, or the messages up to the first user turn) sticks to one replica, so "
         "vLLM's prefix cache there holds its history and later turns skip its prefill; a replica carrying "
         "`gateway.conversation_routing.max_load_gap` more requests than the least busy, or whose KV cache is "
-        "`max_kv_cache_usage` full, is passed over. `load`: "
-        "Serve's default router (the less busy of two random replicas), for traffic with no shared prefixes.",
+        "`max_kv_cache_usage` full, is passed over. Stateless: nothing is asked per request. `prefix_tree`: Ray "
+        "Serve LLM's prefix-aware router, which remembers the prompts it sent to each replica in a tree (one actor "
+        "per deployment), sends a request to the replica holding the longest match and a new conversation to the "
+        "replica holding the least; choose it when conversations are many per replica and caches hold only part "
+        "of them (hashing gives some replicas more than their share), at the cost of two calls to that actor per "
+        "request. `load`: Serve's default router (the less busy of two random replicas), for traffic with no "
+        "shared prefixes.",
     )
 
     @model_validator(mode="after")

@@ -9,7 +9,9 @@ gateway can fall back on; cancelling a request cancels it in the replica (engine
 
 Where the model routes by conversation (`routing: conversation`), each call carries the request's conversation
 key as Serve's session id, and the deployment's request router sends it to the replica whose engine has cached
-its prefix (`gateway.routing.replica_router.ConversationRequestRouter`).
+its prefix (`gateway.routing.replica_router.ConversationRequestRouter`). Where it routes by prefix tree
+(`routing: prefix_tree`), each call's body is a `PromptBody`, whose prompt text Ray Serve LLM's
+`PrefixCacheAffinityRouter` matches against what it sent to each replica.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
+
+import orjson
 
 from serve.config import ModelDeploymentConfig
 from serve.engine import Endpoint, Engine, EngineResult, EngineStats, InflightLimiter, ModelCard
@@ -32,6 +36,18 @@ NO_LIMIT = 1 << 30  # the deployment's replicas (max_ongoing_requests, queue) bo
 # unreachable and new requests are refused at once (503, Retry-After) until a replica answers the poll again.
 TABLE_TIMEOUT_S = 5.0
 RouteKey = Callable[[Mapping[str, Any]], "str | None"]  # a request body's conversation key, None for none
+
+
+class PromptBody(dict[str, Any]):
+    """A request body as Ray Serve LLM's prefix-aware router reads it: that router looks for a call argument with a
+    `prompt` attribute. The replica takes it as the dict it is."""
+
+    @property
+    def prompt(self) -> str:
+        """The prompt as text that only grows with the conversation: the system prompt and the messages (or the
+        Responses input, or a completion's prompt) as JSON. Never empty (the router divides by its length)."""
+        history = self.get("messages", self.get("input", self.get("prompt")))
+        return orjson.dumps([self.get("system"), history], option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def handle_error(exc: BaseException, started: bool = False) -> EngineError:
@@ -50,10 +66,11 @@ class HandleEngine(Engine):
     """One version of a model served by its own deployment, reached through a Serve handle."""
 
     def __init__(self, handle: Any, key: int, card: ModelCard, route_key: RouteKey | None = None,
-                 unreachable: Callable[[], str | None] = lambda: None) -> None:
+                 unreachable: Callable[[], str | None] = lambda: None, prompt_routed: bool = False) -> None:
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._route_key = route_key
+        self._prompt_routed = prompt_routed
         self._unreachable = unreachable
         self.key = key
         self._card = card
@@ -81,7 +98,7 @@ class HandleEngine(Engine):
 
     async def count_prompt_tokens(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
         try:
-            return await self._handle.count_prompt_tokens.remote(endpoint, body, self.key)
+            return await self._handle.count_prompt_tokens.remote(endpoint, self._routed(body), self.key)
         except Exception:  # noqa: BLE001 - the caller estimates instead
             return None
 
@@ -89,6 +106,10 @@ class HandleEngine(Engine):
         if (why := self._unreachable()) is not None:
             raise EngineUnavailable(f"{self._card.id}: the model's deployment has no replica answering ({why})")
         return await self._inflight.admit(lambda: self._call(endpoint, body, request_id))
+
+    def _routed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body as the deployment's router reads it."""
+        return PromptBody(body) if self._prompt_routed else body
 
     def _handle_for(self, body: dict[str, Any]) -> Any:
         """The handle for this request (streaming or not), with its conversation key as Serve's session id."""
@@ -98,6 +119,7 @@ class HandleEngine(Engine):
 
     async def _call(self, endpoint: Endpoint, body: dict[str, Any], request_id: str) -> EngineResult:
         handle = self._handle_for(body)
+        body = self._routed(body)
         if body.get("stream"):
             return self._relay(handle.stream.remote(endpoint, body, request_id, self.key))
         response = handle.generate.remote(endpoint, body, request_id, self.key)
@@ -168,7 +190,8 @@ class HandleModel(LiveModel):
             if isinstance(engine, HandleEngine):
                 engine.card = card
             else:
-                engine = HandleEngine(self.handle, key, card, self.route_key, lambda: self.unreachable)
+                engine = HandleEngine(self.handle, key, card, self.route_key, lambda: self.unreachable,
+                                      prompt_routed=self.cfg is not None and self.cfg.routing == "prefix_tree")
             engines[key] = engine
         weights = {int(k): float(w) for k, w in table["weights"].items() if int(k) in engines}
         if not weights:

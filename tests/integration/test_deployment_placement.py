@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
 APP, VLLM_DEP, SLOW_DEP = "raygate", "raygate/tiny-chat@stable", "slow@1"
 PAIR, PAIR_DEP = "tiny-chat-pair", "tiny-chat-pair@stable"
+TREE = "tiny-chat-tree"  # two replicas routed by Ray Serve LLM's prefix tree (`routing: prefix_tree`)
 BLOCK = 128  # vLLM's KV block on CPUs: its prefix cache holds whole blocks
 KV_TOKENS = 4096  # the cache holds this many tokens: 4 KiB each in bf16, 8 KiB in the float32 of a CPU without bf16
 
@@ -90,6 +91,7 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Placed]:
         "model": raw["serve"]["models"][0]["model"], "served_name": PAIR, "placement": "deployment", "num_replicas": 2,
         "num_cpus": 0, "engine_kwargs": {**EAGER, "max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20},
     })
+    raw["serve"]["models"].append({**raw["serve"]["models"][-1], "served_name": TREE, "routing": "prefix_tree"})
     raw["serve"]["models"].append({
         "model": "slow@1", "served_name": "slow", "engine": "fake", "placement": "deployment", "num_cpus": 0,
         "fake": {"ttft_ms": 50, "itl_ms": 50},
@@ -126,7 +128,7 @@ def test_each_model_is_a_named_deployment_the_operator_sees(placed: _Placed) -> 
 def test_the_openai_api_through_the_models_deployment(placed: _Placed) -> None:
     client = openai.OpenAI(api_key=placed.key, base_url=placed.base_url + "/v1", max_retries=0,
                            _strict_response_validation=True)
-    assert {m.id for m in client.models.list().data} == {"raygate/tiny-chat", PAIR, "slow"}
+    assert {m.id for m in client.models.list().data} == {"raygate/tiny-chat", PAIR, TREE, "slow"}
     raw = client.chat.completions.with_raw_response.create(
         model="raygate/tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
     assert raw.headers["x-raygate-model-version"] == "raygate/tiny-chat@1"
@@ -186,8 +188,9 @@ def test_a_model_deployment_scales_up_under_load_and_back_down(placed: _Placed) 
     assert load.codes and set(load.codes) == {200}, load.outcomes()
 
 
-def _conversations(client: openai.OpenAI, tag: str, turns: int, per_turn_key: bool) -> list[list[tuple[int, int]]]:
-    """Four multi-turn conversations (a long opening of their own, growing histories) through `tiny-chat-pair`:
+def _conversations(client: openai.OpenAI, tag: str, turns: int, per_turn_key: bool,
+                   model: str = PAIR) -> list[list[tuple[int, int]]]:
+    """Four multi-turn conversations (a long opening of their own, growing histories) through `model`:
     each turn's (prompt tokens, vLLM's cached prompt tokens). `per_turn_key`: every turn sends a
     `prompt_cache_key` of its own, so the router sees unrelated requests (what a load-only router does)."""
     out = []
@@ -198,7 +201,7 @@ def _conversations(client: openai.OpenAI, tag: str, turns: int, per_turn_key: bo
         turns_seen = []
         for t in range(turns):
             extra = {"prompt_cache_key": f"{tag}-{c}-{t}"} if per_turn_key else {}
-            reply = client.chat.completions.create(model=PAIR, messages=messages, max_tokens=8, temperature=0,
+            reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
                                                    extra_body=extra)
             assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
             turns_seen.append((reply.usage.prompt_tokens, reply.usage.prompt_tokens_details.cached_tokens or 0))
@@ -227,6 +230,18 @@ def test_each_conversation_reaches_the_replica_that_cached_its_history(placed: _
     rate_blind = sum(c for _, c in later_blind) / sum(p for p, _ in later_blind)
     print(f"prefix-cache hit rate of turns 2-{turns}: by conversation {rate:.2f}, a key per turn {rate_blind:.2f}")
     assert rate >= rate_blind
+
+
+def test_the_prefix_tree_sends_each_turn_to_the_replica_that_cached_its_history(placed: _Placed) -> None:
+    """`routing: prefix_tree`: Ray Serve LLM's router matches each prompt (the gateway's `PromptBody`) against what
+    it sent to each replica; every turn after the first finds the previous turn's blocks cached where it lands. A
+    router blind to the history (two replicas, idle) would miss about half of these turns."""
+    client = openai.OpenAI(api_key=placed.key, base_url=placed.base_url + "/v1", max_retries=0,
+                           _strict_response_validation=True)
+    for conversation in _conversations(client, "tree", 4, per_turn_key=False, model=TREE):
+        assert conversation[0][1] == 0
+        for (before, _), (_, cached) in zip(conversation, conversation[1:], strict=False):
+            assert cached >= before // BLOCK * BLOCK, conversation
 
 
 def test_a_vllm_deployment_scales_out_when_its_kv_cache_fills(placed: _Placed) -> None:

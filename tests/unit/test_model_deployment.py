@@ -7,6 +7,7 @@ engine (the real Serve path is tests/integration/test_deployment_placement.py).
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,13 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.backend import ModelBackend, build_backend
-from gateway.builder import deployment_options, model_deployment_name, model_options
+from gateway.builder import (
+    PREFIX_TREE_KEEP_CHARS,
+    PREFIX_TREE_MAX_CHARS,
+    deployment_options,
+    model_deployment_name,
+    model_options,
+)
 from gateway.config import AppConfig
 from gateway.routing.affinity import conversation_key
 from serve.coalesce import coalesce
@@ -30,7 +37,7 @@ from serve.errors import (
     from_wire,
     to_wire,
 )
-from serve.handle_engine import HandleEngine, HandleModel, handle_error
+from serve.handle_engine import HandleEngine, HandleModel, PromptBody, handle_error
 from serve.model_deployment import ModelServer
 
 
@@ -146,10 +153,12 @@ class _Stream:
 
 
 class _Method:
-    def __init__(self, fn: Any, stream: bool) -> None:
-        self.fn, self.stream = fn, stream
+    def __init__(self, fn: Any, stream: bool, bodies: list[Any] | None = None) -> None:
+        self.fn, self.stream, self.bodies = fn, stream, bodies
 
     def remote(self, *args: Any) -> Any:
+        if self.bodies is not None:
+            self.bodies.append(args[1])
         return _Stream(self.fn(*args)) if self.stream else _Call(self._call(*args))
 
     async def _call(self, *args: Any) -> Any:
@@ -165,16 +174,18 @@ class _Handle:
     def __init__(self, replica: ModelServer, streaming: bool = False, session_id: str | None = None) -> None:
         self._replica, self._streaming, self.session_id = replica, streaming, session_id
         self.sessions: list[str | None] = []  # the session id of each request sent through this handle or its options
+        self.bodies: list[Any] = []  # the body of each generate, stream or count_prompt_tokens call
 
     def options(self, stream: bool | None = None, session_id: str | None = None) -> _Handle:
         handle = _Handle(self._replica, self._streaming if stream is None else stream, session_id or self.session_id)
-        handle.sessions = self.sessions
+        handle.sessions, handle.bodies = self.sessions, self.bodies
         return handle
 
     def __getattr__(self, name: str) -> _Method:
         if name in ("generate", "stream"):
             self.sessions.append(self.session_id)
-        return _Method(getattr(self._replica, name), self._streaming)
+        return _Method(getattr(self._replica, name), self._streaming,
+                       self.bodies if name in ("generate", "stream", "count_prompt_tokens") else None)
 
 
 class _Replica(ModelServer):
@@ -330,6 +341,50 @@ def test_a_deployment_model_routes_by_conversation_unless_told_to_route_by_load(
                                             "max_kv_cache_usage": routing.max_kv_cache_usage}
     load = _app(num_replicas=3, routing="load")
     assert "request_router_config" not in model_options(load, load.serve.models[0])  # Serve's default router
+
+
+def test_a_prefix_tree_model_gets_ray_serve_llms_router_with_the_load_gap_and_eviction() -> None:
+    from ray.serve.llm.request_router import PrefixCacheAffinityRouter
+
+    app = _app(num_replicas=2, routing="prefix_tree")
+    router = model_options(app, app.serve.models[0])["request_router_config"]
+    assert router.get_request_router_class() is PrefixCacheAffinityRouter
+    assert router.request_router_kwargs == {
+        "imbalanced_threshold": app.gateway.conversation_routing.max_load_gap, "do_eviction": True,
+        "eviction_threshold_chars": PREFIX_TREE_MAX_CHARS, "eviction_target_chars": PREFIX_TREE_KEEP_CHARS}
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
+    {"system": "be brief", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},  # Anthropic
+    {"input": [{"role": "user", "content": "hi"}]},  # Responses
+    {"messages": [{"role": "user", "content": None, "tool_calls": []}]},  # no text at all
+])
+def test_a_prompt_body_shows_the_router_text_that_only_grows_with_the_conversation(body: dict[str, Any]) -> None:
+    history = "messages" if "messages" in body else "input"
+    later = {**body, history: [*body[history], {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}
+    first, after = PromptBody(body).prompt, PromptBody(later).prompt
+    assert first and after.startswith(first[:-2]) and len(after) > len(first)  # only `]]` closes the first
+    assert PromptBody(body) == body and pickle.loads(pickle.dumps(PromptBody(body))).prompt == first  # the replica's dict
+
+
+def test_a_prefix_tree_model_sends_every_call_with_a_body_the_router_reads() -> None:
+    async def run() -> None:
+        replica = await _replica()
+        handle = _Handle(replica)
+        cfg = ServeConfig(models=[replica.cfg.model_copy(update={"routing": "prefix_tree"})])
+        backend = build_backend(cfg, None, {"m": handle})
+        await backend.start()
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        await backend.resolve("m").generate("chat", body, "r")
+        stream = await backend.resolve("m").generate("chat", {**body, "stream": True}, "r")
+        _ = [b async for b in stream]
+        await backend.resolve("m").count_prompt_tokens("chat", body)
+        assert [type(b) for b in handle.bodies] == [PromptBody] * 3 and handle.sessions == [None, None]
+        await backend.shutdown()
+        await replica.live.shutdown()
+
+    asyncio.run(run())
 
 
 def test_each_call_carries_its_conversation_key_as_the_session_id() -> None:
