@@ -46,6 +46,25 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+# Logprob gap of a greedy choice's two best tokens that rounding can swap: two engines splitting the same model
+# over one and over two workers sum their partial products in another order.
+GREEDY_TIE = 0.1
+
+
+def greedy_tokens_agreeing(one: Any, two: Any, tie: float = GREEDY_TIE) -> int:
+    """How many greedy tokens two completions' logprobs (`logprobs=2`) agree on: every token up to the first
+    position where they differ, which must be a near-tie of `one`'s two best tokens (the default model is
+    untrained, so its logits hold such ties); each agreeing token's logprob within `tie` of the other's."""
+    assert one is not None and two is not None and one.tokens and one.top_logprobs
+    for i, (a, b) in enumerate(zip(one.tokens, two.tokens, strict=True)):
+        if a != b:
+            best = sorted(one.top_logprobs[i].values(), reverse=True)
+            assert len(best) == 2 and best[0] - best[1] < tie, (i, one.top_logprobs[i], a, b)
+            return i
+        assert abs(one.token_logprobs[i] - two.token_logprobs[i]) < tie, (i, a)
+    return len(one.tokens)
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0.5) -> bool:
     """Poll `predicate` until it holds or `timeout_s` passes; its last answer."""
     deadline = time.monotonic() + timeout_s
