@@ -178,24 +178,25 @@ class Runner:
         ld = self.sc.load
         prog = Progress(f"{r.target.name} {wl.name} {point.label}", point.duration_s,
                         self.progress and ld.client == "raygate")
-        with Watch(r.pids) as watch:
-            if ld.client == "vllm":
-                tokenizer = self.ph.expand(r.target.tokenizer, r.target.name) if r.target.tokenizer else None
-                res = vllm_client.run_point(
-                    sys.executable, r.base_url, r.key, r.target.model, tokenizer, wl, int(point.level),
-                    self.workdir / "vllm-client" / f"{r.target.name}-{wl.name}-{point.level:g}",
-                    wl.seed, ld.timeout_s * vllm_client.REQUESTS_PER_STREAM,
-                )
-                res.update({"mode": point.mode, "level": point.level, "duration_s": res["wall_s"]})
-            else:
-                res = asyncio.run(run_point(r.base_url, r.key, wl.bodies(r.target.model), wl.path(), point, self.slo,
-                                            prog, seed=wl.seed, timeout_s=ld.timeout_s))
-        res.update(watch.result)
         if ld.client == "vllm":
-            # The window holds the warm-up requests too (and the client's start-up): count their tokens as well.
+            tokenizer = self.ph.expand(r.target.tokenizer, r.target.name) if r.target.tokenizer else None
+            with vllm_client.LoadedClient(
+                sys.executable, r.base_url, r.key, r.target.model, tokenizer, wl, int(point.level),
+                self.workdir / "vllm-client" / f"{r.target.name}-{wl.name}-{point.level:g}",
+                wl.seed, ld.timeout_s * vllm_client.REQUESTS_PER_STREAM,
+            ) as client, Watch(r.pids) as watch:
+                res = client.run()
+            res.update({"mode": point.mode, "level": point.level, "duration_s": res["wall_s"]})
+            res.update(watch.result)
+            # The window holds the warm-up requests too: count their tokens as well.
             requests = vllm_client.REQUESTS_PER_STREAM * point.level
             tokens = res["output_tokens"] * (requests + point.level) / requests
             res.update(vllm_client.cpu_per_1k_tokens(watch.cpu_s_by_process, tokens))
+        else:
+            with Watch(r.pids) as watch:
+                res = asyncio.run(run_point(r.base_url, r.key, wl.bodies(r.target.model), wl.path(), point, self.slo,
+                                            prog, seed=wl.seed, timeout_s=ld.timeout_s))
+            res.update(watch.result)
         res.update({"target": r.target.name, "workload": wl.name, "stream": wl.stream})
         if not prog.enabled:
             self.say(f"  {r.target.name:14s} {wl.name:14s} {point.label:12s} {res['req_per_s']:9.1f} req/s "

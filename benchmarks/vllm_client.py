@@ -26,11 +26,15 @@ REQUESTS_PER_STREAM = 8  # a point's measured requests: 8 x level, as vLLM's own
 CLUMP_S = 0.0005  # a chunk this soon after the previous one came in the same burst
 # vLLM's engine processes (its process titles): everything else in a target's tree is its front end.
 ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker")
-# `vllm.benchmarks.serve` has no `__main__`: `vllm bench serve` builds its parser and calls `main`. So does this.
+# `vllm.benchmarks.serve` has no `__main__`: `vllm bench serve` builds its parser and calls `main`. So does this,
+# once vLLM is imported and the arguments parsed: it says READY on its standard output, then sends its first request
+# when a line arrives on its standard input. Importing vLLM takes seconds of CPU, which is not the point's.
+READY = b"raygate-vllm-client-ready\n"
 RUN_CLIENT = (
     "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
     "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-    "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))"
+    "parser = FlexibleArgumentParser(); add_cli_args(parser); args = parser.parse_args(sys.argv[1:]); "
+    f"sys.stdout.buffer.write({READY!r}); sys.stdout.flush(); sys.stdin.readline(); main(args)"
 )
 
 
@@ -119,19 +123,52 @@ def cpu_per_1k_tokens(cpu_s_by_process: dict[str, float], tokens: float) -> dict
     return {"frontend_cpu_s_per_1k_tokens": 1000 * front / tokens, "engine_cpu_s_per_1k_tokens": 1000 * engine / tokens}
 
 
-def run_point(
-    python: str, base_url: str, key: str | None, model: str, tokenizer: str | None, workload: Workload, level: int,
-    workdir: Path, seed: int, timeout_s: float,
-) -> dict[str, Any]:
-    """Measure one point with vLLM's client; its output is kept beside the result in `workdir`."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "result.json").unlink(missing_ok=True)
-    argv = client_argv(python, base_url, model, tokenizer, workload, level, workdir, seed)
-    env = {**os.environ, "OPENAI_API_KEY": key or "none"}
-    with open(workdir / "client.log", "wb") as log:
-        proc = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
-    result = workdir / "result.json"
-    if proc.returncode != 0 or not result.exists():
-        tail = (workdir / "client.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"vLLM's benchmark client failed ({proc.returncode}) at {level} streams:\n{tail}")
-    return point_from_result(json.loads(result.read_text()))
+class LoadedClient:
+    """vLLM's client for one point, started and loaded (vLLM imported, its arguments parsed) on `__enter__`;
+    `run` lets it send its requests and returns the point. Its output is kept beside the result in `workdir`.
+
+    A measuring window opened between the two (`with LoadedClient(...) as client, Watch(...)`) holds the
+    point's streaming, not the client's start-up.
+    """
+
+    def __init__(
+        self, python: str, base_url: str, key: str | None, model: str, tokenizer: str | None, workload: Workload,
+        level: int, workdir: Path, seed: int, timeout_s: float,
+    ) -> None:
+        self.level, self.workdir, self.timeout_s = level, workdir, timeout_s
+        self.argv = client_argv(python, base_url, model, tokenizer, workload, level, workdir, seed)
+        self.env = {**os.environ, "OPENAI_API_KEY": key or "none"}
+
+    def __enter__(self) -> LoadedClient:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "result.json").unlink(missing_ok=True)
+        self.log = open(self.workdir / "client.log", "wb")  # noqa: SIM115 - closed on __exit__
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # vLLM's import: seconds; its failure ends the process (EOF)
+        if line != READY:
+            self._failed(f"it did not load ({line[:200]!r})")
+        return self
+
+    def run(self) -> dict[str, Any]:
+        """Send the point's requests (blocks until the client is done); the point's figures."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"go\n")
+        out, _ = self.proc.communicate(timeout=self.timeout_s)  # flushes and closes its standard input
+        self.log.write(out)
+        result = self.workdir / "result.json"
+        if self.proc.returncode != 0 or not result.exists():
+            self._failed(f"exit {self.proc.returncode}")
+        return point_from_result(json.loads(result.read_text()))
+
+    def _failed(self, why: str) -> None:
+        self.log.flush()
+        tail = (self.workdir / "client.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"vLLM's benchmark client failed ({why}) at {self.level} streams:\n{tail}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()

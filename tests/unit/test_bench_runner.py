@@ -11,6 +11,7 @@ import psutil
 
 from benchmarks.runner import Runner, stop
 from benchmarks.scenario import Scenario
+from tests.support import wait_until
 
 # Prints its session and process group, starts a child, then waits to be stopped.
 _TARGET = (
@@ -36,7 +37,15 @@ def test_a_target_shares_the_load_generators_session_in_a_group_of_its_own(tmp_p
         assert pgid == run.proc.pid != os.getpgid(0)
     finally:
         stop(run.proc, grace_s=5)
-    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, "stop left a child"
+    # Killed with its group, the child may take a moment to die after its parent was reaped.
+    assert wait_until(lambda: not _alive(child), timeout_s=10, every_s=0.05), "stop left a child"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_terminated_run_stops_the_target_it_started(tmp_path: Path) -> None:

@@ -81,3 +81,63 @@ def test_front_end_cpu_per_token_leaves_out_only_vllm_s_engine_processes() -> No
     assert figures["frontend_cpu_s_per_1k_tokens"] == pytest.approx(0.152)
     assert figures["engine_cpu_s_per_1k_tokens"] == pytest.approx(0.638)
     assert cpu_per_1k_tokens(raygate, 0)["frontend_cpu_s_per_1k_tokens"] is None
+
+
+FAKE_SERVE = '''
+import json, os, time
+def add_cli_args(parser):
+    for flag in ("--backend", "--base-url", "--endpoint", "--model", "--dataset-name", "--random-input-len",
+                 "--random-output-len", "--max-concurrency", "--num-prompts", "--num-warmups", "--seed",
+                 "--percentile-metrics", "--metric-percentiles", "--result-dir", "--result-filename", "--tokenizer"):
+        parser.add_argument(flag)
+    parser.add_argument("--save-result", action="store_true")
+    parser.add_argument("--save-detailed", action="store_true")
+    parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--ignore-eos", action="store_true")
+def main(args):
+    with open(os.path.join(args.result_dir, args.result_filename), "w") as f:
+        json.dump({"duration": 1.0, "completed": 1, "failed": 0, "request_throughput": 1.0, "output_throughput": 2.0,
+                   "errors": [""], "ttfts": [0.01], "latencies": [0.02], "output_lens": [2], "itls": [[0.01]],
+                   "total_output_tokens": 2, "sent_at": time.time()}, f)
+'''
+
+
+def _fake_vllm(root: Path, serve_source: str) -> None:
+    (root / "vllm" / "benchmarks").mkdir(parents=True)
+    (root / "vllm" / "utils").mkdir()
+    for pkg in ("vllm", "vllm/benchmarks", "vllm/utils"):
+        (root / pkg / "__init__.py").write_text("")
+    (root / "vllm" / "utils" / "argparse_utils.py").write_text("from argparse import ArgumentParser as FlexibleArgumentParser\n")
+    (root / "vllm" / "benchmarks" / "serve.py").write_text(serve_source)
+
+
+def test_the_client_loads_before_the_window_and_sends_only_when_told(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+    import time
+
+    from benchmarks.vllm_client import LoadedClient
+
+    _fake_vllm(tmp_path / "lib", FAKE_SERVE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "lib"))
+    out = tmp_path / "point"
+    with LoadedClient(sys.executable, "http://127.0.0.1:9/v1", "k", "m", None, _workload(), 1, out, 0, 30) as client:
+        time.sleep(0.3)  # a client that did not wait would have written its result by now
+        assert not (out / "result.json").exists()
+        told = time.time()
+        point = client.run()
+    assert json.loads((out / "result.json").read_text())["sent_at"] >= told
+    assert point["completed"] == 1 and point["output_tokens"] == 2
+
+
+def test_a_client_that_cannot_load_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from benchmarks.vllm_client import LoadedClient
+
+    _fake_vllm(tmp_path / "lib", "raise ImportError('no vLLM build for this CPU')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "lib"))
+    with pytest.raises(RuntimeError, match="did not load(?s:.*)no vLLM build for this CPU"), \
+            LoadedClient(sys.executable, "http://127.0.0.1:9/v1", "k", "m", None, _workload(), 1, tmp_path / "p", 0, 30):
+        pass
