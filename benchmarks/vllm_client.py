@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from benchmarks.stats import dist
@@ -146,10 +146,16 @@ class LoadedClient:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # vLLM's import: seconds; its failure ends the process (EOF)
-        if line != READY:
-            self._failed(f"it did not load ({line[:200]!r})")
-        return self
+        # vLLM's import: seconds; what a library prints meanwhile goes to the log; a failure ends the process (EOF).
+        for line in iter(self.proc.stdout.readline, b""):
+            if line == READY:
+                return self
+            self.log.write(line)
+        try:
+            self._failed("it did not load")
+        finally:
+            self.__exit__()
+        return self  # not reached: _failed raises
 
     def run(self) -> dict[str, Any]:
         """Send the point's requests (blocks until the client is done); the point's figures."""
@@ -162,7 +168,7 @@ class LoadedClient:
             self._failed(f"exit {self.proc.returncode}")
         return point_from_result(json.loads(result.read_text()))
 
-    def _failed(self, why: str) -> None:
+    def _failed(self, why: str) -> NoReturn:
         self.log.flush()
         tail = (self.workdir / "client.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"vLLM's benchmark client failed ({why}) at {self.level} streams:\n{tail}")

@@ -119,7 +119,7 @@ def test_the_client_loads_before_the_window_and_sends_only_when_told(tmp_path: P
 
     from benchmarks.vllm_client import LoadedClient
 
-    _fake_vllm(tmp_path / "lib", FAKE_SERVE)
+    _fake_vllm(tmp_path / "lib", "print('a library talking on import')\n" + FAKE_SERVE)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "lib"))
     out = tmp_path / "point"
     with LoadedClient(sys.executable, "http://127.0.0.1:9/v1", "k", "m", None, _workload(), 1, out, 0, 30) as client:
@@ -129,6 +129,7 @@ def test_the_client_loads_before_the_window_and_sends_only_when_told(tmp_path: P
         point = client.run()
     assert json.loads((out / "result.json").read_text())["sent_at"] >= told
     assert point["completed"] == 1 and point["output_tokens"] == 2
+    assert "a library talking on import" in (out / "client.log").read_text()
 
 
 def test_a_client_that_cannot_load_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
