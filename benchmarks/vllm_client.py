@@ -155,7 +155,6 @@ class LoadedClient:
             self._failed("it did not load")
         finally:
             self.__exit__()
-        return self  # not reached: _failed raises
 
     def run(self) -> dict[str, Any]:
         """Send the point's requests (blocks until the client is done); the point's figures."""
