@@ -9,6 +9,7 @@ from typing import Any
 
 from benchmarks.scenario import Goal
 from benchmarks.stats import PAIRED, metric
+from benchmarks.vllm_client import frontend_by_role
 
 
 def paired_ratio(point: dict[str, Any], base: dict[str, Any], key: str = "req_per_s") -> float | None:
@@ -92,6 +93,28 @@ def _by_round(p: dict[str, Any], base: dict[str, Any], key: str = "req_per_s") -
     """`key` of `p` over `base`, round by round (each round measured both)."""
     mine, theirs = p.get("rounds_" + key) or [], base.get("rounds_" + key) or []
     return " ".join(f"{a / b:.2f}" if b else "-" for a, b in zip(mine, theirs, strict=False)) or "-"
+
+
+def _frontend_table(points: list[dict[str, Any]]) -> list[str]:
+    """Where each target's front-end CPU goes at the workload's highest level: CPU-seconds per 1,000 output tokens
+    by role (`vllm_client.frontend_by_role`), from the row each target's point shows."""
+    level = max(p["level"] for p in points)
+    shown = [p for p in points if p["level"] == level and p.get("frontend_cpu_s_per_1k_tokens")]
+    per_1k = {}
+    for p in shown:  # the point's own figure, shared out in proportion to each role's CPU-seconds
+        by_role = frontend_by_role(p["target_cpu_s_by_process"])
+        scale = p["frontend_cpu_s_per_1k_tokens"] / (sum(by_role.values()) or 1.0)
+        per_1k[p["target"]] = {role: cpu_s * scale for role, cpu_s in by_role.items()}
+    if not per_1k:
+        return []
+    roles = list(dict.fromkeys(role for by_role in per_1k.values() for role in by_role))
+    lines = ["", f"Front-end CPU-s per 1k output tokens by process at {level:g} (vLLM's engine core and workers left "
+             "out; the same rows as above):", "", "| process | " + " | ".join(per_1k) + " |",
+             "|---|" + "---|" * len(per_1k)]
+    for role in roles:
+        lines.append(f"| {role} | " + " | ".join(_num(by_role.get(role), ".4f") for by_role in per_1k.values()) + " |")
+    lines.append("| **all** | " + " | ".join(_num(sum(by_role.values()), ".4f") for by_role in per_1k.values()) + " |")
+    return lines
 
 
 def markdown(run: dict[str, Any]) -> str:
@@ -180,6 +203,8 @@ def markdown(run: dict[str, Any]) -> str:
                                 f" {_num(paired_ratio(p, b, 'itl_p99_ms'), '.2f')} |"
                                 f" {_num(_points(paired_delta(p, b, 'clumped_share')), '+.1f')} |"
                                 f" {_num(paired_ratio(p, b, 'frontend_cpu_s_per_1k_tokens'), '.2f')} |" if harness else ""))
+        if harness:
+            lines += _frontend_table(mine)
     if run.get("goals"):
         lines += ["", "## Goals", "", "| goal | workload | level | figure | bound | met |", "|---|---|---|---|---|---|"]
         for g in run["goals"]:

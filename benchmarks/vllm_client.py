@@ -109,6 +109,40 @@ def point_from_result(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# A target's front-end processes by their titles (`benchmarks.procs.title`), under the names an operator knows them
+# by: the first prefix a title starts with names its role; a title that matches none keeps its own name.
+FRONTEND_ROLES: tuple[tuple[str, str], ...] = (
+    ("ray::ServeReplica", "Serve replicas (the gateway, models)"),
+    ("vllm.entrypoints", "vLLM's API server"),
+    ("haproxy", "HAProxy"),
+    ("ray::HAProxyManager", "Serve's HAProxy manager"),
+    ("ray::ProxyActor", "Serve's proxy"),
+    ("ray::ServeController", "Serve's controller"),
+    ("dashboard.py", "Ray's dashboard"),
+    ("ray-dashboard-", "Ray's dashboard modules"),
+    ("ray::DashboardAgent", "Ray's dashboard agent"),
+    ("ray::RuntimeEnvAgent", "Ray's runtime-env agent"),
+    ("raylet", "raylet"),
+    ("gcs_server", "Ray's GCS"),
+    ("log_monitor.py", "Ray's log monitor"),
+    ("monitor.py", "Ray's autoscaler monitor"),
+    ("ray::IDLE", "idle Ray workers"),
+    ("raygate", "raygate up"),
+)
+
+
+def frontend_by_role(cpu_s_by_process: dict[str, float]) -> dict[str, float]:
+    """A target's front-end CPU-seconds (its engine processes left out) summed by role (`FRONTEND_ROLES`),
+    largest first."""
+    roles: dict[str, float] = {}
+    for name, cpu_s in cpu_s_by_process.items():
+        if name.startswith(ENGINE_PROCESSES):
+            continue
+        role = next((r for prefix, r in FRONTEND_ROLES if name.startswith(prefix)), name)
+        roles[role] = roles.get(role, 0.0) + cpu_s
+    return dict(sorted(roles.items(), key=lambda kv: -kv[1]))
+
+
 def cpu_per_1k_tokens(cpu_s_by_process: dict[str, float], tokens: float) -> dict[str, float | None]:
     """CPU-seconds per 1,000 output tokens of a target's front end (every process but vLLM's engine core and
     workers: HAProxy, replicas, Ray's daemons, an API server) and of its engine processes.

@@ -83,6 +83,49 @@ def test_front_end_cpu_per_token_leaves_out_only_vllm_s_engine_processes() -> No
     assert cpu_per_1k_tokens(raygate, 0)["frontend_cpu_s_per_1k_tokens"] is None
 
 
+
+def test_front_end_cpu_by_role_names_ray_s_processes_and_leaves_out_the_engine() -> None:
+    from benchmarks.vllm_client import frontend_by_role
+
+    by_process = {"ray::ServeReplica:raygate:gateway": 7.9, "ray::ServeReplica:raygate:model": 0.1,
+                  "log_monitor.py": 0.27, "monitor.py": 0.02, "ray-dashboard-NodeHead-0": 0.07,
+                  "ray-dashboard-JobHead-0": 0.04, "gcs_server": 0.26, "VLLM::EngineCore": 28.0,
+                  "VLLM::Worker": 32.5, "some-helper": 0.05}
+    roles = frontend_by_role(by_process)
+    assert list(roles)[0] == "Serve replicas (the gateway, models)"
+    assert roles["Serve replicas (the gateway, models)"] == pytest.approx(8.0)
+    assert roles["Ray's log monitor"] == 0.27 and roles["Ray's autoscaler monitor"] == 0.02
+    assert roles["Ray's dashboard modules"] == pytest.approx(0.11) and roles["Ray's GCS"] == 0.26
+    assert roles["some-helper"] == 0.05  # a process no role names keeps its own title
+    assert not any("VLLM" in role for role in roles) and sum(roles.values()) == pytest.approx(8.71)
+
+
+def test_the_harness_report_shares_each_target_s_front_end_figure_out_by_process() -> None:
+    from benchmarks.report import markdown
+
+    def point(target: str, level: int, figure: float, by_process: dict[str, float]) -> dict:
+        dist = {"p50": 0.01, "p90": 0.01, "p99": 0.01}
+        return {"target": target, "workload": "w", "level": level, "req_per_s": 1.0, "output_tok_per_s": 100.0,
+                "goodput_req_per_s": 1.0, "ttft_s": dist, "itl_s": dist, "tpot_s": dist, "e2e_s": dist,
+                "errors": {}, "clumped_share": 0.0, "frontend_cpu_s_per_1k_tokens": figure,
+                "target_cpu_s_by_process": by_process}
+
+    run = {"scenario": {"name": "h", "load": {"mode": "closed", "duration_s": 1, "client": "vllm"},
+                        "workloads": [{"name": "w", "endpoint": "chat", "stream": True}], "baseline": "vllm",
+                        "slo": None},
+           "wall_s": 1.0, "machine": {"cpus": 2},
+           "points": [point("raygate", 1, 0.9, {"raygate": 1.0}),
+                      point("raygate", 64, 0.15, {"ray::ServeReplica:raygate:gateway": 8.0, "gcs_server": 2.0,
+                                                  "VLLM::Worker": 30.0}),
+                      point("vllm", 64, 0.1, {"vllm.entrypoints.openai.api_server": 7.0, "VLLM::Worker": 31.0})]}
+    md = markdown(run)
+    table = md[md.index("by process at 64"):]
+    assert "| process | raygate | vllm |" in table
+    assert "| Serve replicas (the gateway, models) | 0.1200 | - |" in table  # 8 of the 10 front-end CPU-s
+    assert "| Ray's GCS | 0.0300 | - |" in table and "| vLLM's API server | - | 0.1000 |" in table
+    assert "| **all** | 0.1500 | 0.1000 |" in table and "raygate up" not in table  # only the highest level
+
+
 FAKE_SERVE = '''
 import json, os, time
 def add_cli_args(parser):
