@@ -108,6 +108,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         while not stop.wait(5.0):
             stack.keep_record()
+            stack.confine_daemons()
     except StartCancelled:
         rc = 130
     except StartFailed as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from gateway.config import AppConfig
+from raygate.daemon_placement import confine, daemon_cores, engine_worker_cores
 from raygate.leftovers import StackRecord, stop_leftovers
 from raygate.standby import Standby
 
@@ -190,8 +191,16 @@ class Stack:
         )
         self.wait_ready(ready_timeout_s, cancelled)
         self.keep_record()
+        self.confine_daemons()
         if listen:
             self._standby = Standby(self.host, self.port).start()
+
+    def confine_daemons(self) -> None:
+        """Ray's daemons on the cores vLLM's CPU workers leave (`raygate.daemon_placement`); asked again as
+        engines come and go."""
+        if self.started:
+            allowed = set(os.sched_getaffinity(0))
+            confine(ray_daemons(), daemon_cores(allowed, engine_worker_cores(stack_processes())))
 
     def keep_record(self) -> None:
         """Record the processes the stack runs now (engines and replicas come and go), so that the next start

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from raygate.leftovers import stop_leftovers
-from tests.support import free_ports, wait_until
+from raygate.stack import is_ray_daemon
+from tests.support import EAGER, free_ports, wait_until
 
 pytestmark = pytest.mark.integration
 PORT, DASHBOARD_PORT, METRICS_PORT = free_ports(3)
@@ -467,3 +468,41 @@ def test_an_unreachable_database_fails_up_naming_it_without_the_password(tmp_pat
     assert "cannot open the key store at postgresql+psycopg://ana:***@127.0.0.1:" in out, out[-3000:]
     assert "s3cret-pass" not in out
     assert wait_until(lambda: not (_ray_processes() - before), 30, every_s=1), "Ray processes left behind"
+
+
+def test_ray_daemons_keep_off_the_cores_vllm_s_cpu_worker_computes_on(tmp_path: Path) -> None:
+    """One vLLM engine on this host's CPUs: vLLM binds its worker to cores of its own and leaves the rest to its
+    engine core; `raygate up` keeps Ray's daemons on that rest, and leaves the raylet and the replica where the
+    replica's own processes may go."""
+    cores = set(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("vLLM's CPU worker leaves no core to the rest on a one-core host")
+    key = "sk-placement-0123456789"
+    config = tmp_path / "vllm.yaml"
+    config.write_text(yaml.safe_dump({"gateway": {"settings": {"api_keys": [key]}}, "serve": {"models": [
+        {"model": "raygate/tiny-chat@1", "engine": "vllm", "engine_kwargs": {**EAGER, "max_model_len": 1024}}]}}))
+    proc, text = _start_up(tmp_path, "--config", str(config))
+    try:
+        assert "raygate is up" in text, text
+        stack = psutil.Process(proc.pid).children(recursive=True)
+        workers = [p for p in stack if p.name().startswith("VLLM::Worker")]
+        assert workers, "no vLLM worker process under raygate up"
+        bound = set().union(*(w.cpu_affinity() for w in workers))
+        assert bound < cores, f"vLLM's CPU binding left no core: {bound}"
+        daemons = [p for p in stack if is_ray_daemon(p.cmdline())]
+        masks = {f"{p.pid} {' '.join(p.cmdline())[:120]}": {frozenset(os.sched_getaffinity(t.id)) for t in p.threads()}
+                 for p in daemons}
+        assert any("gcs_server" in name for name in masks) and any("ServeController" in name for name in masks)
+        assert all(m == {frozenset(cores - bound)} for m in masks.values()), (bound, masks)
+        raylet = next(p for p in stack if "raylet/raylet" in " ".join(p.cmdline()))
+        replica = next(p for p in stack if "ServeReplica" in " ".join(p.cmdline()))
+        assert set(raylet.cpu_affinity()) == cores, "the raylet's workers inherit its mask: it stays everywhere"
+        assert set(replica.cpu_affinity()) == cores
+        client = openai.OpenAI(api_key=key, base_url=f"http://127.0.0.1:{PORT}/v1", max_retries=0)
+        resp = client.chat.completions.create(model="raygate/tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=3)
+        assert resp.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    assert rc == 0
