@@ -107,8 +107,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             flush=True,
         )
         while not stop.wait(5.0):
-            stack.keep_record()
-            stack.confine_daemons()
+            stack.tend()
     except StartCancelled:
         rc = 130
     except StartFailed as exc:

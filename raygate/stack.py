@@ -190,23 +190,28 @@ class Stack:
             wait_for_applications_running=False,
         )
         self.wait_ready(ready_timeout_s, cancelled)
-        self.keep_record()
-        self.confine_daemons()
+        self.tend()
         if listen:
             self._standby = Standby(self.host, self.port).start()
 
-    def confine_daemons(self) -> None:
-        """Ray's daemons on the cores vLLM's CPU workers leave (`raygate.daemon_placement`); asked again as
-        engines come and go."""
-        if self.started:
-            allowed = set(os.sched_getaffinity(0))
-            confine(ray_daemons(), daemon_cores(allowed, engine_worker_cores(stack_processes())))
+    def tend(self) -> None:
+        """Once the app is ready, and every few seconds while `raygate up` serves (engines and replicas come and
+        go): one look at the stack's processes, recorded and used to keep Ray's daemons off the cores vLLM's CPU
+        workers are bound to."""
+        procs = stack_processes()
+        self.keep_record(procs)
+        self.confine_daemons(procs)
 
-    def keep_record(self) -> None:
-        """Record the processes the stack runs now (engines and replicas come and go), so that the next start
-        can stop them if this process is killed before it stops them itself."""
+    def confine_daemons(self, procs: list[psutil.Process]) -> None:
+        """Ray's daemons on the cores the vLLM CPU workers among `procs` leave (`raygate.daemon_placement`)."""
+        if self.started:
+            confine(ray_daemons(), daemon_cores(set(os.sched_getaffinity(0)), engine_worker_cores(procs)))
+
+    def keep_record(self, procs: list[psutil.Process] | None = None) -> None:
+        """Record the processes the stack runs now (`procs`, or a fresh look), so that the next start can stop
+        them if this process is killed before it stops them itself."""
         if self._record is not None and self.started:
-            self._record.write(stack_processes())
+            self._record.write(stack_processes() if procs is None else procs)
 
     def wait_ready(self, timeout_s: float, cancelled: Callable[[], bool] = lambda: False) -> None:
         deadline = time.monotonic() + timeout_s
